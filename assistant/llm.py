@@ -1,0 +1,90 @@
+"""The vision-language model, through litellm. Streams text; maps every failure to one clear line."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+
+class LLMError(Exception):
+    """The model could not answer; str() says why in one line (never with the API key)."""
+
+
+def _litellm():
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no network fetch at import
+    import litellm
+
+    litellm.suppress_debug_info = True
+    return litellm
+
+
+class LiteLLM:
+    def __init__(self, cfg: dict):
+        self.cfg = cfg
+        self.model = cfg.get("model")
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.model)
+
+    def supports_vision(self) -> bool:
+        forced = self.cfg.get("vision", "auto")
+        if forced in (True, False):
+            return forced
+        try:
+            return bool(_litellm().supports_vision(model=self.model))
+        except Exception:
+            return False
+
+    def _key(self) -> str | None:
+        env = self.cfg.get("api_key_env")
+        if not env:
+            return None
+        key = os.environ.get(env)
+        if not key:
+            raise LLMError(f"the environment variable {env} (llm.api_key_env) is not set")
+        return key
+
+    def stream(self, messages: list[dict]) -> Iterator[str]:
+        if not self.configured:
+            raise LLMError("no language model configured: set llm.model in config.yaml")
+        litellm = _litellm()
+        key = self._key()
+        try:
+            response = litellm.completion(
+                model=self.model, messages=messages, stream=True, api_base=self.cfg.get("api_base"), api_key=key,
+                temperature=self.cfg.get("temperature"), max_tokens=self.cfg.get("max_tokens"),
+                timeout=self.cfg.get("timeout_s"), num_retries=0)
+            for chunk in response:
+                delta = chunk.choices[0].delta.content if chunk.choices else None
+                if delta:
+                    yield delta
+        except LLMError:
+            raise
+        except Exception as exc:
+            raise LLMError(describe_failure(exc, self.model, key)) from None
+
+
+def describe_failure(exc: Exception, model: str, key: str | None) -> str:
+    litellm = _litellm()
+    ex = litellm.exceptions
+    kinds = [
+        (ex.AuthenticationError, "the model provider refused the API key"),
+        (ex.RateLimitError, "the model provider is rate-limiting requests; try again shortly"),
+        (ex.Timeout, "the model did not answer in time (llm.timeout_s)"),
+        (ex.APIConnectionError, "the model server cannot be reached (check llm.api_base and the network)"),
+        (ex.NotFoundError, "the model server does not know this model (check llm.model)"),
+        (ex.BadRequestError, "the model server rejected the request"),
+        (ex.ServiceUnavailableError, "the model server is unavailable"),
+        (ex.InternalServerError, "the model server failed"),
+    ]
+    for cls, text in kinds:
+        if isinstance(exc, cls):
+            why = text
+            break
+    else:
+        why = f"the model call failed ({type(exc).__name__})"
+    detail = str(exc).splitlines()[0][:200] if str(exc) else ""
+    if key:
+        detail = detail.replace(key, "***")
+    return f"LLM {model}: {why}" + (f" — {detail}" if detail else "")

@@ -1,0 +1,144 @@
+"""Hybrid retrieval: CLIP text→image (and image→image), passage embeddings and BM25 keywords over
+passages and figure texts, fused by weighted reciprocal rank fusion."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+from index.keyword import BM25
+from index.store import Match, Store, bbox_from_meta
+
+from .records import FIGURE_KINDS, Hit
+
+SIGNALS = ("clip", "text", "keyword")
+ALL_KINDS = FIGURE_KINDS + ("page", "text")
+
+
+def rrf(rankings: dict[str, Sequence[str]], weights: dict[str, float], k: int = 60) -> list[tuple[str, float]]:
+    """Weighted reciprocal rank fusion: ``score(u) = Σ_s w_s / (k + rank_s(u))``, ranks 1-based.
+    Ties keep the order of first appearance.
+
+    >>> rrf({"a": ["x", "y"], "b": ["y"]}, {"a": 1, "b": 1}, k=0)
+    [('y', 1.5), ('x', 1.0)]
+    """
+    scores: dict[str, float] = {}
+    for signal, ranked in rankings.items():
+        w = weights.get(signal, 1.0)
+        for rank, unit in enumerate(ranked, 1):
+            scores[unit] = scores.get(unit, 0.0) + w / (k + rank)
+    return sorted(scores.items(), key=lambda t: -t[1])
+
+
+class Retriever:
+    def __init__(self, store: Store, clip, passages, cfg: dict, data_dir: str):
+        self.store, self.clip, self.passages = store, clip, passages
+        self.cfg = cfg
+        self.data_dir = Path(data_dir)
+        self._bm25: tuple[tuple, BM25, list[dict]] | None = None
+        self._lock = threading.Lock()
+
+    def _keyword(self, shas: list[str]) -> tuple[BM25, list[dict]]:
+        key = (tuple(sorted(shas)), self.store.text.count())
+        with self._lock:
+            if self._bm25 is None or self._bm25[0] != key:
+                ids, docs, metas = self.store.all_text({"doc_sha": {"$in": shas}})
+                self._bm25 = (key, BM25(ids, docs), metas)
+            return self._bm25[1], self._bm25[2]
+
+    def retrieve(self, question: str = "", k: int | None = None, kinds: Sequence[str] | None = None,
+                 docs: Sequence[str] | None = None, labels: Sequence[str] | None = None, image=None,
+                 signals: Sequence[str] = SIGNALS) -> list[Hit]:
+        """Ranked figures, pages and passages for a question and/or an image (a PIL image).
+
+        ``kinds`` ⊆ raster, vector, table, page, text; ``docs`` are file names; ``labels`` are
+        zero-shot labels (figures only); ``signals`` picks the signals to fuse (for ablations)."""
+        rcfg = self.cfg["retrieval"]
+        k = k or rcfg["k"]
+        n = max(rcfg["candidates"], k)
+        kinds = [x for x in (kinds or ALL_KINDS)]
+        bad = set(kinds) - set(ALL_KINDS)
+        if bad:
+            raise ValueError(f"unknown kind(s) {sorted(bad)}; use {', '.join(ALL_KINDS)}")
+        library = self.store.list_docs()
+        shas = [d["sha256"] for d in library if not docs or d["doc"] in docs]
+        if not shas:
+            return []
+        vis_kinds = [x for x in kinds if x != "text"]
+        vwhere = {"$and": [{"doc_sha": {"$in": shas}}, {"kind": {"$in": vis_kinds}}]}
+        if labels:
+            vwhere["$and"].append({"label": {"$in": list(labels)}})
+        rankings: dict[str, list[str]] = {}
+        units: dict[str, dict] = {}  # unit id -> metadata (+ document)
+
+        def take(signal: str, matches: list[tuple[str, dict, str | None]]) -> None:
+            ranked = []
+            for unit, meta, doc in matches:
+                if unit in ranked:
+                    continue
+                ranked.append(unit)
+                units.setdefault(unit, dict(meta, _doc=doc))
+            rankings[signal] = ranked
+
+        if vis_kinds and question and "clip" in signals:
+            qv = self.clip.embed_texts([question])[0]
+            take("clip", [(m.id, m.metadata, m.document) for m in self.store.query_visual(qv, n, vwhere)])
+        if vis_kinds and image is not None:
+            iv = self.clip.embed_images([image])[0]
+            take("image", [(m.id, m.metadata, m.document) for m in self.store.query_visual(iv, n, vwhere)])
+        if question and ("text" in signals or "keyword" in signals):
+            def wanted(meta: dict) -> bool:
+                if meta["kind"] == "text":
+                    return "text" in kinds
+                return meta.get("source") in kinds
+
+            if "text" in signals:
+                tv = self.passages.embed([question])[0]
+                found = self.store.query_text(tv, 2 * n, {"doc_sha": {"$in": shas}})
+                take("text", [self._unit(m) for m in found if wanted(m.metadata)][:n])
+            if "keyword" in signals:
+                bm25, metas = self._keyword(shas)
+                found = bm25.search(question, n, allowed=lambda i: metas[i]["doc_sha"] in shas and wanted(metas[i]))
+                pos = {i: j for j, i in enumerate(bm25.ids)}
+                take("keyword", [self._unit(Match(i, s, metas[pos[i]], None)) for i, s in found])
+        weights = dict(rcfg["weights"])
+        weights.setdefault("image", weights.get("clip", 1.0))
+        fused = rrf(rankings, weights, rcfg["rrf_k"])
+        figure_units = [u for u, _ in fused if units[u].get("_figure_text")]
+        self._fill_figures(units, figure_units)
+        hits = []
+        for unit, score in fused:
+            meta = units[unit]
+            if meta.get("_missing") or (labels and meta.get("label") not in labels):
+                continue
+            ranks = {s: r.index(unit) + 1 for s, r in rankings.items() if unit in r}
+            hits.append(self._hit(unit, meta, score, ranks))
+            if len(hits) >= k:
+                break
+        return hits
+
+    @staticmethod
+    def _unit(m: Match) -> tuple[str, dict, str | None]:
+        """A text match stands for its unit: a chunk for itself, a figure text for its figure."""
+        if m.metadata["kind"] == "figure_text":
+            return m.metadata["unit"], {"_figure_text": True, **m.metadata}, m.document
+        return m.id, m.metadata, m.document
+
+    def _fill_figures(self, units: dict, ids: list[str]) -> None:
+        """Figures reached only through their text need their visual record (image, caption)."""
+        if not ids:
+            return
+        found = {m.id: m for m in self.store.get_visual(ids)}
+        for i in ids:
+            m = found.get(i)
+            units[i] = dict(m.metadata, _doc=m.document) if m else {"_missing": True}
+
+    def _hit(self, unit: str, meta: dict, score: float, ranks: dict) -> Hit:
+        kind = meta["kind"]
+        image = str(self.data_dir / meta["image"]) if meta.get("image") else None
+        text = meta.get("caption") or (meta.get("_doc") or "")
+        if kind == "page":
+            text = (meta.get("_doc") or "")[:300]
+        return Hit(unit, kind, meta["doc"], int(meta["page"]), bbox_from_meta(meta.get("bbox", "")), score, image,
+                   text, meta.get("caption", ""), int(meta.get("figure") or 0) or None, meta.get("label", ""), ranks)

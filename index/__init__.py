@@ -1,0 +1,1 @@
+"""Embedding models and the Chroma store. Knows nothing of PDFs."""

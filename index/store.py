@@ -1,0 +1,164 @@
+"""Chroma store: a CLIP-space collection (figures, pages), a passage collection (text chunks and
+figure texts) and a small registry of documents. Local (PersistentClient) or server (HttpClient),
+one code path. Every collection records the model that filled it; opening it with another
+model is refused (ModelMismatch) until ``mmrag reindex``."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mmrag.errors import ConfigError, ModelMismatch
+
+VISUAL = "mmrag_visual"
+TEXT = "mmrag_text"
+DOCS = "mmrag_docs"
+BATCH = 1000
+
+
+@dataclass(frozen=True)
+class Match:
+    id: str
+    score: float  # cosine similarity
+    metadata: dict
+    document: str | None = None
+
+
+def make_client(cfg: dict):
+    """Chroma client from the config's ``chroma`` section."""
+    import chromadb
+    from chromadb.config import Settings
+
+    c = cfg["chroma"]
+    settings = Settings(anonymized_telemetry=False)
+    if c["mode"] == "local":
+        path = c.get("path") or str(Path(cfg["data_dir"]) / "chroma")
+        Path(path).mkdir(parents=True, exist_ok=True)
+        return chromadb.PersistentClient(path=path, settings=settings)
+    if c["mode"] == "server":
+        return chromadb.HttpClient(host=c["host"], port=int(c["port"]), ssl=bool(c["ssl"]),
+                                   headers=dict(c.get("headers") or {}), settings=settings)
+    raise ConfigError(f"chroma.mode must be 'local' or 'server', not {c['mode']!r}")
+
+
+class Store:
+    def __init__(self, client, visual_identity: str, text_identity: str, check: bool = True):
+        self.client = client
+        self.visual = self._collection(VISUAL, visual_identity, check)
+        self.text = self._collection(TEXT, text_identity, check)
+        self.docs = client.get_or_create_collection(DOCS, embedding_function=None)
+
+    def _collection(self, name: str, identity: str, check: bool):
+        col = self.client.get_or_create_collection(
+            name, metadata={"mmrag:model": identity}, configuration={"hnsw": {"space": "cosine"}},
+            embedding_function=None)
+        stored = (col.metadata or {}).get("mmrag:model")
+        if check and stored != identity and col.count() > 0:
+            raise ModelMismatch(
+                f"the index collection '{name}' was filled with {stored} but the config now asks for "
+                f"{identity}; mixing models gives meaningless results. Run `mmrag reindex` to re-embed "
+                f"the stored images and texts with the configured model, or restore the old model in config.yaml.")
+        return col
+
+    # ---- document registry -------------------------------------------------------------
+    def set_doc(self, sha: str, **meta) -> None:
+        old = self.get_doc(sha) or {}
+        old.update(meta)
+        self.docs.upsert(ids=[sha], embeddings=[[1.0]], metadatas=[old])
+
+    def get_doc(self, sha: str) -> dict | None:
+        got = self.docs.get(ids=[sha], include=["metadatas"])
+        return dict(got["metadatas"][0]) if got["ids"] else None
+
+    def list_docs(self, status: str | None = "complete") -> list[dict]:
+        got = self.docs.get(include=["metadatas"], where={"status": status} if status else None)
+        return sorted((dict(m, sha256=i) for i, m in zip(got["ids"], got["metadatas"])), key=lambda d: d["doc"])
+
+    def delete_doc(self, sha: str) -> None:
+        """Remove a document's items, then its record (so a crash midway leaves a record to retry)."""
+        for col in (self.visual, self.text):
+            col.delete(where={"doc_sha": sha})
+        self.docs.delete(ids=[sha])
+
+    # ---- items -------------------------------------------------------------------------
+    @staticmethod
+    def _add(col, ids: list[str], vectors: np.ndarray, metadatas: list[dict], documents: list[str] | None):
+        for i in range(0, len(ids), BATCH):
+            col.upsert(ids=ids[i:i + BATCH], embeddings=vectors[i:i + BATCH].tolist(),
+                       metadatas=metadatas[i:i + BATCH],
+                       documents=documents[i:i + BATCH] if documents else None)
+
+    def add_visual(self, ids, vectors, metadatas, documents=None) -> None:
+        self._add(self.visual, ids, vectors, metadatas, documents)
+
+    def add_text(self, ids, vectors, metadatas, documents) -> None:
+        self._add(self.text, ids, vectors, metadatas, documents)
+
+    @staticmethod
+    def _query(col, vector: np.ndarray, n: int, where: dict | None) -> list[Match]:
+        if n <= 0 or col.count() == 0:
+            return []
+        got = col.query(query_embeddings=[np.asarray(vector, np.float32).tolist()], n_results=n, where=where,
+                        include=["metadatas", "distances", "documents"])
+        return [Match(i, 1.0 - float(d), dict(m), doc) for i, d, m, doc in
+                zip(got["ids"][0], got["distances"][0], got["metadatas"][0], got["documents"][0])]
+
+    def query_visual(self, vector, n: int, where: dict | None = None) -> list[Match]:
+        return self._query(self.visual, vector, n, where)
+
+    def query_text(self, vector, n: int, where: dict | None = None) -> list[Match]:
+        return self._query(self.text, vector, n, where)
+
+    def get_visual(self, ids: list[str], embeddings: bool = False) -> list[Match]:
+        include = ["metadatas", "documents"] + (["embeddings"] if embeddings else [])
+        got = self.visual.get(ids=ids, include=include)
+        out = [Match(i, 1.0, dict(m), d) for i, m, d in zip(got["ids"], got["metadatas"], got["documents"])]
+        if embeddings:
+            self._last_embeddings = {i: np.asarray(e, np.float32) for i, e in zip(got["ids"], got["embeddings"])}
+        return out
+
+    def visual_embeddings(self, where: dict | None = None) -> tuple[list[str], np.ndarray, list[dict]]:
+        got = self.visual.get(where=where, include=["embeddings", "metadatas"])
+        emb = np.asarray(got["embeddings"], np.float32) if len(got["ids"]) else np.zeros((0, 0), np.float32)
+        return got["ids"], emb, [dict(m) for m in got["metadatas"]]
+
+    def update_visual_metadata(self, ids: list[str], metadatas: list[dict]) -> None:
+        for i in range(0, len(ids), BATCH):
+            self.visual.update(ids=ids[i:i + BATCH], metadatas=metadatas[i:i + BATCH])
+
+    def all_text(self, where: dict | None = None) -> tuple[list[str], list[str], list[dict]]:
+        got = self.text.get(where=where, include=["documents", "metadatas"])
+        return got["ids"], got["documents"], [dict(m) for m in got["metadatas"]]
+
+    def iter_items(self, which: str) -> Iterable[tuple[list[str], list[str], list[dict]]]:
+        col = self.visual if which == "visual" else self.text
+        total, offset = col.count(), 0
+        while offset < total:
+            got = col.get(include=["documents", "metadatas"], limit=BATCH, offset=offset)
+            yield got["ids"], got["documents"], [dict(m) for m in got["metadatas"]]
+            offset += BATCH
+
+    def recreate(self, which: str, identity: str):
+        """Empty collection for a new model (used by reindex once the new vectors are ready)."""
+        name = VISUAL if which == "visual" else TEXT
+        self.client.delete_collection(name)
+        col = self._collection(name, identity, check=True)
+        setattr(self, which, col)
+        return col
+
+
+def bbox_meta(bbox) -> str:
+    return json.dumps([round(float(v), 1) for v in bbox]) if bbox else ""
+
+
+def bbox_from_meta(value: str):
+    return json.loads(value) if value else None
+
+
+def now() -> float:
+    return round(time.time(), 3)

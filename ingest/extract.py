@@ -1,0 +1,201 @@
+"""Stream a PDF page by page into records. Nothing here stores anything."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pymupdf
+
+from mmrag.errors import BadDocument
+
+from . import figures as F
+from . import regions, text
+from .ocr import ocr_lines
+from .records import Chunk, DocInfo, Figure, PageRecord
+
+log = logging.getLogger(__name__)
+pymupdf.TOOLS.mupdf_display_errors(False)
+pymupdf.TOOLS.mupdf_display_warnings(False)
+
+TEXT_FLAGS = pymupdf.TEXTFLAGS_TEXT | pymupdf.TEXT_DEHYPHENATE
+OCR_DPI = 150
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def open_pdf(path: str | os.PathLike) -> pymupdf.Document:
+    """Open a PDF or raise BadDocument with the reason (and how to fix it where there is a way)."""
+    p = Path(path)
+    if not p.is_file():
+        raise BadDocument(f"{p.name}: no such file")
+    if p.stat().st_size == 0:
+        raise BadDocument(f"{p.name}: empty file (0 bytes)")
+    with open(p, "rb") as f:
+        head = f.read(1024)
+    if b"%PDF-" not in head:
+        raise BadDocument(f"{p.name}: not a PDF (no %PDF- header); only PDF files can be ingested")
+    try:
+        doc = pymupdf.open(p, filetype="pdf")
+    except Exception as exc:  # MuPDF raises several types for broken files
+        raise BadDocument(f"{p.name}: corrupt PDF, cannot be opened ({exc})") from None
+    if doc.needs_pass:
+        doc.close()
+        raise BadDocument(f"{p.name}: encrypted (password-protected); save an unencrypted copy and ingest that")
+    if doc.page_count == 0:
+        doc.close()
+        raise BadDocument(f"{p.name}: the PDF has no pages")
+    return doc
+
+
+def decoration_xrefs(doc: pymupdf.Document) -> set[int]:
+    """Images placed on many pages (logos, banners, bullets) are decoration, not figures."""
+    counts: Counter[int] = Counter()
+    for pno in range(doc.page_count):
+        try:
+            counts.update({img[0] for img in doc.get_page_images(pno)})
+        except Exception:
+            continue
+    need = max(3, int(0.1 * doc.page_count))
+    return {xref for xref, c in counts.items() if c >= need}
+
+
+def running_header_keys(doc: pymupdf.Document) -> set[str]:
+    if doc.page_count < 3:
+        return set()
+    margin_texts = []
+    for page in doc:
+        h = page.rect.height
+        texts = []
+        for clip in (pymupdf.Rect(0, 0, page.rect.width, h * text.MARGIN),
+                     pymupdf.Rect(0, h * (1 - text.MARGIN), page.rect.width, h)):
+            try:
+                texts += [b[4] for b in page.get_text("blocks", clip=clip) if b[6] == 0]
+            except Exception:
+                pass
+        margin_texts.append(texts)
+    return text.running_lines(margin_texts, doc.page_count)
+
+
+def _is_scanned(page: pymupdf.Page, words: list) -> bool:
+    if words:
+        return False
+    page_area = abs(page.rect)
+    return any(abs(pymupdf.Rect(i["bbox"]) & page.rect) >= 0.5 * page_area for i in page.get_image_info())
+
+
+def _grey_cells(page: pymupdf.Page, oversample: int = 4) -> np.ndarray:
+    """The page in grey, one pixel per grid cell, each the darkest of its ``oversample``² pixels
+    (so hairlines survive the reduction)."""
+    pix = page.get_pixmap(dpi=int(72 / regions.CELL * oversample), colorspace=pymupdf.csGRAY, alpha=False)
+    arr = np.frombuffer(pix.samples, np.uint8).reshape(pix.height, pix.stride)[:, : pix.width]
+    h, w = arr.shape[0] // oversample, arr.shape[1] // oversample
+    return arr[: h * oversample, : w * oversample].reshape(h, oversample, w, oversample).min(axis=(1, 3))
+
+
+def _png(page: pymupdf.Page, clip, dpi: int) -> bytes:
+    return page.get_pixmap(dpi=dpi, clip=clip, alpha=False).tobytes("png")
+
+
+def extract_pages(doc: pymupdf.Document, sha: str, cfg: dict, render: bool = True,
+                  progress: Callable[[int], None] | None = None) -> Iterator[PageRecord]:
+    """Yield one PageRecord per page, never holding more than one page in memory.
+
+    ``cfg`` is the ``ingest`` section of the config. With ``render=False`` no image is rendered
+    and no raster figure is OCR'd (used by ``mmrag inspect``)."""
+    skip = decoration_xrefs(doc)
+    running = running_header_keys(doc)
+    ocr_mode = cfg.get("ocr", "auto")
+    xref_png: dict[int, bytes] = {}
+    for pno in range(doc.page_count):
+        try:
+            page = doc[pno]
+            yield _extract_page(doc, page, sha, cfg, skip, running, ocr_mode, render, xref_png)
+        except BadDocument:
+            raise
+        except Exception as exc:  # one broken page must not lose the rest of the document
+            log.warning("page %d: skipped (%s)", pno + 1, exc)
+            yield PageRecord(sha, pno + 1, (0.0, 0.0), [], [], None)
+        if progress:
+            progress(pno + 1)
+
+
+def _extract_page(doc, page, sha, cfg, skip, running, ocr_mode, render, xref_png) -> PageRecord:
+    size = (page.rect.width, page.rect.height)
+    tp = page.get_textpage(flags=TEXT_FLAGS)
+    words = page.get_text("words", textpage=tp)
+    blocks = [(text.clean_block_text(b[4]), tuple(b[:4])) for b in page.get_text("blocks", textpage=tp) if b[6] == 0]
+    blocks = [b for b in blocks if b[0]]
+    scanned = _is_scanned(page, words)
+    min_side = float(cfg.get("min_figure_side", 36))
+    source = "text"
+    if scanned and ocr_mode != "never":
+        scale = 72.0 / OCR_DPI
+        lines = ocr_lines(page.get_pixmap(dpi=OCR_DPI, alpha=False).tobytes("png"), scale=scale)
+        cands = F.find_scanned_figures(_grey_cells(page), lines, size, min_side)
+        blocks = lines
+        source = "ocr"
+    else:
+        lines = F.page_lines(words)
+        cands = F.find_figures(page, lines, skip, min_side) if not scanned else []
+    blocks = text.drop_running(blocks, size[1], running)
+    figs = []
+    for n, cand in enumerate(cands, 1):
+        caption = F.find_caption(cand.bbox, blocks)
+        near = F.nearby_text(cand.bbox, blocks, caption)
+        labels = cand.labels or (F.labels_inside(cand.bbox, lines) if source == "text" else "")
+        png = b""
+        if render:
+            if cand.xref:
+                png = xref_png.get(cand.xref) or F.image_png(doc, cand.xref) or b""
+                if png:
+                    xref_png[cand.xref] = png
+            if not png:
+                clip = pymupdf.Rect(cand.bbox) + (-2, -2, 2, 2)
+                png = _png(page, clip & page.rect, int(cfg.get("figure_dpi", 144)))
+            if cand.kind == "raster" and not labels and cfg.get("ocr_figures", True) and ocr_mode != "never":
+                labels = " ".join(t for t, _ in ocr_lines(png))
+        figs.append(Figure(sha, page.number + 1, tuple(round(v, 1) for v in cand.bbox), cand.kind, png,
+                           caption, near, labels, n))
+    # text that belongs to a figure (labels, ticks) is kept with the figure, not in the passages
+    body = [b for b in blocks if not any(regions.intersection(f.bbox, b[1]) >= 0.8 * (regions.area(b[1]) or 1)
+                                         for f in figs if f.kind != "table")]
+    ordered = text.reading_order(body, size[0])
+    pieces = text.chunk_blocks(ordered, int(cfg.get("chunk_size", 1000)), int(cfg.get("chunk_overlap", 150)))
+    chunks = [Chunk(sha, page.number + 1, i, t, tuple(round(v, 1) for v in b), source)
+              for i, (t, b) in enumerate(pieces)]
+    png = _png(page, None, int(cfg.get("page_dpi", 72))) if render else None
+    return PageRecord(sha, page.number + 1, size, chunks, figs, png, scanned)
+
+
+def inspect_pdf(path: str | os.PathLike, cfg: dict) -> dict:
+    """What extraction finds, without storing or rendering anything."""
+    doc = open_pdf(path)
+    try:
+        sha = file_sha256(path)
+        out = {"doc": Path(path).name, "sha256": sha, "pages": doc.page_count, "figures": [], "chunks": 0}
+        for rec in extract_pages(doc, sha, cfg, render=False):
+            out["chunks"] += len(rec.chunks)
+            out["figures"] += [{"page": f.page, "bbox": list(f.bbox), "kind": f.kind, "caption": f.caption}
+                               for f in rec.figures]
+        return out
+    finally:
+        doc.close()
+
+
+def doc_info(path: str | os.PathLike, doc: pymupdf.Document, sha: str | None = None) -> DocInfo:
+    return DocInfo(Path(path).name, sha or file_sha256(path), doc.page_count)
+
+
+__all__ = ["open_pdf", "extract_pages", "inspect_pdf", "file_sha256", "doc_info"]

@@ -1,0 +1,121 @@
+"""Text blocks in reading order, running headers/footers, and chunking. Pure functions on tuples."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Iterable
+
+from .records import BBox
+
+Block = tuple[str, BBox]
+
+MARGIN = 0.07  # top/bottom share of the page where running headers and footers live
+_DIGITS = re.compile(r"\d+")
+_SPACES = re.compile(r"\s+")
+
+
+def normalise_margin_text(text: str) -> str:
+    """Key used to spot running headers: ``normalise_margin_text("Page 12 of 30") == "page # of #"``."""
+    return _DIGITS.sub("#", _SPACES.sub(" ", text.strip().lower()))
+
+
+def running_lines(margin_texts: Iterable[list[str]], n_pages: int) -> set[str]:
+    """Margin texts (normalised) that repeat on enough pages to be running headers/footers."""
+    counts = Counter(key for texts in margin_texts for key in set(map(normalise_margin_text, texts)))
+    need = max(3, int(0.2 * n_pages))
+    return {key for key, c in counts.items() if c >= need}
+
+
+def is_margin(bbox: BBox, page_height: float) -> bool:
+    return bbox[3] <= page_height * MARGIN or bbox[1] >= page_height * (1 - MARGIN)
+
+
+def drop_running(blocks: list[Block], page_height: float, running: set[str]) -> list[Block]:
+    """Drop header/footer blocks: repeated margin lines and bare page numbers."""
+    out = []
+    for text, bbox in blocks:
+        if is_margin(bbox, page_height):
+            key = normalise_margin_text(text)
+            if key in running or key in ("#", "- # -", "page #") or len(key) <= 3:
+                continue
+        out.append((text, bbox))
+    return out
+
+
+def reading_order(blocks: list[Block], page_width: float) -> list[Block]:
+    """Order blocks for reading: full-width blocks split the page into bands; in each band the
+    left column is read before the right one. Single-column pages come out top to bottom."""
+    mid = page_width / 2
+    ordered: list[Block] = []
+    band: list[Block] = []
+
+    def flush() -> None:
+        left = [b for b in band if (b[1][0] + b[1][2]) / 2 < mid]
+        right = [b for b in band if (b[1][0] + b[1][2]) / 2 >= mid]
+        two_columns = left and right and all(b[1][2] <= mid + 0.05 * page_width for b in left) and all(
+            b[1][0] >= mid - 0.05 * page_width for b in right
+        )
+        if two_columns:
+            ordered.extend(sorted(left, key=lambda b: (b[1][1], b[1][0])))
+            ordered.extend(sorted(right, key=lambda b: (b[1][1], b[1][0])))
+        else:
+            ordered.extend(sorted(band, key=lambda b: (round(b[1][1]), b[1][0])))
+        band.clear()
+
+    for block in sorted(blocks, key=lambda b: (b[1][1], b[1][0])):
+        x0, _, x1, _ = block[1]
+        if x0 < mid - 0.05 * page_width and x1 > mid + 0.05 * page_width:  # spans both columns
+            flush()
+            ordered.append(block)
+        else:
+            band.append(block)
+    flush()
+    return ordered
+
+
+def clean_block_text(text: str) -> str:
+    """Join a block's lines into one paragraph; hyphenated line ends are joined.
+
+    >>> clean_block_text("a figure-\\nregion is\\n drawn")
+    'a figureregion is drawn'
+    """
+    text = re.sub(r"(\w)-\n(\w)", r"\1\2", text)
+    return _SPACES.sub(" ", text).strip()
+
+
+def _union(boxes: list[BBox]) -> BBox:
+    return (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes))
+
+
+def chunk_blocks(blocks: list[Block], size: int, overlap: int) -> list[tuple[str, BBox]]:
+    """Pack ordered blocks into chunks of at most ``size`` characters; each chunk starts with the
+    last ``overlap`` characters (whole words) of the one before. Long blocks are cut at spaces."""
+    overlap = min(overlap, size // 2)
+    room = max(1, size - overlap - 1)  # a piece plus the carried tail always fits
+    pieces: list[Block] = []
+    for text, bbox in blocks:
+        while len(text) > room:
+            cut = text.rfind(" ", 0, room + 1)
+            cut = cut if cut > room // 2 else room
+            pieces.append((text[:cut].strip(), bbox))
+            text = text[cut:].strip()
+        if text:
+            pieces.append((text, bbox))
+    chunks: list[tuple[str, BBox]] = []
+    cur: list[Block] = []
+
+    def length(parts: list[Block]) -> int:
+        return sum(len(t) for t, _ in parts) + max(0, len(parts) - 1)
+
+    for piece in pieces:
+        if cur and length(cur + [piece]) > size:
+            chunks.append((" ".join(t for t, _ in cur), _union([b for _, b in cur])))
+            joined = " ".join(t for t, _ in cur)
+            tail = joined[len(joined) - overlap:] if overlap and len(joined) > overlap else (joined if overlap else "")
+            tail = tail[tail.find(" ") + 1:] if " " in tail and len(joined) > overlap else tail
+            cur = [(tail, cur[-1][1])] if tail else []
+        cur.append(piece)
+    if cur:
+        chunks.append((" ".join(t for t, _ in cur), _union([b for _, b in cur])))
+    return chunks

@@ -1,0 +1,297 @@
+"""`mmrag` command line. Results go to stdout, progress and errors to stderr; the only place that exits."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from .config import load_config  # noqa: E402
+from .errors import MMRagError  # noqa: E402
+
+log = logging.getLogger("mmrag")
+
+
+class BarProgress:
+    """tqdm bars (files, pages) on a terminal; silent otherwise or with --quiet."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.bar = None
+
+    def file(self, name, index, total, pages):
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        if self.bar:
+            self.bar.close()
+        self.bar = tqdm(total=pages, desc=f"[{index + 1}/{total}] {name}", unit="page", file=sys.stderr, leave=True)
+
+    def page(self, done):
+        if self.bar:
+            self.bar.n = done
+            self.bar.refresh()
+
+    def close(self):
+        if self.bar:
+            self.bar.close()
+
+
+def _app(args, check=True):
+    from .wiring import build
+
+    return build(load_config(args.config), check=check)
+
+
+def _pdfs(paths: list[str]) -> list[Path]:
+    out = []
+    for p in map(Path, paths):
+        out += sorted(p.rglob("*.pdf")) if p.is_dir() else [p]
+    return out
+
+
+def cmd_ingest(args) -> int:
+    app = _app(args)
+    progress = BarProgress(sys.stderr.isatty() and not args.quiet)
+    try:
+        results = app.library.ingest(_pdfs(args.paths), progress=progress)
+    finally:
+        progress.close()
+    for r in results:
+        print(("skipping " if r.status == "failed" else "") + r.message, file=sys.stderr if r.status == "failed" else sys.stdout)
+    if args.json:
+        print(json.dumps([r.__dict__ for r in results], indent=2))
+    return 1 if any(r.status == "failed" for r in results) else 0
+
+
+def cmd_list(args) -> int:
+    app = _app(args)
+    docs = app.library.list()
+    if args.json:
+        print(json.dumps([{k: d[k] for k in ("doc", "sha256", "pages", "figures", "chunks")} for d in docs], indent=2))
+    elif not docs:
+        print("the library is empty: `mmrag ingest FILE.pdf` adds documents")
+    else:
+        for d in docs:
+            print(f"{d['doc']}  {d['pages']} pages  {d['figures']} figures  {d['chunks']} chunks  {d['sha256'][:12]}")
+    return 0
+
+
+def cmd_remove(args) -> int:
+    app = _app(args)
+    for doc in args.docs:
+        found = app.library.remove(doc)
+        print(f"removed {found['doc']} ({found['sha256'][:12]})")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from ingest.extract import inspect_pdf
+
+    cfg = load_config(args.config)
+    status = 0
+    for path in _pdfs(args.paths):
+        try:
+            out = inspect_pdf(path, cfg["ingest"])
+        except MMRagError as exc:
+            print(f"skipping {exc}", file=sys.stderr)
+            status = 1
+            continue
+        out.pop("sha256", None)
+        if args.json:
+            print(json.dumps(out))
+        else:
+            print(f"{out['doc']}: {out['pages']} pages, {out['chunks']} chunks, {len(out['figures'])} figures")
+            for f in out["figures"]:
+                print(f"  p.{f['page']} {f['kind']:6} {[round(v) for v in f['bbox']]} {f['caption'][:70]}")
+    return status
+
+
+def _print_hits(hits, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps([h.to_json() for h in hits], indent=2))
+        return
+    if not hits:
+        print("no results")
+    for i, h in enumerate(hits, 1):
+        snippet = (h.text or "").replace("\n", " ")[:100]
+        print(f"{i:2}. {h.score:.4f}  {h.doc} p.{h.page}  {h.kind:6} {snippet}")
+        if h.image and h.kind != "text":
+            print(f"      {h.image}")
+
+
+def _filters(args) -> dict:
+    kinds = None
+    if args.kind:
+        kinds = {"figure": ["raster", "vector", "table"]}.get(args.kind, [args.kind])
+    return {"kinds": kinds, "docs": args.doc or None, "labels": args.label or None}
+
+
+def _query_image(app, args):
+    from index.embedders import load_image
+
+    if getattr(args, "image", None):
+        if not Path(args.image).is_file():
+            raise MMRagError(f"--image: no such file {args.image}")
+        return load_image(args.image)
+    if getattr(args, "like", None):
+        found = app.library.store.get_visual([args.like])
+        if not found:
+            raise MMRagError(f"--like: no stored figure or page with id {args.like}")
+        return load_image(app.library.images.path(found[0].metadata["image"]))
+    return None
+
+
+def cmd_search(args) -> int:
+    app = _app(args)
+    image = _query_image(app, args)
+    if not args.query and image is None:
+        raise MMRagError("give a query, --image FILE or --like ID")
+    hits = app.retriever.retrieve(args.query or "", k=args.k, image=image, **_filters(args))
+    _print_hits(hits, args.json)
+    return 0
+
+
+def cmd_ask(args) -> int:
+    app = _app(args)
+    image = _query_image(app, args)
+    answer = None
+    for kind, value in app.assistant.stream(args.question, image=image, **_filters(args)):
+        if kind == "token" and not args.json:
+            print(value, end="", flush=True)
+        elif kind == "answer":
+            answer = value
+    if args.json:
+        print(json.dumps(answer.to_json(), indent=2))
+    else:
+        if answer.error:
+            print(answer.text)
+            print(f"\n! {answer.error}", file=sys.stderr)
+        print()
+        if answer.note:
+            print(f"note: {answer.note}")
+        for c in answer.citations:
+            print(f"  {c.key} score {c.score:.4f}" + (f"  {c.image}" if c.image else ""))
+    return 0
+
+
+def cmd_reindex(args) -> int:
+    app = _app(args, check=False)
+    done = app.library.reindex()
+    print(f"re-embedded {done.get('visual', 0)} images and {done.get('text', 0)} texts")
+    return 0
+
+
+def cmd_duplicates(args) -> int:
+    from index.similar import near_duplicates
+
+    app = _app(args)
+    groups = near_duplicates(app.library.store, args.threshold)
+    if args.json:
+        print(json.dumps(groups, indent=2))
+    for g in groups if not args.json else []:
+        print(" ~ ".join(f"{m['doc']} p.{m['page']} ({m['id']})" for m in g))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import run_eval
+
+    cfg = load_config(args.config)
+    report = run_eval(cfg, Path(args.corpus), Path(args.queries) if args.queries else None,
+                      run_out=Path(args.run_out) if args.run_out else None, quiet=args.quiet,
+                      reuse=args.reuse)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        from .evaluate import format_report
+
+        print(format_report(report))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from ui.app import serve
+
+    cfg = load_config(args.config)
+    if args.host:
+        cfg["ui"]["host"] = args.host
+    if args.port:
+        cfg["ui"]["port"] = args.port
+    serve(cfg)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mmrag", description="Ask questions about the figures in your PDFs.")
+    p.add_argument("--config", help="config file (default: $MMRAG_CONFIG, else built-in defaults)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add(name, fn, help):
+        sp = sub.add_parser(name, help=help)
+        sp.add_argument("--config", default=argparse.SUPPRESS, help="config file")
+        sp.set_defaults(fn=fn)
+        return sp
+
+    sp = add("ingest", cmd_ingest, "add PDFs (files or folders) to the library")
+    sp.add_argument("paths", nargs="+")
+    sp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sp.add_argument("--json", action="store_true")
+    sp = add("list", cmd_list, "list ingested documents")
+    sp.add_argument("--json", action="store_true")
+    sp = add("remove", cmd_remove, "remove documents (by file name or sha256)")
+    sp.add_argument("docs", nargs="+")
+    sp = add("inspect", cmd_inspect, "show what extraction finds in PDFs, storing nothing")
+    sp.add_argument("paths", nargs="+")
+    sp.add_argument("--json", action="store_true")
+    for name, fn, help in (("search", cmd_search, "retrieval only, no LLM"), ("ask", cmd_ask, "answer a question")):
+        sp = add(name, fn, help)
+        sp.add_argument("query" if name == "search" else "question", nargs="?" if name == "search" else None, default="")
+        sp.add_argument("-k", type=int, default=None, help="how many results")
+        sp.add_argument("--kind", choices=["figure", "raster", "vector", "table", "page", "text"])
+        sp.add_argument("--doc", action="append", help="only this document (repeatable)")
+        sp.add_argument("--label", action="append", help="only figures with this zero-shot label (repeatable)")
+        sp.add_argument("--image", help="search by an image file")
+        sp.add_argument("--like", help="search by a stored figure or page id ('more like this')")
+        sp.add_argument("--json", action="store_true")
+    add("reindex", cmd_reindex, "re-embed stored images and texts with the configured models")
+    sp = add("duplicates", cmd_duplicates, "groups of near-duplicate figures")
+    sp.add_argument("--threshold", type=float, default=0.95)
+    sp.add_argument("--json", action="store_true")
+    sp = add("eval", cmd_eval, "retrieval and extraction scores on a labelled corpus")
+    sp.add_argument("--corpus", required=True, help="folder with pdfs/ and queries.jsonl")
+    sp.add_argument("--queries", help="queries file (default CORPUS/queries.jsonl)")
+    sp.add_argument("--run-out", help="write ranked results per query as JSON lines")
+    sp.add_argument("--reuse", action="store_true", help="reuse the index in data_dir instead of a temporary one")
+    sp.add_argument("-q", "--quiet", action="store_true")
+    sp.add_argument("--json", action="store_true")
+    sp = add("serve", cmd_serve, "start the chat UI")
+    sp.add_argument("--host")
+    sp.add_argument("--port", type=int)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.fn(args)
+    except MMRagError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

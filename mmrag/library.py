@@ -1,0 +1,257 @@
+"""The library: ingest PDFs into the index, list, remove, reindex. Glues ``ingest`` (PDF → records)
+to ``index`` (embedders, Chroma, image files); neither of those knows the other.
+
+Crash safety: a document is registered as ``pending`` before any of its items is written and
+becomes ``complete`` only after the last one; searches only see complete documents. A pending
+document found later (the process was killed) is removed with its items and orphan images, so the
+next run ingests it again from scratch. One writer at a time (a lock file in the data dir).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from index.embedders import ImageTextEmbedder, PassageEmbedder, load_image
+from index.images import ImageStore
+from index.store import Store, bbox_meta, now
+from ingest.extract import extract_pages, file_sha256, open_pdf
+from ingest.records import PageRecord
+
+from .errors import BadDocument, MMRagError, NotFound
+
+log = logging.getLogger(__name__)
+FLUSH_ITEMS = 64  # embed and write after this many images (bounded memory on long PDFs)
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    name: str
+    status: str  # added | replaced | unchanged | failed
+    message: str
+    sha256: str = ""
+    pages: int = 0
+    figures: int = 0
+    chunks: int = 0
+
+
+class Progress:
+    """Callbacks for long work; the CLI draws bars with them, the UI shows them in the browser."""
+
+    def file(self, name: str, index: int, total: int, pages: int) -> None: ...
+
+    def page(self, done: int) -> None: ...
+
+
+class Library:
+    def __init__(self, cfg: dict, store: Store, clip: ImageTextEmbedder, passages: PassageEmbedder):
+        self.cfg = cfg
+        self.store = store
+        self.clip = clip
+        self.passages = passages
+        self.data_dir = Path(cfg["data_dir"])
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.images = ImageStore(self.data_dir)
+        self._label_vecs: np.ndarray | None = None
+
+    # ---- locking and recovery ---------------------------------------------------------------
+    @contextmanager
+    def writing(self):
+        with open(self.data_dir / "write.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                self.recover()
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def recover(self) -> list[str]:
+        """Remove what an interrupted ingest left (pending documents, orphan images)."""
+        pending = self.store.list_docs(status="pending")
+        for doc in pending:
+            log.warning("removing the half-ingested %s (interrupted earlier); ingest it again", doc["doc"])
+            self.store.delete_doc(doc["sha256"])
+        if pending or (self.data_dir / "images").exists() and self._has_stray_files():
+            self.images.sweep(self.referenced_images())
+        return [d["doc"] for d in pending]
+
+    def _has_stray_files(self) -> bool:
+        return any(p.suffix.startswith(".tmp") for p in (self.data_dir / "images").glob("*/*"))
+
+    def referenced_images(self) -> set[str]:
+        refs: set[str] = set()
+        for _, _, metas in self.store.iter_items("visual"):
+            refs.update(m.get("image", "") for m in metas)
+        return refs
+
+    # ---- ingest -------------------------------------------------------------------------------
+    def ingest(self, paths: Iterable[str | os.PathLike], progress: Progress | None = None,
+               names: list[str] | None = None) -> list[IngestResult]:
+        """Ingest files; each failure is reported in its result and the others still go in.
+        ``names`` gives display names (uploads arrive under temporary paths)."""
+        progress = progress or Progress()
+        paths = list(paths)
+        results = []
+        with self.writing():
+            for i, path in enumerate(paths):
+                name = names[i] if names else Path(path).name
+                try:
+                    results.append(self._ingest_one(Path(path), name, i, len(paths), progress))
+                except MMRagError as exc:
+                    results.append(IngestResult(name, "failed", str(exc)))
+                except Exception as exc:  # an unexpected library error must not stop the batch
+                    log.exception("ingesting %s failed", name)
+                    results.append(IngestResult(name, "failed", f"{name}: unexpected error: {exc}"))
+        return results
+
+    def _ingest_one(self, path: Path, name: str, index: int, total: int, progress: Progress) -> IngestResult:
+        max_mb = float(self.cfg["ingest"]["max_file_mb"])
+        if path.is_file() and path.stat().st_size > max_mb * 1e6:
+            raise BadDocument(f"{name}: larger than ingest.max_file_mb ({max_mb:g} MB)")
+        doc = open_pdf(path)
+        try:
+            sha = file_sha256(path)
+            existing = self.store.get_doc(sha)
+            if existing and existing.get("status") == "complete":
+                same = "" if existing["doc"] == name else f" as {existing['doc']}"
+                return IngestResult(name, "unchanged", f"{name}: already ingested{same}, nothing to do", sha,
+                                    existing["pages"], existing["figures"], existing["chunks"])
+            older = [d for d in self.store.list_docs() if d["doc"] == name]
+            progress.file(name, index, total, doc.page_count)
+            self.store.set_doc(sha, doc=name, status="pending", started=now(), pages=doc.page_count,
+                               figures=0, chunks=0)
+            counts = self._write_pages(doc, sha, name, progress)
+            self.store.set_doc(sha, status="complete", ingested_at=now(), **counts)
+            for old in older:  # a changed file replaces its old version, once the new one is complete
+                self.store.delete_doc(old["sha256"])
+            if older:
+                self.images.sweep(self.referenced_images())
+            status = "replaced" if older else "added"
+            msg = f"{name}: {status}, {doc.page_count} pages, {counts['figures']} figures, {counts['chunks']} chunks"
+            return IngestResult(name, status, msg, sha, doc.page_count, counts["figures"], counts["chunks"])
+        finally:
+            doc.close()
+
+    def _write_pages(self, doc, sha: str, name: str, progress: Progress) -> dict:
+        icfg = self.cfg["ingest"]
+        deadline = time.monotonic() + float(icfg["file_timeout_s"])
+        visual: list[tuple[str, bytes, dict, str]] = []
+        texts: list[tuple[str, str, dict]] = []
+        counts = {"figures": 0, "chunks": 0}
+        for rec in extract_pages(doc, sha, icfg, render=True, progress=progress.page):
+            self._collect(rec, name, visual, texts, counts)
+            if len(visual) >= FLUSH_ITEMS:
+                self._flush(visual, texts)
+            if time.monotonic() > deadline:
+                raise BadDocument(f"{name}: took longer than ingest.file_timeout_s "
+                                  f"({icfg['file_timeout_s']} s); raise it for very long files")
+        self._flush(visual, texts)
+        return counts
+
+    def _collect(self, rec: PageRecord, name: str, visual: list, texts: list, counts: dict) -> None:
+        base = {"doc_sha": rec.doc_sha, "doc": name, "page": rec.page}
+        for fig in rec.figures:
+            if not fig.png:
+                continue
+            meta = dict(base, kind=fig.kind, bbox=bbox_meta(fig.bbox), caption=fig.caption[:500],
+                        figure=fig.number, image=self.images.put(fig.png), label="")
+            visual.append((fig.id, fig.png, meta, fig.text[:2000]))
+            if fig.text:
+                texts.append(("t" + fig.id, fig.text, dict(base, kind="figure_text", unit=fig.id,
+                                                           bbox=bbox_meta(fig.bbox), source=fig.kind)))
+            counts["figures"] += 1
+        if rec.png:
+            meta = dict(base, kind="page", bbox="", caption="", figure=0,
+                        image=self.images.put(rec.png), label="", scanned=rec.scanned)
+            page_text = " ".join(c.text for c in rec.chunks)[:2000]
+            visual.append((rec.id, rec.png, meta, page_text))
+        for chunk in rec.chunks:
+            texts.append((chunk.id, chunk.text, dict(base, kind="text", unit=chunk.id, bbox=bbox_meta(chunk.bbox),
+                                                      source=chunk.source)))
+            counts["chunks"] += 1
+
+    def _flush(self, visual: list, texts: list) -> None:
+        if visual:
+            vecs = self.clip.embed_images([load_image(png) for _, png, _, _ in visual])
+            labels = self.zero_shot(vecs)
+            metas = [dict(m, label=lab if m["kind"] != "page" else "") for (_, _, m, _), lab in zip(visual, labels)]
+            self.store.add_visual([v[0] for v in visual], vecs, metas, [v[3] for v in visual])
+            visual.clear()
+        if texts:
+            vecs = self.passages.embed([t[1] for t in texts])
+            self.store.add_text([t[0] for t in texts], vecs, [t[2] for t in texts], [t[1] for t in texts])
+            texts.clear()
+
+    # ---- zero-shot labels -------------------------------------------------------------------
+    @property
+    def labels(self) -> list[str]:
+        return list(self.cfg["retrieval"]["labels"])
+
+    def zero_shot(self, vecs: np.ndarray) -> list[str]:
+        """CLIP zero-shot label per image vector: the nearest of 'a {label} from a document'."""
+        if not len(vecs) or not self.labels:
+            return [""] * len(vecs)
+        if self._label_vecs is None:
+            self._label_vecs = self.clip.embed_texts([f"a {lab} from a document" for lab in self.labels])
+        return [self.labels[i] for i in (vecs @ self._label_vecs.T).argmax(axis=1)]
+
+    # ---- library ------------------------------------------------------------------------------
+    def list(self) -> list[dict]:
+        return [{"doc": d["doc"], "sha256": d["sha256"], "pages": d["pages"], "figures": d["figures"],
+                 "chunks": d["chunks"], "ingested_at": d.get("ingested_at")} for d in self.store.list_docs()]
+
+    def find(self, doc: str) -> dict:
+        """A complete document by file name or by (a prefix of, at least 8 hex of) its sha256."""
+        docs = self.store.list_docs()
+        hits = [d for d in docs if d["doc"] == doc] or [d for d in docs if len(doc) >= 8 and d["sha256"].startswith(doc)]
+        if not hits:
+            raise NotFound(f"no ingested document named {doc!r}; `mmrag list` shows what is there")
+        if len(hits) > 1:
+            raise MMRagError(f"{doc!r} matches several documents; give its sha256 instead")
+        return hits[0]
+
+    def remove(self, doc: str) -> dict:
+        with self.writing():
+            found = self.find(doc)
+            self.store.delete_doc(found["sha256"])
+            self.images.sweep(self.referenced_images())
+        return found
+
+    def reindex(self, progress: Callable[[str, int, int], None] | None = None) -> dict:
+        """Re-embed every stored image and text with the configured models, without the PDFs."""
+        done = {}
+        with self.writing():
+            for which, embed in (("visual", self._embed_stored_images), ("text", self.passages.embed)):
+                items = [batch for batch in self.store.iter_items(which)]
+                ids = [i for b in items for i in b[0]]
+                docs = [d for b in items for d in b[1]]
+                metas = [m for b in items for m in b[2]]
+                vecs = []
+                for start in range(0, len(ids), FLUSH_ITEMS):
+                    part = metas[start:start + FLUSH_ITEMS] if which == "visual" else docs[start:start + FLUSH_ITEMS]
+                    vecs.append(embed(part))
+                    if progress:
+                        progress(which, min(start + FLUSH_ITEMS, len(ids)), len(ids))
+                identity = self.clip.identity if which == "visual" else self.passages.identity
+                self.store.recreate(which, identity)
+                if ids:
+                    allv = np.concatenate(vecs)
+                    if which == "visual":
+                        labels = self.zero_shot(allv)
+                        metas = [dict(m, label=lab if m["kind"] != "page" else "") for m, lab in zip(metas, labels)]
+                        self.store.add_visual(ids, allv, metas, docs)
+                    else:
+                        self.store.add_text(ids, allv, metas, docs)
+                done[which] = len(ids)
+        return done
+
+    def _embed_stored_images(self, metas: list[dict]) -> np.ndarray:
+        return self.clip.embed_images([load_image(self.images.path(m["image"])) for m in metas])

@@ -1,0 +1,88 @@
+import copy
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from mmrag.config import DEFAULTS  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+EVAL = ROOT.parent / "shared" / "eval-dev"
+PDFS = EVAL / "pdfs"
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_files(tmp_path_factory):
+    from mmrag.devtools import write_tiny_clip
+
+    return write_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))
+
+
+@pytest.fixture(scope="session")
+def clip(tiny_clip_files):
+    from index.embedders import ClipEmbedder
+
+    cfg, ckpt = tiny_clip_files
+    return ClipEmbedder(str(cfg), str(ckpt), "cpu", 32)
+
+
+@pytest.fixture(scope="session")
+def passages():
+    from index.embedders import SentenceEmbedder
+
+    return SentenceEmbedder("all-MiniLM-L6-v2", "cpu")
+
+
+@pytest.fixture
+def make_cfg(tmp_path, tiny_clip_files):
+    """Config for a fresh data dir with the tiny CLIP checkpoint; keyword overrides per section."""
+
+    def make(data_dir=None, **sections):
+        cfg = copy.deepcopy(DEFAULTS)
+        cfg["data_dir"] = str(data_dir or tmp_path / "data")
+        cfg["clip"].update(model=str(tiny_clip_files[0]), pretrained=str(tiny_clip_files[1]), device="cpu")
+        for section, values in sections.items():
+            cfg[section].update(values)
+        return cfg
+
+    return make
+
+
+@pytest.fixture
+def cfg(make_cfg):
+    return make_cfg()
+
+
+@pytest.fixture
+def app(cfg, clip, passages):
+    from mmrag.wiring import build
+
+    return build(cfg, clip=clip, passages=passages)
+
+
+@pytest.fixture
+def write_config(tmp_path, tiny_clip_files):
+    """A config.yaml on disk (for CLI tests) using the tiny CLIP checkpoint."""
+    import yaml
+
+    def write(data_dir=None, **sections):
+        body = {"data_dir": str(data_dir or tmp_path / "data"),
+                "clip": {"model": str(tiny_clip_files[0]), "pretrained": str(tiny_clip_files[1]), "device": "cpu"}}
+        for section, values in sections.items():
+            body.setdefault(section, {}).update(values)
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(body))
+        return path
+
+    return write
+
+
+def eval_pdf(name: str) -> Path:
+    path = PDFS / name
+    if not path.exists():
+        pytest.fail(f"the eval corpus is missing: {path} (CI copies shared/ beside the clone)")
+    return path

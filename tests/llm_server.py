@@ -1,0 +1,87 @@
+"""A small OpenAI-compatible chat server for tests: records each request, streams a scripted reply,
+and can be told to fail (401, 429, 500, or to stall past the client's timeout)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from PIL import Image
+
+
+class LLMServer:
+    def __init__(self):
+        self.requests: list[dict] = []
+        self.mode = "ok"  # ok | 401 | 429 | 500 | stall
+        self.reply = "The diagram shows the parser feeding the renderer {cite}."
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                server.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
+                if server.mode in ("401", "429", "500"):
+                    code = int(server.mode)
+                    err = json.dumps({"error": {"message": f"scripted failure {code}", "type": "test", "code": code}})
+                    self.send_response(code)
+                    self.send_header("Content-Type", "application/json")
+                    self.end_headers()
+                    self.wfile.write(err.encode())
+                    return
+                if server.mode == "stall":
+                    time.sleep(5)
+                text = server.reply.format(cite=server.first_key(body))
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.end_headers()
+                words = text.split(" ")
+                for i, w in enumerate(words):
+                    chunk = {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": body["model"],
+                             "choices": [{"index": 0, "delta": {"content": w + (" " if i < len(words) - 1 else "")},
+                                          "finish_reason": None}]}
+                    self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                    self.wfile.flush()
+                end = {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": body["model"],
+                       "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+                self.wfile.write(f"data: {json.dumps(end)}\n\ndata: [DONE]\n\n".encode())
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    @property
+    def api_base(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    @staticmethod
+    def first_key(body: dict) -> str:
+        text = "".join(p.get("text", "") for m in body["messages"] if isinstance(m["content"], list)
+                       for p in m["content"] if p.get("type") == "text")
+        start = text.find('key="[')
+        return text[start + 5:text.find('"', start + 5)] if start >= 0 else ""
+
+    def images(self, i: int = -1) -> list[Image.Image]:
+        """The images of request ``i``, decoded from their data URLs."""
+        out = []
+        for m in self.requests[i]["body"]["messages"]:
+            if isinstance(m["content"], list):
+                for p in m["content"]:
+                    if p.get("type") == "image_url":
+                        b64 = p["image_url"]["url"].split(",", 1)[1]
+                        out.append(Image.open(io.BytesIO(base64.b64decode(b64))))
+        return out
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()

@@ -1,0 +1,103 @@
+"""PDFs made by the tests with PyMuPDF: known figures, captions, text layouts and defects."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pymupdf
+from PIL import Image
+
+LOREM = ("Figures explain what words cannot. This paragraph is body text that wraps over several lines "
+         "so that the page has a realistic text layer around its figures and tables. ")
+
+
+def vector_figure(page: pymupdf.Page, rect: pymupdf.Rect, labels=("start", "end")) -> None:
+    """A small diagram: two labelled boxes joined by an arrow, plus many tiny tick marks."""
+    w = rect.width
+    a = pymupdf.Rect(rect.x0, rect.y0 + 20, rect.x0 + w * 0.3, rect.y0 + 60)
+    b = pymupdf.Rect(rect.x1 - w * 0.3, rect.y0 + 20, rect.x1, rect.y0 + 60)
+    shape = page.new_shape()
+    shape.draw_rect(a)
+    shape.draw_rect(b)
+    shape.draw_line((a.x1, a.y0 + 20), (b.x0, b.y0 + 20))
+    shape.draw_circle((rect.x0 + w / 2, rect.y1 - 30), 25)
+    for i in range(30):  # many small shapes that must stay one figure
+        x = rect.x0 + i * w / 30
+        shape.draw_line((x, rect.y1 - 4), (x, rect.y1))
+    shape.finish(color=(0, 0, 0.6), width=1)
+    shape.commit()
+    page.insert_text((a.x0 + 5, a.y0 + 25), labels[0], fontsize=9)
+    page.insert_text((b.x0 + 5, b.y0 + 25), labels[1], fontsize=9)
+
+
+def ruled_table(page: pymupdf.Page, rect: pymupdf.Rect, rows: int = 5, cols: int = 3) -> None:
+    shape = page.new_shape()
+    h = rect.height / rows
+    for r in range(rows + 1):
+        shape.draw_line((rect.x0, rect.y0 + r * h), (rect.x1, rect.y0 + r * h))
+    for c in range(cols + 1):
+        x = rect.x0 + c * rect.width / cols
+        shape.draw_line((x, rect.y0), (x, rect.y1))
+    shape.finish(color=(0, 0, 0), width=0.5)
+    shape.commit()
+    for r in range(rows):
+        for c in range(cols):
+            page.insert_text((rect.x0 + c * rect.width / cols + 4, rect.y0 + r * h + h * 0.7), f"cell {r}{c} value",
+                             fontsize=8)
+
+
+def png_bytes(color=(200, 30, 30), size=(120, 90), mode="RGB") -> bytes:
+    img = Image.new(mode, size, color)
+    for x in range(size[0]):  # a diagonal stripe so the image is not flat
+        img.putpixel((x, min(size[1] - 1, x * size[1] // size[0])), (0, 0, 0) if mode == "RGB" else 0)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def figure_doc(path: Path, pages: int = 3) -> Path:
+    """Pages with: a vector figure + caption (p.1), a raster image placed twice + caption (p.2),
+    a ruled table + caption (p.3); running header and page numbers on every page."""
+    doc = pymupdf.open()
+    for i in range(pages):
+        page = doc.new_page()
+        page.insert_text((72, 30), "mmrag test manual — running header", fontsize=8)
+        page.insert_text((300, 780), str(i + 1), fontsize=8)
+        page.insert_textbox(pymupdf.Rect(72, 60, 540, 160), LOREM * 3, fontsize=10)
+        if i % 3 == 0:
+            vector_figure(page, pymupdf.Rect(150, 200, 450, 380), labels=("parser", "renderer"))
+            page.insert_text((150, 400), f"Figure {i + 1}: The parser feeds the renderer.", fontsize=10)
+        elif i % 3 == 1:
+            data = png_bytes()
+            page.insert_image(pymupdf.Rect(100, 200, 280, 335), stream=data)
+            page.insert_image(pymupdf.Rect(320, 200, 500, 335), stream=data)
+            page.insert_text((100, 360), f"Fig. {i + 1}. Two copies of the same red image.", fontsize=10)
+        else:
+            ruled_table(page, pymupdf.Rect(100, 200, 500, 330))
+            page.insert_text((100, 190), f"Table {i + 1}: Values in a ruled table", fontsize=10)
+        page.insert_textbox(pymupdf.Rect(72, 450, 540, 700), LOREM * 4, fontsize=10)
+    doc.save(path)
+    return path
+
+
+def scanned_doc(path: Path, lines=("The quick scanner reads this sentence.", "Second line about polar plots.")) -> Path:
+    """One image-only page: text rendered into a picture, no text layer."""
+    src = pymupdf.open()
+    page = src.new_page()
+    y = 100
+    for line in lines:
+        page.insert_text((72, y), line, fontsize=16)
+        y += 30
+    shape = page.new_shape()
+    shape.draw_rect(pymupdf.Rect(150, 300, 450, 500))
+    shape.draw_line((150, 500), (450, 300))
+    shape.draw_circle((300, 400), 50)
+    shape.finish(color=(0, 0, 0), width=2)
+    shape.commit()
+    pix = page.get_pixmap(dpi=150)
+    out = pymupdf.open()
+    p2 = out.new_page(width=page.rect.width, height=page.rect.height)
+    p2.insert_image(p2.rect, stream=pix.tobytes("jpeg"))
+    out.save(path)
+    return path
