@@ -1,0 +1,210 @@
+"""The library end to end on real Chroma: idempotent ingest, replace, remove, crash safety,
+the model guard and reindex, local and server mode."""
+
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mmrag.errors import ModelMismatch
+from mmrag.wiring import build
+from tests import pdfgen
+from tests.conftest import ROOT, eval_pdf
+
+
+def snapshot(app):
+    """Everything a user could see of the index: documents, item ids, image files."""
+    lib = app.library
+    visual = sorted(i for ids, _, _ in lib.store.iter_items("visual") for i in ids)
+    text = sorted(i for ids, _, _ in lib.store.iter_items("text") for i in ids)
+    files = sorted(str(p.relative_to(lib.data_dir)) for p in (lib.data_dir / "images").glob("*/*"))
+    docs = [(d["doc"], d["sha256"], d["pages"], d["figures"], d["chunks"]) for d in lib.list()]
+    return {"docs": docs, "visual": visual, "text": text, "files": files}
+
+
+def test_ingest_stores_figures_pages_and_chunks(app, tmp_path):
+    pdf = pdfgen.figure_doc(tmp_path / "manual.pdf", pages=3)
+    [res] = app.library.ingest([pdf])
+    assert res.status == "added" and res.pages == 3 and res.figures == 4 and res.chunks >= 3
+    snap = snapshot(app)
+    assert len(snap["visual"]) == 3 + 4  # pages + figures
+    assert set(snap["files"]) == app.library.referenced_images()
+    # the image placed twice on p.2 is one file: 3 pages + vector + raster + table = 6 files
+    assert len(snap["files"]) == 6
+    [doc] = app.library.list()
+    assert doc["doc"] == "manual.pdf" and doc["figures"] == 4
+
+
+def test_reingesting_or_a_renamed_copy_does_nothing(app, tmp_path):
+    pdf = pdfgen.figure_doc(tmp_path / "manual.pdf", pages=2)
+    app.library.ingest([pdf])
+    before = snapshot(app)
+    copy = tmp_path / "copy-of-manual.pdf"
+    shutil.copy(pdf, copy)
+    again, dup = app.library.ingest([pdf, copy])
+    assert again.status == "unchanged" and "already ingested" in again.message
+    assert dup.status == "unchanged" and "as manual.pdf" in dup.message
+    assert snapshot(app) == before
+
+
+def test_a_changed_file_replaces_its_old_version(app, tmp_path):
+    pdf = pdfgen.figure_doc(tmp_path / "manual.pdf", pages=3)
+    app.library.ingest([pdf])
+    old_sha = app.library.list()[0]["sha256"]
+    pdfgen.figure_doc(pdf, pages=1)  # same name, new content
+    [res] = app.library.ingest([pdf])
+    assert res.status == "replaced"
+    [doc] = app.library.list()
+    assert doc["pages"] == 1 and doc["sha256"] != old_sha
+    snap = snapshot(app)
+    assert len(snap["visual"]) == 2  # 1 page + 1 figure, nothing of the old version
+    assert set(snap["files"]) == app.library.referenced_images()
+
+
+def test_bad_files_fail_alone_and_store_nothing(app, tmp_path):
+    good = pdfgen.figure_doc(tmp_path / "good.pdf", pages=1)
+    (tmp_path / "notes.pdf").write_text("just text")
+    (tmp_path / "empty.pdf").write_bytes(b"")
+    results = app.library.ingest([tmp_path / "notes.pdf", good, tmp_path / "empty.pdf"])
+    assert [r.status for r in results] == ["failed", "added", "failed"]
+    assert "notes.pdf: not a PDF" in results[0].message
+    assert [d["doc"] for d in app.library.list()] == ["good.pdf"]
+
+
+def test_remove_deletes_items_and_orphan_images_only(app, tmp_path):
+    a = pdfgen.figure_doc(tmp_path / "a.pdf", pages=2)
+    b = pdfgen.figure_doc(tmp_path / "b.pdf", pages=1)
+    app.library.ingest([a, b])
+    app.library.remove("a.pdf")
+    assert [d["doc"] for d in app.library.list()] == ["b.pdf"]
+    snap = snapshot(app)
+    assert set(snap["files"]) == app.library.referenced_images()
+    assert len(snap["visual"]) == 2
+    with pytest.raises(Exception, match="no ingested document"):
+        app.library.remove("a.pdf")
+
+
+def test_the_model_guard_refuses_another_model_and_reindex_fixes_it(cfg, clip, passages, tmp_path):
+    from index.embedders import ClipEmbedder
+    from mmrag.devtools import write_tiny_clip
+
+    app = build(cfg, clip=clip, passages=passages)
+    app.library.ingest([pdfgen.figure_doc(tmp_path / "m.pdf", pages=2)])
+    before = snapshot(app)
+    other_cfg, other_ckpt = write_tiny_clip(tmp_path / "other", seed=1)
+    other = ClipEmbedder(str(other_cfg), str(other_ckpt), "cpu")
+    assert other.identity != clip.identity  # same architecture, other weights: another checkpoint hash
+    with pytest.raises(ModelMismatch, match="mmrag reindex"):
+        build(cfg, clip=other, passages=passages)
+    fixed = build(cfg, clip=other, passages=passages, check=False)
+    done = fixed.library.reindex()
+    assert done["visual"] == len(before["visual"]) and done["text"] == len(before["text"])
+    reopened = build(cfg, clip=other, passages=passages)  # no longer refused
+    assert snapshot(reopened) == before
+    assert reopened.retriever.retrieve("parser renderer", k=3)
+
+
+def test_missing_weights_give_one_clear_error(tmp_path):
+    from index.embedders import ClipEmbedder
+    from mmrag.errors import WeightsUnavailable
+
+    with pytest.raises(WeightsUnavailable, match="clip.pretrained.*local file"):
+        ClipEmbedder("ViT-B-32", str(tmp_path / "nope.safetensors"), "cpu")
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    out = subprocess.run([sys.executable, "-c", "from index.embedders import ClipEmbedder as C; C('ViT-B-32', 'laion2b_s34b_b79k', 'cpu')"],
+                         cwd=ROOT, env=env, capture_output=True, text=True)
+    assert out.returncode != 0 and "set clip.pretrained in config.yaml" in out.stderr
+
+
+def _ingest_cmd(config):
+    return [sys.executable, "-m", "mmrag", "--config", str(config), "ingest", "--quiet"]
+
+
+def test_kill_9_during_ingest_leaves_nothing_half_done(write_config, tmp_path):
+    """kill -9 at random moments; each restart must finish the job and equal a clean ingest."""
+    pdfs = [pdfgen.figure_doc(tmp_path / f"doc{i}.pdf", pages=12) for i in range(2)]
+    clean_cfg = write_config(data_dir=tmp_path / "clean")
+    clean_cfg = clean_cfg.rename(tmp_path / "clean.yaml")
+    subprocess.run(_ingest_cmd(clean_cfg) + [str(p) for p in pdfs], check=True, cwd=ROOT)
+    config = write_config(data_dir=tmp_path / "crashy")
+    rng = random.Random(7)
+    killed = 0
+    for _ in range(3):
+        proc = subprocess.Popen(_ingest_cmd(config) + [str(p) for p in pdfs], cwd=ROOT, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(4.0, 9.0))
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            killed += 1
+        proc.wait()
+        listed = subprocess.run([sys.executable, "-m", "mmrag", "--config", str(config), "list", "--json"],
+                                cwd=ROOT, capture_output=True, text=True, check=True).stdout
+        import json
+
+        for d in json.loads(listed):  # whatever is visible is complete
+            assert d["pages"] == 12 and d["figures"] == 16
+    assert killed >= 1, "the ingest finished before any kill: make the documents longer"
+    subprocess.run(_ingest_cmd(config) + [str(p) for p in pdfs], check=True, cwd=ROOT)
+    from mmrag.config import load_config
+
+    def snap(path):
+        return snapshot(build(load_config(path)))
+
+    a, b = snap(clean_cfg), snap(config)
+    assert a == b
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def chroma_server(tmp_path_factory):
+    exe = Path(sys.executable).with_name("chroma")
+    port = _free_port()
+    path = tmp_path_factory.mktemp("chroma-server")
+    proc = subprocess.Popen([str(exe), "run", "--path", str(path), "--port", str(port), "--host", "127.0.0.1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    import urllib.request
+
+    for _ in range(120):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v2/heartbeat", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("chroma run did not start")
+    yield port
+    proc.terminate()
+    proc.wait(10)
+
+
+def test_server_mode_runs_the_same_library(make_cfg, clip, passages, chroma_server, tmp_path):
+    cfg = make_cfg(chroma={"mode": "server", "host": "127.0.0.1", "port": chroma_server})
+    app = build(cfg, clip=clip, passages=passages)
+    pdf = pdfgen.figure_doc(tmp_path / "served.pdf", pages=3)
+    [res] = app.library.ingest([pdf])
+    assert res.status == "added"
+    assert app.library.ingest([pdf])[0].status == "unchanged"
+    hits = app.retriever.retrieve("Values in a ruled table", k=3, kinds=["table"])
+    assert hits and hits[0].kind == "table" and hits[0].doc == "served.pdf"
+    local = build(make_cfg(data_dir=tmp_path / "local"), clip=clip, passages=passages)
+    local.library.ingest([pdf])
+    assert snapshot(local)["visual"] == snapshot(app)["visual"]
+    app.library.remove("served.pdf")
+    assert app.library.list() == []
+
+
+def test_real_debian_pdf_ingests(app):
+    [res] = app.library.ingest([eval_pdf("neatoguide.pdf")])
+    assert res.status == "added" and res.pages == 11 and res.figures >= 10
