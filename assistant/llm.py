@@ -22,6 +22,8 @@ class LiteLLM:
     def __init__(self, cfg: dict):
         self.cfg = cfg
         self.model = cfg.get("model")
+        if self.model:
+            _litellm()  # a slow import (seconds): pay it at start-up, not in the first answer
 
     @property
     def configured(self) -> bool:
@@ -50,6 +52,8 @@ class LiteLLM:
             raise LLMError("no language model configured: set llm.model in config.yaml")
         litellm = _litellm()
         key = self._key()
+        if key is None and self.cfg.get("api_base"):
+            key = "unused"  # local OpenAI-compatible servers need none, but the client insists on one
         try:
             response = litellm.completion(
                 model=self.model, messages=messages, stream=True, api_base=self.cfg.get("api_base"), api_key=key,
@@ -78,6 +82,8 @@ def describe_failure(exc: Exception, model: str, key: str | None) -> str:
         (ex.ServiceUnavailableError, "the model server is unavailable"),
         (ex.InternalServerError, "the model server failed"),
     ]
+    if "connection error" in str(exc).lower() and not isinstance(exc, ex.Timeout):
+        kinds.insert(0, (type(exc), "the model server cannot be reached (check llm.api_base and the network)"))
     for cls, text in kinds:
         if isinstance(exc, cls):
             why = text

@@ -26,7 +26,8 @@ class LLMServer:
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
-                server.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
+                server.requests.append({"path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()},
+                                        "body": body})
                 if server.mode in ("401", "429", "500"):
                     code = int(server.mode)
                     err = json.dumps({"error": {"message": f"scripted failure {code}", "type": "test", "code": code}})
