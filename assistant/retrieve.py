@@ -16,6 +16,25 @@ SIGNALS = ("clip", "text", "keyword")
 ALL_KINDS = FIGURE_KINDS + ("page", "text")
 
 
+def score_fusion(scored: dict[str, Sequence[tuple[str, float]]], weights: dict[str, float]) -> list[tuple[str, float]]:
+    """Weighted sum of min-max normalised scores (CombSUM); a unit a signal did not return gets 0
+    from it. Ties keep the order of first appearance.
+
+    >>> score_fusion({"a": [("x", 2.0), ("y", 1.0)], "b": [("y", 0.5)]}, {"a": 1, "b": 1})
+    [('y', 1.0), ('x', 1.0)]
+    """
+    totals: dict[str, float] = {}
+    for signal, ranked in scored.items():
+        if not ranked:
+            continue
+        hi, lo = max(s for _, s in ranked), min(s for _, s in ranked)
+        w = weights.get(signal, 1.0)
+        for unit, s in ranked:
+            norm = (s - lo) / (hi - lo) if hi > lo else 1.0
+            totals[unit] = totals.get(unit, 0.0) + w * norm
+    return sorted(totals.items(), key=lambda t: -t[1])
+
+
 def rrf(rankings: dict[str, Sequence[str]], weights: dict[str, float], k: int = 60) -> list[tuple[str, float]]:
     """Weighted reciprocal rank fusion: ``score(u) = Σ_s w_s / (k + rank_s(u))``, ranks 1-based.
     Ties keep the order of first appearance.
@@ -70,23 +89,26 @@ class Retriever:
         if labels:
             vwhere["$and"].append({"label": {"$in": list(labels)}})
         rankings: dict[str, list[str]] = {}
+        scored: dict[str, list[tuple[str, float]]] = {}
         units: dict[str, dict] = {}  # unit id -> metadata (+ document)
 
-        def take(signal: str, matches: list[tuple[str, dict, str | None]]) -> None:
-            ranked = []
-            for unit, meta, doc in matches:
-                if unit in ranked:
+        def take(signal: str, matches: list[tuple[str, dict, str | None, float]]) -> None:
+            ranked, seen = [], set()
+            for unit, meta, doc, score in matches:
+                if unit in seen:
                     continue
-                ranked.append(unit)
+                seen.add(unit)
+                ranked.append((unit, score))
                 units.setdefault(unit, dict(meta, _doc=doc))
-            rankings[signal] = ranked
+            rankings[signal] = [u for u, _ in ranked]
+            scored[signal] = ranked
 
         if vis_kinds and question and "clip" in signals:
             qv = self.clip.embed_texts([question])[0]
-            take("clip", [(m.id, m.metadata, m.document) for m in self.store.query_visual(qv, n, vwhere)])
+            take("clip", [(m.id, m.metadata, m.document, m.score) for m in self.store.query_visual(qv, n, vwhere)])
         if vis_kinds and image is not None:
             iv = self.clip.embed_images([image])[0]
-            take("image", [(m.id, m.metadata, m.document) for m in self.store.query_visual(iv, n, vwhere)])
+            take("image", [(m.id, m.metadata, m.document, m.score) for m in self.store.query_visual(iv, n, vwhere)])
         if question and ("text" in signals or "keyword" in signals):
             def wanted(meta: dict) -> bool:
                 if meta["kind"] == "text":
@@ -104,7 +126,10 @@ class Retriever:
                 take("keyword", [self._unit(Match(i, s, metas[pos[i]], None)) for i, s in found])
         weights = dict(rcfg["weights"])
         weights.setdefault("image", weights.get("clip", 1.0))
-        fused = rrf(rankings, weights, rcfg["rrf_k"])
+        if rcfg.get("fusion", "rrf") == "score":
+            fused = score_fusion(scored, weights)
+        else:
+            fused = rrf(rankings, weights, rcfg["rrf_k"])
         figure_units = [u for u, _ in fused if units[u].get("_figure_text")]
         self._fill_figures(units, figure_units)
         hits = []
@@ -118,12 +143,17 @@ class Retriever:
                 break
         return hits
 
+    def page_image(self, doc: str, page: int) -> str | None:
+        """The stored render of a page (for showing a figure in its page)."""
+        rel = self.store.page_image(doc, page)
+        return str(self.data_dir / rel) if rel else None
+
     @staticmethod
-    def _unit(m: Match) -> tuple[str, dict, str | None]:
+    def _unit(m: Match) -> tuple[str, dict, str | None, float]:
         """A text match stands for its unit: a chunk for itself, a figure text for its figure."""
         if m.metadata["kind"] == "figure_text":
-            return m.metadata["unit"], {"_figure_text": True, **m.metadata}, m.document
-        return m.id, m.metadata, m.document
+            return m.metadata["unit"], {"_figure_text": True, **m.metadata}, m.document, m.score
+        return m.id, m.metadata, m.document, m.score
 
     def _fill_figures(self, units: dict, ids: list[str]) -> None:
         """Figures reached only through their text need their visual record (image, caption)."""

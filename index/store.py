@@ -122,6 +122,12 @@ class Store:
             self._last_embeddings = {i: np.asarray(e, np.float32) for i, e in zip(got["ids"], got["embeddings"])}
         return out
 
+    def page_image(self, doc: str, page: int) -> str | None:
+        """Relative image path of a stored page render."""
+        got = self.visual.get(where={"$and": [{"doc": doc}, {"page": page}, {"kind": "page"}]},
+                              include=["metadatas"], limit=1)
+        return got["metadatas"][0]["image"] if got["ids"] else None
+
     def visual_embeddings(self, where: dict | None = None) -> tuple[list[str], np.ndarray, list[dict]]:
         got = self.visual.get(where=where, include=["embeddings", "metadatas"])
         emb = np.asarray(got["embeddings"], np.float32) if len(got["ids"]) else np.zeros((0, 0), np.float32)

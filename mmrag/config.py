@@ -49,6 +49,7 @@ DEFAULTS: dict[str, Any] = {
     "retrieval": {
         "k": 10,
         "candidates": 50,
+        "fusion": "score",
         "rrf_k": 60,
         "weights": {"clip": 1.0, "text": 1.0, "keyword": 1.0},
         "labels": ["chart", "diagram", "photo", "screenshot", "table", "equation", "map", "drawing"],

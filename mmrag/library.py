@@ -164,9 +164,13 @@ class Library:
             meta = dict(base, kind=fig.kind, bbox=bbox_meta(fig.bbox), caption=fig.caption[:500],
                         figure=fig.number, image=self.images.put(fig.png), label="")
             visual.append((fig.id, fig.png, meta, fig.text[:2000]))
-            if fig.text:
-                texts.append(("t" + fig.id, fig.text, dict(base, kind="figure_text", unit=fig.id,
-                                                           bbox=bbox_meta(fig.bbox), source=fig.kind)))
+            # two passages stand for the figure: its caption with the surrounding text, and its
+            # caption with the words inside it (labels, OCR), so noisy OCR cannot drown the context
+            fmeta = dict(base, kind="figure_text", unit=fig.id, bbox=bbox_meta(fig.bbox), source=fig.kind)
+            for prefix, body in (("t", fig.nearby_text), ("l", fig.ocr_text)):
+                passage = "\n".join(t for t in (fig.caption, body) if t)
+                if passage and (body or prefix == "t"):
+                    texts.append((prefix + fig.id, passage, fmeta))
             counts["figures"] += 1
         if rec.png:
             meta = dict(base, kind="page", bbox="", caption="", figure=0,

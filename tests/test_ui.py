@@ -1,0 +1,132 @@
+"""The real Gradio app on a free port: driven by gradio_client and by Debian's Chromium."""
+
+import json
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+
+from mmrag.wiring import build
+from tests.conftest import ROOT, eval_pdf
+from tests.llm_server import LLMServer
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def llm():
+    with LLMServer() as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, clip, passages, llm):
+    import copy
+
+    from mmrag.config import DEFAULTS
+    from mmrag.devtools import write_tiny_clip
+    from ui.app import launch
+
+    tmp = tmp_path_factory.mktemp("ui")
+    cfg = copy.deepcopy(DEFAULTS)
+    tiny = write_tiny_clip(tmp / "clip")
+    cfg["data_dir"] = str(tmp / "data")
+    cfg["clip"].update(model=str(tiny[0]), pretrained=str(tiny[1]), device="cpu")
+    cfg["llm"].update(model="openai/test-vlm", api_base=llm.api_base, vision=True, timeout_s=5)
+    cfg["ui"].update(port=_free_port(), max_upload_mb=5)
+    app = build(cfg, clip=clip, passages=passages)
+    demo, _ = launch(app, prevent_thread_lock=True, quiet=True)
+    yield app, f"http://127.0.0.1:{cfg['ui']['port']}/"
+    demo.close()
+
+
+def test_gradio_client_ingests_and_asks(served, tmp_path):
+    from gradio_client import Client, handle_file
+
+    app, url = served
+    client = Client(url, verbose=False)
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not a pdf")
+    out = client.predict([handle_file(str(eval_pdf("neatoguide.pdf"))), handle_file(str(bad))], api_name="/ingest")
+    by_name = {r["doc"]: r for r in out}
+    assert by_name["neatoguide.pdf"]["status"] in ("added", "unchanged")
+    assert by_name["neatoguide.pdf"]["figures"] >= 10
+    assert by_name["notes.txt"]["status"] == "failed" and "only .pdf" in by_name["notes.txt"]["message"]
+    answer = client.predict("Which drawing shows the entity-relationship schema with diamond nodes?", api_name="/ask")
+    answer = json.loads(answer) if isinstance(answer, str) else answer
+    assert answer["error"] is None and answer["answer"]
+    assert answer["citations"] and answer["citations"][0]["doc"] == "neatoguide.pdf"
+    assert [d["doc"] for d in app.library.list()] == ["neatoguide.pdf"]
+
+
+@pytest.mark.browser
+def test_browser_upload_ask_and_see_the_cited_figure(served, llm, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    if not Path(CHROMIUM).exists():
+        pytest.fail("Debian's chromium is missing: scripts/setup --dev installs it (apt-get install chromium)")
+    app, url = served
+    llm.reply = ("The eight-input multiplexer is drawn in {cite}: select lines S0-S2 and their inverters feed eight "
+                 "AND gates, whose outputs meet in a wide OR gate with outputs Y and its complement.")
+    pdf = tmp_path / "circuits.pdf"
+    import pymupdf
+
+    src = pymupdf.open(eval_pdf("Circuit_macros.pdf"))
+    out = pymupdf.open()
+    out.insert_pdf(src, from_page=28, to_page=30)  # pp. 29-31: transistor schematic, multiplexer
+    out.save(pdf)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(url)
+        box = page.locator("#ask-box")
+        box.locator("input[type=file]").set_input_files(str(pdf))
+        page.wait_for_timeout(1500)
+        box.locator("textarea").fill("Which figure shows an eight-input multiplexer built from AND gates?")
+        box.locator("textarea").press("Enter")
+        page.get_by_text("Ingested:").wait_for(timeout=180_000)
+        page.get_by_text("Sources:").wait_for(timeout=180_000)
+        gallery_imgs = page.locator("#cited img")
+        gallery_imgs.first.wait_for(timeout=30_000)
+        assert gallery_imgs.count() >= 1
+        assert "circuits.pdf" in page.locator("#chat").inner_text()
+        gallery_imgs.first.click()
+        page.locator("#figure-large img").wait_for(timeout=30_000)
+        shot = tmp_path / "chat.png"
+        page.screenshot(path=str(shot), full_page=True)
+        browser.close()
+    assert shot.stat().st_size > 10_000
+    keep = os.environ.get("MMRAG_SCREENSHOT")
+    if keep:
+        shutil.copy(shot, keep)
+    assert [d["doc"] for d in app.library.list() if d["doc"] == "circuits.pdf"]
+
+
+def test_login_covers_the_api(tmp_path, clip, passages, make_cfg, monkeypatch):
+    from gradio_client import Client
+
+    from ui.app import launch
+
+    monkeypatch.setenv("MMRAG_USERNAME", "ada")
+    monkeypatch.setenv("MMRAG_PASSWORD", "s3cret")
+    cfg = make_cfg(ui={"port": _free_port()})
+    demo, _ = launch(build(cfg, clip=clip, passages=passages), prevent_thread_lock=True, quiet=True)
+    try:
+        url = f"http://127.0.0.1:{cfg['ui']['port']}/"
+        with pytest.raises(Exception):
+            Client(url, verbose=False).predict("anything", api_name="/ask")
+        ok = Client(url, auth=("ada", "s3cret"), verbose=False).predict("anything", api_name="/ask")
+        ok = json.loads(ok) if isinstance(ok, str) else ok
+        assert "answer" in ok
+    finally:
+        demo.close()

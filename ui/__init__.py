@@ -1,0 +1,1 @@
+"""The Gradio chat. Calls only the library (ingest) and assistant APIs."""

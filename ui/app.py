@@ -1,0 +1,229 @@
+"""Gradio app: a streaming multimodal chat (questions, PDFs to ingest, images to search by), the
+cited figures in a gallery, a library panel, and named API endpoints (`ingest`, `ask`) for scripts."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+
+import gradio as gr
+
+from mmrag.library import IngestResult, Progress
+
+log = logging.getLogger(__name__)
+IMAGE_TYPES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp")
+
+
+class GradioProgress(Progress):
+    def __init__(self, progress: gr.Progress):
+        self.progress = progress
+        self.name, self.pages, self.index, self.total = "", 1, 0, 1
+
+    def file(self, name, index, total, pages):
+        self.name, self.index, self.total, self.pages = name, index, total, max(1, pages)
+        self.progress((0, self.pages), desc=f"[{index + 1}/{total}] {name}", unit="pages")
+
+    def page(self, done):
+        self.progress((done, self.pages), desc=f"[{self.index + 1}/{self.total}] {self.name}", unit="pages")
+
+
+def _check_upload(path: str, max_mb: float, kinds: tuple[str, ...]) -> str | None:
+    name = Path(path).name
+    if not name.lower().endswith(kinds):
+        return f"{name}: refused, only {', '.join(kinds)} files are accepted here"
+    if os.path.getsize(path) > max_mb * 1e6:
+        return f"{name}: refused, larger than {max_mb:g} MB"
+    return None
+
+
+def ingest_files(app, paths: list[str], progress: Progress | None = None) -> list[IngestResult]:
+    """Check type and size, then ingest. Uploads keep their display name; the stored paths are
+    content-addressed, so an uploaded file name is never used as a path."""
+    max_mb = float(app.cfg["ui"]["max_upload_mb"])
+    refused, ok = [], []
+    for p in paths:
+        why = _check_upload(p, max_mb, (".pdf",))
+        if why:
+            refused.append(IngestResult(Path(p).name, "failed", why))
+        else:
+            ok.append(p)
+    done = app.library.ingest(ok, progress=progress, names=[Path(p).name for p in ok]) if ok else []
+    return refused + done
+
+
+def _summary(results: list[IngestResult]) -> str:
+    return "\n".join(f"- {r.message}" for r in results) or "nothing to ingest"
+
+
+def _library_rows(app) -> list[list]:
+    import datetime
+
+    rows = []
+    for d in app.library.list():
+        when = datetime.datetime.fromtimestamp(d["ingested_at"]).strftime("%Y-%m-%d %H:%M") if d.get("ingested_at") else ""
+        rows.append([d["doc"], d["pages"], d["figures"], d["chunks"], when])
+    return rows
+
+
+def _gallery(hits) -> list[tuple[str, str]]:
+    return [(h.image, f"{h.key} {h.caption or h.label or h.kind}".strip()) for h in hits if h.image and h.kind != "text"]
+
+
+def _sources_md(answer) -> str:
+    lines = []
+    if answer.error:
+        lines.append(f"**Note:** {answer.error}")
+    if answer.note:
+        lines.append(f"_{answer.note}_")
+    if answer.citations:
+        lines.append("**Sources:** " + ", ".join(c.key for c in answer.citations[:8]))
+    return "\n\n".join(lines)
+
+
+def build_ui(app) -> gr.Blocks:
+    cfg = app.cfg
+    ingest_lock = threading.Lock()
+
+    def chat(message, history, progress=gr.Progress()):
+        history = list(history or [])
+        text = (message or {}).get("text", "").strip()
+        files = [f if isinstance(f, str) else f.get("path") for f in (message or {}).get("files", [])]
+        pdfs = [f for f in files if f.lower().endswith(".pdf")]
+        images = [f for f in files if f.lower().endswith(IMAGE_TYPES)]
+        other = [f for f in files if f not in pdfs and f not in images]
+        if pdfs or other:
+            history.append({"role": "user", "content": "Uploaded " + ", ".join(Path(f).name for f in pdfs + other)})
+            results = ingest_files(app, pdfs + other, GradioProgress(progress))
+            history.append({"role": "assistant", "content": "Ingested:\n" + _summary(results)})
+            yield history, gr.skip(), []
+        if not text and not images:
+            yield history, gr.skip(), gr.skip()
+            return
+        image = None
+        if images:
+            why = _check_upload(images[0], float(cfg["ui"]["max_upload_mb"]), IMAGE_TYPES)
+            if why:
+                history.append({"role": "assistant", "content": why})
+                yield history, gr.skip(), gr.skip()
+                return
+            from index.embedders import load_image
+
+            image = load_image(images[0])
+            history.append({"role": "user", "content": {"path": images[0]}})
+        prior = [{"role": m["role"], "content": m["content"]} for m in history if isinstance(m.get("content"), str)]
+        if text:
+            history.append({"role": "user", "content": text})
+        history.append({"role": "assistant", "content": ""})
+        hits = []
+        for kind, value in app.assistant.stream(text, history=prior, image=image):
+            if kind == "hits":
+                hits = value
+                yield history, gr.skip(), _gallery(hits)
+            elif kind == "token":
+                history[-1]["content"] += value
+                yield history, gr.skip(), gr.skip()
+            else:
+                answer = value
+                history[-1]["content"] = answer.text + ("\n\n" + _sources_md(answer) if _sources_md(answer) else "")
+                figs = [c for c in answer.citations if c.image and c.figure]
+                if figs:
+                    history.append({"role": "assistant", "content": {"path": figs[0].image, "alt_text": figs[0].key}})
+                yield history, hits, _gallery(hits)
+
+    def select_figure(hits, evt: gr.SelectData):
+        shown = [h for h in (hits or []) if h.image and h.kind != "text"]
+        if not shown or evt.index is None or evt.index >= len(shown):
+            return None, None, ""
+        h = shown[evt.index]
+        page = app.retriever.page_image(h.doc, h.page)
+        caption = f"**{h.key}** {h.caption}\n\n{h.doc} p.{h.page}" + (f" · {h.label}" if h.label else "")
+        return h.image, page, caption
+
+    def ingest_panel(files, progress=gr.Progress()):
+        paths = [f if isinstance(f, str) else f.name for f in (files or [])]
+        with ingest_lock:
+            results = ingest_files(app, paths, GradioProgress(progress))
+        return _summary(results), _library_rows(app), gr.update(choices=[r[0] for r in _library_rows(app)])
+
+    def remove_doc(name):
+        if not name:
+            return "choose a document", _library_rows(app), gr.update()
+        try:
+            app.library.remove(name)
+            msg = f"removed {name}"
+        except Exception as exc:
+            msg = str(exc)
+        rows = _library_rows(app)
+        return msg, rows, gr.update(choices=[r[0] for r in rows], value=None)
+
+    def api_ingest(files: list[gr.FileData]) -> list[dict]:
+        """Ingest PDF files; returns one summary per file (name, status, message, pages, figures, chunks)."""
+        paths = [f["path"] if isinstance(f, dict) else getattr(f, "path", f) for f in files or []]
+        with ingest_lock:
+            results = ingest_files(app, paths)
+        return [{"doc": r.name, "status": r.status, "message": r.message, "pages": r.pages, "figures": r.figures,
+                 "chunks": r.chunks} for r in results]
+
+    def api_ask(question: str) -> dict:
+        """Answer a question; returns the same JSON as `mmrag ask --json`."""
+        return app.assistant.ask(question).to_json()
+
+    with gr.Blocks(title="mmrag") as demo:
+        gr.Markdown("# mmrag\nAsk about the diagrams, charts and figures in your PDFs. "
+                    "Attach PDFs to add them to the library, or an image to find figures like it.")
+        hits_state = gr.State([])
+        with gr.Tab("Chat"):
+            with gr.Row():
+                with gr.Column(scale=3):
+                    chatbot = gr.Chatbot(label="Chat", height=520, elem_id="chat")
+                    box = gr.MultimodalTextbox(placeholder="Ask about a figure, or attach PDFs / an image",
+                                               file_types=[".pdf", "image"], file_count="multiple",
+                                               elem_id="ask-box", show_label=False)
+                with gr.Column(scale=2):
+                    gallery = gr.Gallery(label="Cited figures", columns=2, height=300, elem_id="cited")
+                    big = gr.Image(label="Figure", interactive=False, elem_id="figure-large")
+                    page = gr.Image(label="Its page", interactive=False, elem_id="figure-page")
+                    where = gr.Markdown()
+            box.submit(chat, [box, chatbot], [chatbot, hits_state, gallery], concurrency_limit=8,
+                       concurrency_id="chat", api_visibility="private").then(lambda: None, None, box)
+            gallery.select(select_figure, [hits_state], [big, page, where], api_visibility="private")
+        with gr.Tab("Library"):
+            table = gr.Dataframe(headers=["document", "pages", "figures", "chunks", "ingested"],
+                                 value=lambda: _library_rows(app), interactive=False, elem_id="library")
+            uploads = gr.File(label="Add PDFs", file_count="multiple", file_types=[".pdf"])
+            add = gr.Button("Ingest", variant="primary")
+            status = gr.Markdown()
+            with gr.Row():
+                choice = gr.Dropdown(label="Document", choices=[r[0] for r in _library_rows(app)])
+                drop = gr.Button("Remove", variant="stop")
+            add.click(ingest_panel, [uploads], [status, table, choice], concurrency_id="ingest",
+                      concurrency_limit=1, api_visibility="private")
+            drop.click(remove_doc, [choice], [status, table, choice], api_visibility="private")
+        gr.api(api_ingest, api_name="ingest", concurrency_id="ingest", concurrency_limit=1)
+        gr.api(api_ask, api_name="ask", concurrency_limit=8)
+    return demo
+
+
+def auth_from_env(cfg: dict):
+    user = os.environ.get(cfg["ui"]["username_env"] or "")
+    password = os.environ.get(cfg["ui"]["password_env"] or "")
+    return (user, password) if user and password else None
+
+
+def launch(app, prevent_thread_lock: bool = False, quiet: bool = False):
+    cfg = app.cfg
+    demo = build_ui(app)
+    demo.queue(default_concurrency_limit=8)
+    return demo, demo.launch(
+        server_name=cfg["ui"]["host"], server_port=int(cfg["ui"]["port"]), share=bool(cfg["ui"]["share"]),
+        auth=auth_from_env(cfg), max_file_size=f"{int(cfg['ui']['max_upload_mb'])}mb",
+        allowed_paths=[str(Path(cfg["data_dir"]) / "images")], prevent_thread_lock=prevent_thread_lock,
+        quiet=quiet, footer_links=["api"])
+
+
+def serve(cfg: dict) -> None:
+    from mmrag.wiring import build
+
+    launch(build(cfg))
