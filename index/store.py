@@ -49,6 +49,7 @@ def make_client(cfg: dict):
 class Store:
     def __init__(self, client, visual_identity: str, text_identity: str, check: bool = True):
         self.client = client
+        self._resume_swaps()
         self.visual = self._collection(VISUAL, visual_identity, check)
         self.text = self._collection(TEXT, text_identity, check)
         self.docs = client.get_or_create_collection(DOCS, embedding_function=None)
@@ -87,17 +88,17 @@ class Store:
 
     # ---- items -------------------------------------------------------------------------
     @staticmethod
-    def _add(col, ids: list[str], vectors: np.ndarray, metadatas: list[dict], documents: list[str] | None):
+    def add_to(col, ids: list[str], vectors: np.ndarray, metadatas: list[dict], documents: list[str] | None):
         for i in range(0, len(ids), BATCH):
             col.upsert(ids=ids[i:i + BATCH], embeddings=vectors[i:i + BATCH].tolist(),
                        metadatas=metadatas[i:i + BATCH],
                        documents=documents[i:i + BATCH] if documents else None)
 
     def add_visual(self, ids, vectors, metadatas, documents=None) -> None:
-        self._add(self.visual, ids, vectors, metadatas, documents)
+        self.add_to(self.visual, ids, vectors, metadatas, documents)
 
     def add_text(self, ids, vectors, metadatas, documents) -> None:
-        self._add(self.text, ids, vectors, metadatas, documents)
+        self.add_to(self.text, ids, vectors, metadatas, documents)
 
     @staticmethod
     def _query(col, vector: np.ndarray, n: int, where: dict | None) -> list[Match]:
@@ -114,13 +115,9 @@ class Store:
     def query_text(self, vector, n: int, where: dict | None = None) -> list[Match]:
         return self._query(self.text, vector, n, where)
 
-    def get_visual(self, ids: list[str], embeddings: bool = False) -> list[Match]:
-        include = ["metadatas", "documents"] + (["embeddings"] if embeddings else [])
-        got = self.visual.get(ids=ids, include=include)
-        out = [Match(i, 1.0, dict(m), d) for i, m, d in zip(got["ids"], got["metadatas"], got["documents"])]
-        if embeddings:
-            self._last_embeddings = {i: np.asarray(e, np.float32) for i, e in zip(got["ids"], got["embeddings"])}
-        return out
+    def get_visual(self, ids: list[str]) -> list[Match]:
+        got = self.visual.get(ids=ids, include=["metadatas", "documents"])
+        return [Match(i, 1.0, dict(m), d) for i, m, d in zip(got["ids"], got["metadatas"], got["documents"])]
 
     def page_image(self, doc: str, page: int) -> str | None:
         """Relative image path of a stored page render."""
@@ -149,13 +146,41 @@ class Store:
             yield got["ids"], got["documents"], [dict(m) for m in got["metadatas"]]
             offset += BATCH
 
-    def recreate(self, which: str, identity: str):
-        """Empty collection for a new model (used by reindex once the new vectors are ready)."""
-        name = VISUAL if which == "visual" else TEXT
-        self.client.delete_collection(name)
-        col = self._collection(name, identity, check=True)
-        setattr(self, which, col)
-        return col
+    def start_replacement(self, which: str, identity: str):
+        """An empty collection for a new model, filled beside the live one (see ``finish_replacement``)."""
+        name = (VISUAL if which == "visual" else TEXT) + "_next"
+        try:
+            self.client.delete_collection(name)
+        except Exception:
+            pass
+        return self.client.create_collection(name, metadata={"mmrag:model": identity, "mmrag:complete": False},
+                                             configuration={"hnsw": {"space": "cosine"}}, embedding_function=None)
+
+    def finish_replacement(self, which: str, new) -> None:
+        """Mark the filled collection complete, then swap it in. A crash before the mark leaves the
+        old index untouched; a crash after it is completed by the next open (``_resume_swaps``)."""
+        new.modify(metadata={**(new.metadata or {}), "mmrag:complete": True})
+        self._swap(VISUAL if which == "visual" else TEXT)
+        setattr(self, which, self.client.get_collection(VISUAL if which == "visual" else TEXT, embedding_function=None))
+
+    def _swap(self, name: str) -> None:
+        nxt = self.client.get_collection(name + "_next", embedding_function=None)
+        try:
+            self.client.delete_collection(name)
+        except Exception:
+            pass
+        meta = {k: v for k, v in (nxt.metadata or {}).items() if k != "mmrag:complete"}
+        nxt.modify(name=name, metadata=meta)
+
+    def _resume_swaps(self) -> None:
+        names = {c.name if hasattr(c, "name") else c for c in self.client.list_collections()}
+        for name in (VISUAL, TEXT):
+            if name + "_next" in names:
+                nxt = self.client.get_collection(name + "_next", embedding_function=None)
+                if (nxt.metadata or {}).get("mmrag:complete"):
+                    self._swap(name)
+                else:
+                    self.client.delete_collection(name + "_next")
 
 
 def bbox_meta(bbox) -> str:

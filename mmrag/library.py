@@ -230,31 +230,27 @@ class Library:
         return found
 
     def reindex(self, progress: Callable[[str, int, int], None] | None = None) -> dict:
-        """Re-embed every stored image and text with the configured models, without the PDFs."""
+        """Re-embed every stored image and text with the configured models, without the PDFs.
+        The new vectors fill a collection beside the live one, which is swapped in at the end."""
         done = {}
         with self.writing():
-            for which, embed in (("visual", self._embed_stored_images), ("text", self.passages.embed)):
-                items = [batch for batch in self.store.iter_items(which)]
-                ids = [i for b in items for i in b[0]]
-                docs = [d for b in items for d in b[1]]
-                metas = [m for b in items for m in b[2]]
-                vecs = []
-                for start in range(0, len(ids), FLUSH_ITEMS):
-                    part = metas[start:start + FLUSH_ITEMS] if which == "visual" else docs[start:start + FLUSH_ITEMS]
-                    vecs.append(embed(part))
-                    if progress:
-                        progress(which, min(start + FLUSH_ITEMS, len(ids)), len(ids))
+            for which in ("visual", "text"):
                 identity = self.clip.identity if which == "visual" else self.passages.identity
-                self.store.recreate(which, identity)
-                if ids:
-                    allv = np.concatenate(vecs)
+                new = self.store.start_replacement(which, identity)
+                count = 0
+                for ids, docs, metas in self.store.iter_items(which):
                     if which == "visual":
-                        labels = self.zero_shot(allv)
+                        vecs = self._embed_stored_images(metas)
+                        labels = self.zero_shot(vecs)
                         metas = [dict(m, label=lab if m["kind"] != "page" else "") for m, lab in zip(metas, labels)]
-                        self.store.add_visual(ids, allv, metas, docs)
                     else:
-                        self.store.add_text(ids, allv, metas, docs)
-                done[which] = len(ids)
+                        vecs = self.passages.embed(docs)
+                    Store.add_to(new, ids, vecs, metas, docs)
+                    count += len(ids)
+                    if progress:
+                        progress(which, count, 0)
+                self.store.finish_replacement(which, new)
+                done[which] = count
         return done
 
     def _embed_stored_images(self, metas: list[dict]) -> np.ndarray:

@@ -208,3 +208,29 @@ def test_server_mode_runs_the_same_library(make_cfg, clip, passages, chroma_serv
 def test_real_debian_pdf_ingests(app):
     [res] = app.library.ingest([eval_pdf("neatoguide.pdf")])
     assert res.status == "added" and res.pages == 11 and res.figures >= 10
+
+
+def test_interrupted_reindex_keeps_or_completes_the_index(cfg, clip, passages, tmp_path):
+    from index.store import Store
+
+    app = build(cfg, clip=clip, passages=passages)
+    app.library.ingest([pdfgen.figure_doc(tmp_path / "m.pdf", pages=2)])
+    before = snapshot(app)
+    store = app.library.store
+    # crash while filling: the half-filled replacement is dropped, the live index untouched
+    half = store.start_replacement("visual", "other-model|64")
+    Store.add_to(half, ["x"], __import__("numpy").ones((1, 64), "float32"), [{"doc_sha": "s", "kind": "page"}], None)
+    reopened = build(cfg, clip=clip, passages=passages)
+    assert snapshot(reopened) == before
+    names = {c.name for c in reopened.library.store.client.list_collections()}
+    assert "mmrag_visual_next" not in names
+    # crash after the replacement was marked complete: the next open finishes the swap
+    new = store.start_replacement("visual", clip.identity)
+    ids, docs, metas = zip(*[(i, d, m) for b in store.iter_items("visual") for i, d, m in zip(*b)])
+    vecs = clip.embed_images([__import__("index.embedders", fromlist=["x"]).load_image(
+        app.library.images.path(m["image"])) for m in metas])
+    Store.add_to(new, list(ids), vecs, list(metas), list(docs))
+    new.modify(metadata={**new.metadata, "mmrag:complete": True})
+    reopened = build(cfg, clip=clip, passages=passages)
+    assert snapshot(reopened) == before
+    assert reopened.retriever.retrieve("parser renderer", k=2)
