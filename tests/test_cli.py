@@ -1,0 +1,82 @@
+"""The scriptable interface: real `mmrag` invocations, their JSON, exit codes and config sources."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from mmrag.config import DEFAULTS, load_config
+from mmrag.errors import ConfigError
+from tests import pdfgen
+from tests.conftest import ROOT, eval_pdf
+
+
+def mmrag(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "mmrag", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                          env=dict(os.environ, **(env or {})))
+
+
+def test_config_yaml_documents_exactly_the_defaults():
+    assert yaml.safe_load((ROOT / "config.yaml").read_text()) == DEFAULTS
+
+
+def test_unknown_config_key_is_a_clear_error(tmp_path):
+    bad = tmp_path / "c.yaml"
+    bad.write_text("ingest:\n  chunk_sise: 10\n")
+    with pytest.raises(ConfigError, match="unknown config key 'ingest.chunk_sise'"):
+        load_config(bad)
+
+
+def test_config_from_env_and_data_dir_override(tmp_path, monkeypatch):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("data_dir: relative/data\n")
+    monkeypatch.setenv("MMRAG_CONFIG", str(cfg_file))
+    assert load_config()["data_dir"] == str(tmp_path / "relative" / "data")  # relative to the config file
+    monkeypatch.setenv("MMRAG_DATA_DIR", str(tmp_path / "elsewhere"))
+    assert load_config()["data_dir"] == str(tmp_path / "elsewhere")
+
+
+def test_ingest_list_remove_json_and_exit_codes(write_config, tmp_path):
+    config = write_config()
+    good = pdfgen.figure_doc(tmp_path / "good.pdf", pages=2)
+    (tmp_path / "broken.pdf").write_bytes(b"%PDF-1.4\n\x00\x01 not really")
+    out = mmrag("--config", config, "ingest", "--quiet", good, tmp_path / "broken.pdf")
+    assert out.returncode == 1  # something failed
+    assert "skipping broken.pdf: corrupt PDF" in out.stderr
+    assert "good.pdf: added, 2 pages" in out.stdout
+    listed = json.loads(mmrag("--config", config, "list", "--json").stdout)
+    assert listed == [{"doc": "good.pdf", "sha256": listed[0]["sha256"], "pages": 2, "figures": 3,
+                       "chunks": listed[0]["chunks"]}]
+    assert len(listed[0]["sha256"]) == 64 and listed[0]["chunks"] > 0
+    again = mmrag("--config", config, "ingest", "--quiet", good)
+    assert again.returncode == 0 and "already ingested" in again.stdout
+    # the same through MMRAG_CONFIG
+    assert json.loads(mmrag("list", "--json", env={"MMRAG_CONFIG": str(config)}).stdout) == listed
+    assert mmrag("--config", config, "remove", "good.pdf").returncode == 0
+    assert json.loads(mmrag("--config", config, "list", "--json").stdout) == []
+    missing = mmrag("--config", config, "remove", "good.pdf")
+    assert missing.returncode == 2 and "no ingested document named 'good.pdf'" in missing.stderr
+
+
+def test_inspect_json_shape_on_a_real_pdf(tmp_path):
+    out = mmrag("inspect", eval_pdf("neatoguide.pdf"), "--json")
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert set(data) == {"doc", "pages", "figures", "chunks"}
+    assert data["doc"] == "neatoguide.pdf" and data["pages"] == 11 and data["chunks"] > 10
+    fig = data["figures"][0]
+    assert set(fig) == {"page", "bbox", "kind", "caption"} and len(fig["bbox"]) == 4
+    assert any(f["caption"].startswith("Figure 4: IMR Dependencies") for f in data["figures"])
+    assert any(f["kind"] == "table" and f["page"] == 10 for f in data["figures"])  # ruled Table 1
+    assert not list(tmp_path.iterdir())  # stored nothing
+
+
+def test_missing_clip_weights_stop_with_the_fix(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"data_dir": str(tmp_path / "d"), "clip": {"pretrained": str(tmp_path / "w.pt")}}))
+    out = mmrag("--config", config, "list")
+    assert out.returncode == 2
+    assert out.stderr.count("\n") == 1 and "set clip.pretrained in config.yaml" in out.stderr
