@@ -51,12 +51,19 @@ def stage_extract(corpus: Path, mode: str) -> dict:
     if mode == "pymupdf4llm":
         import pymupdf4llm
 
-        out = tempfile.mkdtemp()
-        for p in pdfs:
-            import pymupdf
+        import pymupdf
 
-            pages += pymupdf.open(p).page_count
-            pymupdf4llm.to_markdown(str(p), write_images=True, image_path=out, show_progress=False)
+        out = tempfile.mkdtemp()
+        failed = []
+        for p in pdfs:
+            try:
+                pymupdf4llm.to_markdown(str(p), write_images=True, image_path=out, show_progress=False)
+                pages += pymupdf.open(p).page_count
+            except Exception as exc:  # report, and count only the pages it got through
+                failed.append(f"{p.name}: {type(exc).__name__}: {exc}")
+        secs = time.perf_counter() - t0
+        return {"mode": mode, "pages": pages, "seconds": round(secs, 2), "pages_per_s": round(pages / secs, 2),
+                "peak_rss_mb": peak_rss_mb(), "images_written": len(list(Path(out).iterdir())), "failed": failed}
     else:
         import pymupdf
 
@@ -264,6 +271,7 @@ def main() -> None:
     p.add_argument("--corpus", default=str(ROOT.parent / "shared" / "eval-dev"))
     p.add_argument("--out", default=str(ROOT / "bench-out"))
     p.add_argument("--only", default="extract,embed,chroma,retrieval")
+    p.add_argument("--modes", default="text,figures,renders,ocr,pymupdf4llm", help="extract modes")
     p.add_argument("--sizes", default="10000,100000,1000000")
     p.add_argument("--clip-model", default="ViT-B-32")
     p.add_argument("--images", type=int, default=256)
@@ -283,7 +291,7 @@ def main() -> None:
     only = a.only.split(",")
     report = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}}
     if "extract" in only:
-        report["extract"] = [run_stage(["extract", a.corpus, m]) for m in ("text", "figures", "renders", "ocr", "pymupdf4llm")]
+        report["extract"] = [run_stage(["extract", a.corpus, m]) for m in a.modes.split(",")]
         print(json.dumps(report["extract"], indent=1), flush=True)
     if "embed" in only:
         report["embed"] = run_stage(["embed", a.corpus, a.clip_model, str(a.images), "32"])

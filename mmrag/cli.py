@@ -64,8 +64,9 @@ def cmd_ingest(args) -> int:
         results = app.library.ingest(_pdfs(args.paths), progress=progress)
     finally:
         progress.close()
-    for r in results:
-        print(("skipping " if r.status == "failed" else "") + r.message, file=sys.stderr if r.status == "failed" else sys.stdout)
+    for r in results:  # with --json, stdout carries the JSON alone
+        failed = r.status == "failed"
+        print(("skipping " if failed else "") + r.message, file=sys.stderr if failed or args.json else sys.stdout)
     if args.json:
         print(json.dumps([r.__dict__ for r in results], indent=2))
     return 1 if any(r.status == "failed" for r in results) else 0

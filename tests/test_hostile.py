@@ -1,0 +1,115 @@
+"""Hostile input: 200 corrupted, truncated and mutated real PDFs, plus PDFs with JavaScript,
+embedded files, deeply nested objects and a decompression-bomb image. Ingest never crashes or
+hangs, every file gets added or a clear reason, and the store holds only complete documents."""
+
+import json
+import random
+import subprocess
+import sys
+import time
+import zlib
+
+import pymupdf
+import pytest
+
+from tests import pdfgen
+from tests.conftest import ROOT, eval_pdf
+
+N_MUTANTS = 200
+
+
+def mutants(seeds: list[bytes], n: int, rng: random.Random):
+    for i in range(n):
+        data = bytearray(rng.choice(seeds))
+        how = i % 5
+        if how == 0:  # truncated
+            data = data[: rng.randrange(16, len(data))]
+        elif how == 1:  # random bytes flipped
+            for _ in range(rng.randrange(1, 200)):
+                data[rng.randrange(len(data))] = rng.randrange(256)
+        elif how == 2:  # a block cut out
+            a = rng.randrange(len(data))
+            del data[a:a + rng.randrange(1, 4000)]
+        elif how == 3:  # a block duplicated elsewhere
+            a = rng.randrange(len(data))
+            b = rng.randrange(len(data))
+            data[b:b] = data[a:a + rng.randrange(1, 4000)]
+        else:  # the xref table and trailer mangled
+            at = data.rfind(b"xref")
+            if at > 0:
+                data[at:at + 200] = bytes(rng.randrange(256) for _ in range(200))
+        yield f"mutant{i:03d}.pdf", bytes(data)
+
+
+def special_pdfs(tmp_path):
+    out = []
+    doc = pymupdf.open()
+    page = doc.new_page()
+    page.insert_text((72, 72), "A page with JavaScript and an attached file.")
+    doc.embfile_add("payload.exe", b"MZ not really a program", filename="payload.exe")
+    xref = doc.get_new_xref()
+    doc.update_object(xref, "<< /Type /Action /S /JavaScript /JS (app.alert\\('hi'\\)) >>")
+    doc.xref_set_key(doc.pdf_catalog(), "OpenAction", f"{xref} 0 R")
+    doc.save(tmp_path / "javascript.pdf")
+    out.append(tmp_path / "javascript.pdf")
+    # deeply nested arrays in the page dictionary
+    doc = pymupdf.open()
+    page = doc.new_page()
+    page.insert_text((72, 72), "Deep nesting.")
+    data = doc.tobytes()
+    at = data.find(b"/Contents")  # splice a 5000-deep array into the page dictionary
+    (tmp_path / "nested.pdf").write_bytes(data[:at] + b"/Nested " + b"[" * 5000 + b"]" * 5000 + b" " + data[at:])
+    out.append(tmp_path / "nested.pdf")
+    # an image claiming 50000 x 50000 pixels that inflates from a few kB
+    doc = pymupdf.open()
+    page = doc.new_page()
+    page.insert_text((72, 72), "A decompression bomb.")
+    page.insert_image(pymupdf.Rect(100, 100, 300, 300), stream=pdfgen.png_bytes())
+    img_xref = page.get_images()[0][0]
+    bomb = zlib.compress(b"\x00" * (50_000 * 300), 9)
+    doc.update_stream(img_xref, bomb, compress=False)
+    doc.xref_set_key(img_xref, "Width", "50000")
+    doc.xref_set_key(img_xref, "Height", "50000")
+    doc.xref_set_key(img_xref, "Filter", "/FlateDecode")
+    doc.xref_set_key(img_xref, "DecodeParms", "null")
+    doc.xref_set_key(img_xref, "SMask", "null")
+    doc.save(tmp_path / "bomb.pdf")
+    out.append(tmp_path / "bomb.pdf")
+    return out
+
+
+@pytest.mark.slow
+def test_hostile_pdfs_never_crash_or_hang(write_config, tmp_path):
+    rng = random.Random(2026)
+    small = pdfgen.figure_doc(tmp_path / "seed.pdf", pages=3).read_bytes()
+    neato = pymupdf.open(eval_pdf("neatoguide.pdf"))
+    cut = pymupdf.open()
+    cut.insert_pdf(neato, from_page=0, to_page=2)
+    seeds = [small, cut.tobytes()]
+    folder = tmp_path / "hostile"
+    folder.mkdir()
+    for name, data in mutants(seeds, N_MUTANTS, rng):
+        (folder / name).write_bytes(data)
+    specials = special_pdfs(tmp_path)
+    config = write_config(ingest={"file_timeout_s": 60, "ocr": "never"})
+    t0 = time.time()
+    out = subprocess.run([sys.executable, "-m", "mmrag", "--config", str(config), "ingest", "--quiet", "--json",
+                          str(folder), *map(str, specials)], cwd=ROOT, capture_output=True, text=True, timeout=1500)
+    elapsed = time.time() - t0
+    assert out.returncode in (0, 1), out.stderr[-3000:]  # exited by itself: no signal, no crash
+    results = json.loads(out.stdout)
+    assert len(results) == N_MUTANTS + len(specials)
+    for r in results:
+        assert r["status"] in ("added", "unchanged", "failed")
+        if r["status"] == "failed":
+            assert r["message"].startswith(r["name"] + ": ") and len(r["message"].splitlines()) == 1
+    listed = json.loads(subprocess.run([sys.executable, "-m", "mmrag", "--config", str(config), "list", "--json"],
+                                       cwd=ROOT, capture_output=True, text=True, check=True).stdout)
+    added = {r["sha256"] for r in results if r["status"] in ("added", "unchanged")}
+    assert {d["sha256"] for d in listed} == added  # exactly the files that went in, all complete
+    by_name = {r["name"]: r for r in results}
+    assert by_name["javascript.pdf"]["status"] == "added"  # scripts and attachments ignored, text kept
+    assert by_name["nested.pdf"]["status"] in ("added", "failed")
+    assert by_name["bomb.pdf"]["status"] in ("added", "failed")
+    print(f"{len(results)} hostile files in {elapsed:.0f} s: "
+          f"{sum(r['status'] == 'failed' for r in results)} refused with a reason")
