@@ -128,7 +128,12 @@ class Library:
             progress.file(name, index, total, doc.page_count)
             self.store.set_doc(sha, doc=name, status="pending", started=now(), pages=doc.page_count,
                                figures=0, chunks=0)
-            counts = self._write_pages(doc, sha, name, progress)
+            try:
+                counts = self._write_pages(doc, sha, name, progress)
+            except BaseException:  # roll back what this file wrote; a kill -9 is cleaned by recover()
+                self.store.delete_doc(sha)
+                self.images.sweep(self.referenced_images())
+                raise
             self.store.set_doc(sha, status="complete", ingested_at=now(), **counts)
             for old in older:  # a changed file replaces its old version, once the new one is complete
                 self.store.delete_doc(old["sha256"])

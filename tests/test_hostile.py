@@ -113,3 +113,46 @@ def test_hostile_pdfs_never_crash_or_hang(write_config, tmp_path):
     assert by_name["bomb.pdf"]["status"] in ("added", "failed")
     print(f"{len(results)} hostile files in {elapsed:.0f} s: "
           f"{sum(r['status'] == 'failed' for r in results)} refused with a reason")
+
+
+def test_per_file_time_limit_abandons_the_file_and_stores_nothing(make_cfg, clip, passages, tmp_path):
+    from mmrag.wiring import build
+
+    app = build(make_cfg(ingest={"file_timeout_s": 0}), clip=clip, passages=passages)
+    [res] = app.library.ingest([pdfgen.figure_doc(tmp_path / "slow.pdf", pages=2)])
+    assert res.status == "failed" and "took longer than ingest.file_timeout_s" in res.message
+    assert app.library.list() == [] and app.library.store.list_docs(status=None) == []
+    assert app.library.referenced_images() == set()
+
+
+def test_oversized_files_are_refused_before_parsing(make_cfg, clip, passages, tmp_path):
+    from mmrag.wiring import build
+
+    app = build(make_cfg(ingest={"max_file_mb": 0.001}), clip=clip, passages=passages)
+    [res] = app.library.ingest([pdfgen.figure_doc(tmp_path / "big.pdf", pages=2)])
+    assert res.status == "failed" and "larger than ingest.max_file_mb" in res.message
+
+
+@pytest.mark.slow
+def test_ten_thousand_pages_stream_through_extraction(tmp_path):
+    """A 10,000-page PDF goes through `mmrag inspect` page by page (peak RSS is printed; the
+    memory figure itself belongs to the benchmarks)."""
+    doc = pymupdf.open()
+    for i in range(10_000):
+        page = doc.new_page(width=300, height=300)
+        page.insert_text((20, 40), f"Page {i + 1} of a very long manual.")
+        if i % 500 == 0:
+            page.draw_rect(pymupdf.Rect(50, 80, 250, 250))
+            page.draw_line((50, 80), (250, 250))
+            page.insert_text((50, 270), f"Figure {i // 500 + 1}: a box with a diagonal.")
+    doc.save(tmp_path / "long.pdf")
+    script = ("import json, resource, sys; from ingest.extract import inspect_pdf; from mmrag.config import DEFAULTS; "
+              "out = inspect_pdf(sys.argv[1], DEFAULTS['ingest']); "
+              "print(json.dumps({'pages': out['pages'], 'figures': len(out['figures']), 'chunks': out['chunks'], "
+              "'rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}))")
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "long.pdf")], cwd=ROOT, capture_output=True,
+                         text=True, timeout=1800)
+    assert out.returncode == 0, out.stderr[-2000:]
+    data = json.loads(out.stdout)
+    assert data["pages"] == 10_000 and data["figures"] == 20 and data["chunks"] >= 10_000
+    print(f"10,000 pages: peak RSS {data['rss_mb']} MB")
