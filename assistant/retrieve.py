@@ -88,6 +88,14 @@ class Retriever:
         vwhere = {"$and": [{"doc_sha": {"$in": shas}}, {"kind": {"$in": vis_kinds}}]}
         if labels:
             vwhere["$and"].append({"label": {"$in": list(labels)}})
+        allowed = set(shas)
+
+        def vkeep(meta: dict) -> bool:  # the same filter as vwhere, applied to results
+            return (meta["doc_sha"] in allowed and meta["kind"] in vis_kinds
+                    and (not labels or meta.get("label") in labels))
+
+        def tkeep(meta: dict) -> bool:
+            return meta["doc_sha"] in allowed
         rankings: dict[str, list[str]] = {}
         scored: dict[str, list[tuple[str, float]]] = {}
         units: dict[str, dict] = {}  # unit id -> metadata (+ document)
@@ -105,10 +113,10 @@ class Retriever:
 
         if vis_kinds and question and "clip" in signals:
             qv = self.clip.embed_texts([question])[0]
-            take("clip", [(m.id, m.metadata, m.document, m.score) for m in self.store.query_visual(qv, n, vwhere)])
+            take("clip", [(m.id, m.metadata, m.document, m.score) for m in self.store.query_visual(qv, n, vwhere, vkeep)])
         if vis_kinds and image is not None:
             iv = self.clip.embed_images([image])[0]
-            take("image", [(m.id, m.metadata, m.document, m.score) for m in self.store.query_visual(iv, n, vwhere)])
+            take("image", [(m.id, m.metadata, m.document, m.score) for m in self.store.query_visual(iv, n, vwhere, vkeep)])
         if question and ("text" in signals or "keyword" in signals):
             def wanted(meta: dict) -> bool:
                 if meta["kind"] == "text":
@@ -117,7 +125,7 @@ class Retriever:
 
             if "text" in signals:
                 tv = self.passages.embed([question])[0]
-                found = self.store.query_text(tv, 2 * n, {"doc_sha": {"$in": shas}})
+                found = self.store.query_text(tv, 2 * n, {"doc_sha": {"$in": shas}}, tkeep)
                 take("text", [self._unit(m) for m in found if wanted(m.metadata)][:n])
             if "keyword" in signals:
                 bm25, metas = self._keyword(shas)

@@ -177,6 +177,10 @@ def stage_chroma(sizes: list[int], dim: int, queries: int) -> dict:
             store.visual.add(ids=[f"f{start + i}" for i in range(n)], embeddings=vecs, metadatas=metas)
         insert_s = time.perf_counter() - t0
         where = {"$and": [{"doc_sha": {"$in": shas}}, {"kind": {"$in": ["vector", "raster", "page"]}}]}
+        allowed = set(shas)
+
+        def keep(m):
+            return m["doc_sha"] in allowed and m["kind"] in ("vector", "raster", "page")
         lat_ours, lat_raw = [], []
         q = rng.standard_normal((queries, dim), dtype=np.float32)
         for v in q:  # raw Chroma: the anchor
@@ -185,7 +189,7 @@ def stage_chroma(sizes: list[int], dim: int, queries: int) -> dict:
             lat_raw.append((time.perf_counter() - t0) * 1000)
         for v in q:  # as mmrag queries: filtered to complete documents and kinds, metadata included
             t0 = time.perf_counter()
-            store.query_visual(v, 50, where)
+            store.query_visual(v, 50, where, keep)
             lat_ours.append((time.perf_counter() - t0) * 1000)
         rows.append({"vectors": size, "dim": dim, "insert_s": round(insert_s, 1),
                      "raw_query_ms_p50": pct(lat_raw, 0.5), "raw_query_ms_p95": pct(lat_raw, 0.95),
