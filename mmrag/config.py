@@ -26,7 +26,7 @@ DEFAULTS: dict[str, Any] = {
         "ocr_figures": True,
         "min_figure_side": 36,
         "max_file_mb": 200,
-        "file_timeout_s": 300,
+        "file_timeout_s": 3600,
     },
     "clip": {
         "model": "ViT-B-32",
