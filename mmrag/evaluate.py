@@ -69,19 +69,17 @@ def run_eval(cfg: dict, corpus: Path, queries_path: Path | None = None, run_out:
 
 def score_retrieval(app, queries: list[dict], run_out: Path | None) -> dict:
     lib = app.library
-    pages = {}  # (doc, page) -> (area, scanned)
-    for _, _, metas in lib.store.iter_items("visual"):
-        for m in metas:
-            if m["kind"] == "page":
-                pages[(m["doc"], m["page"])] = bool(m.get("scanned"))
-    page_area = {}
-    for _, _, metas in lib.store.iter_items("visual"):
-        for m in metas:
-            if m["kind"] == "page" and m.get("image"):
-                from PIL import Image
+    from PIL import Image
 
-                with Image.open(lib.images.path(m["image"])) as im:
-                    scale = 72.0 / float(app.cfg["ingest"]["page_dpi"])
+    scale = 72.0 / float(app.cfg["ingest"]["page_dpi"])
+    pages, page_area = {}, {}  # (doc, page) -> scanned; (doc, page) -> area in points²
+    for _, _, metas in lib.store.iter_items("visual"):
+        for m in metas:
+            if m["kind"] != "page":
+                continue
+            pages[(m["doc"], m["page"])] = bool(m.get("scanned"))
+            if m.get("image"):
+                with Image.open(lib.images.path(m["image"])) as im:  # reads the header only
                     page_area[(m["doc"], m["page"])] = im.width * scale * im.height * scale
     per_signal: dict[str, dict[str, list]] = {}
     rows = []

@@ -126,7 +126,8 @@ def build_ui(app) -> gr.Blocks:
                 yield history, gr.skip(), gr.skip()
             else:
                 answer = value
-                history[-1]["content"] = answer.text + ("\n\n" + _sources_md(answer) if _sources_md(answer) else "")
+                sources = _sources_md(answer)
+                history[-1]["content"] = answer.text + ("\n\n" + sources if sources else "")
                 figs = [c for c in answer.citations if c.image and c.figure]
                 if figs:
                     history.append({"role": "assistant", "content": {"path": figs[0].image, "alt_text": figs[0].key}})
