@@ -175,6 +175,9 @@ def stage_chroma(sizes: list[int], dim: int, queries: int) -> dict:
             vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
             metas = [{"doc_sha": shas[(start + i) % 10], "kind": "vector", "doc": "d", "page": 1} for i in range(n)]
             store.visual.add(ids=[f"f{start + i}" for i in range(n)], embeddings=vecs, metadatas=metas)
+            if (start + n) % 100_000 == 0:
+                print(f"chroma: {start + n:,}/{size:,} vectors stored, {time.perf_counter() - t0:.0f} s",
+                      file=sys.stderr, flush=True)
         insert_s = time.perf_counter() - t0
         where = {"$and": [{"doc_sha": {"$in": shas}}, {"kind": {"$in": ["vector", "raster", "page"]}}]}
         allowed = set(shas)
@@ -241,9 +244,10 @@ def stage_retrieval(corpus: Path, config: str | None, docs: list[str]) -> dict:
 
 # ---- driver ------------------------------------------------------------------------------------
 def run_stage(args: list[str]) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--stage", *args], capture_output=True, text=True, cwd=ROOT)
+    # stderr passes through: long stages print their progress there
+    out = subprocess.run([sys.executable, __file__, "--stage", *args], stdout=subprocess.PIPE, text=True, cwd=ROOT)
     if out.returncode != 0:
-        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed"}
+        return {"error": f"stage {args[0]} failed (exit {out.returncode}); its stderr is above"}
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

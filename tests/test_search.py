@@ -76,7 +76,7 @@ def test_image_search_finds_the_page_it_was_cut_from(corpus_config, tmp_path):
     assert (results[0]["doc"], results[0]["page"]) == ("neatoguide.pdf", 5)
 
 
-def test_more_like_a_stored_figure_and_near_duplicates(corpus_config):
+def test_more_like_a_stored_figure_and_label_filter(corpus_config):
     from mmrag.config import load_config
 
     app = build(load_config(corpus_config))
@@ -84,12 +84,6 @@ def test_more_like_a_stored_figure_and_near_duplicates(corpus_config):
     out = subprocess.run([sys.executable, "-m", "mmrag", "--config", str(corpus_config), "search", "--like", fig.id,
                           "--json", "-k", "1"], cwd=ROOT, capture_output=True, text=True)
     assert json.loads(out.stdout)[0]["image"] == fig.image
-    from index.similar import near_duplicates
-
-    groups = near_duplicates(app.library.store, threshold=0.999)
-    # figures stored from the same pixels are the same vector: each group shares one image or identical content
-    for g in groups:
-        assert len(g) >= 2
     labels = {h.label for h in app.retriever.retrieve("diagram", k=20, kinds=["vector", "raster"])}
     assert labels <= set(app.cfg["retrieval"]["labels"]) and labels
     some = next(iter(labels))
@@ -126,3 +120,36 @@ def test_run_file_round_trips_through_a_small_scorer(corpus_config, tmp_path):
     assert ext == pytest.approx(report["page"]["recall@1"])
     assert set(report) >= {"page", "figure", "by_kind", "ablation"}
     assert set(report["ablation"]) >= {"clip", "text", "keyword", "fused"}
+
+
+def test_duplicates_groups_the_same_figure_across_documents(write_config, tmp_path):
+    """One picture in two PDFs is one group; a different picture beside it stays out."""
+    import numpy as np
+    import pymupdf
+
+    ramp = Image.fromarray(np.linspace(0, 255, 200 * 150).reshape(150, 200).astype(np.uint8)).convert("RGB")
+    noise = Image.fromarray(np.random.default_rng(1).integers(0, 255, (150, 200, 3), dtype=np.uint8))
+
+    def png(img):
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        return buf.getvalue()
+
+    pdfs = []
+    for name, images in (("a.pdf", [ramp]), ("b.pdf", [noise, ramp])):
+        doc = pymupdf.open()
+        for img in images:
+            page = doc.new_page()
+            page.insert_text((72, 80), f"{name}: a page with one picture.", fontsize=10)
+            page.insert_image(pymupdf.Rect(150, 200, 400, 390), stream=png(img))
+        doc.save(tmp_path / name)
+        pdfs.append(str(tmp_path / name))
+    config = write_config()
+    out = subprocess.run([sys.executable, "-m", "mmrag", "--config", str(config), "ingest", "--quiet", *pdfs],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    out = subprocess.run([sys.executable, "-m", "mmrag", "--config", str(config), "duplicates", "--threshold", "0.99",
+                          "--json"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    groups = json.loads(out.stdout)
+    assert [sorted((m["doc"], m["page"]) for m in g) for g in groups] == [[("a.pdf", 1), ("b.pdf", 2)]]
