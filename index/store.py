@@ -47,8 +47,10 @@ def make_client(cfg: dict):
 
 
 class Store:
-    def __init__(self, client, visual_identity: str, text_identity: str, check: bool = True):
+    def __init__(self, client, visual_identity: str, text_identity: str, check: bool = True,
+                 ef_search: int = 2000):
         self.client = client
+        self.ef_search = ef_search
         self._resume_swaps()
         self.visual = self._collection(VISUAL, visual_identity, check)
         self.text = self._collection(TEXT, text_identity, check)
@@ -56,8 +58,9 @@ class Store:
 
     def _collection(self, name: str, identity: str, check: bool):
         col = self.client.get_or_create_collection(
-            name, metadata={"mmrag:model": identity}, configuration={"hnsw": {"space": "cosine"}},
-            embedding_function=None)
+            name, metadata={"mmrag:model": identity}, configuration=self._hnsw(), embedding_function=None)
+        if (col.configuration_json.get("hnsw") or {}).get("ef_search") != self.ef_search:
+            col.modify(configuration={"hnsw": {"ef_search": self.ef_search}})  # an index made before
         stored = (col.metadata or {}).get("mmrag:model")
         if check and stored != identity and col.count() > 0:
             raise ModelMismatch(
@@ -65,6 +68,10 @@ class Store:
                 f"{identity}; mixing models gives meaningless results. Run `mmrag reindex` to re-embed "
                 f"the stored images and texts with the configured model, or restore the old model in config.yaml.")
         return col
+
+    def _hnsw(self) -> dict:
+        # ef_search >= the collection size makes HNSW search exhaustive: exact, repeatable results
+        return {"hnsw": {"space": "cosine", "ef_search": self.ef_search}}
 
     # ---- document registry -------------------------------------------------------------
     def set_doc(self, sha: str, **meta) -> None:
@@ -171,7 +178,7 @@ class Store:
         except Exception:
             pass
         return self.client.create_collection(name, metadata={"mmrag:model": identity, "mmrag:complete": False},
-                                             configuration={"hnsw": {"space": "cosine"}}, embedding_function=None)
+                                             configuration=self._hnsw(), embedding_function=None)
 
     def finish_replacement(self, which: str, new) -> None:
         """Mark the filled collection complete, then swap it in. A crash before the mark leaves the

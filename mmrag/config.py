@@ -45,6 +45,7 @@ DEFAULTS: dict[str, Any] = {
         "port": 8000,
         "ssl": False,
         "headers": {},
+        "ef_search": 2000,
     },
     "retrieval": {
         "k": 10,

@@ -38,7 +38,8 @@ def build_passages(cfg: dict) -> SentenceEmbedder:
 def build(cfg: dict, clip=None, passages=None, client=None, llm=None, check: bool = True) -> App:
     clip = clip or build_clip(cfg)
     passages = passages or build_passages(cfg)
-    store = Store(client or make_client(cfg), clip.identity, passages.identity, check=check)
+    store = Store(client or make_client(cfg), clip.identity, passages.identity, check=check,
+                  ef_search=int(cfg["chroma"]["ef_search"]))
     library = Library(cfg, store, clip, passages)
     retriever = Retriever(store, clip, passages, cfg, cfg["data_dir"])
     assistant = Assistant(retriever, llm or LiteLLM(cfg["llm"]), cfg)

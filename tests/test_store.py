@@ -51,3 +51,30 @@ def test_a_query_on_an_empty_store_finds_nothing(tmp_path):
     store = Store(client, f"test|{DIM}", "test-text|8")
     assert store.query_visual(np.ones(DIM, np.float32), 5, None, lambda m: True) == []
     assert store.query_text(np.ones(8, np.float32), 5) == []
+
+
+def test_search_is_exact_up_to_ef_search_items_even_on_an_index_made_before(tmp_path):
+    """Chroma's default search breadth (ef 100) returns approximate neighbours: which items come back
+    then depends on how the graph happened to be built. With the default ``chroma.ef_search`` a
+    library of up to that many items is searched exhaustively, and an index made with another
+    value is brought up to it when opened."""
+    from chromadb.api.client import SharedSystemClient
+
+    rng = np.random.default_rng(3)
+    vecs = rng.standard_normal((1500, 128)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    queries = rng.standard_normal((20, 128)).astype(np.float32)
+
+    def open_store(**kw):
+        SharedSystemClient.clear_system_cache()  # a new process, as far as Chroma's caches go
+        client = chromadb.PersistentClient(path=str(tmp_path), settings=Settings(anonymized_telemetry=False))
+        return Store(client, "test|128", "test-text|8", **kw)
+
+    def exact_answers(store):
+        return sum([m.id for m in store.query_visual(q, 50)] == brute_force(vecs, [{}] * len(vecs), q, 50, lambda m: True)
+                   for q in queries)
+
+    old = open_store(ef_search=10)
+    old.add_visual([f"v{i}" for i in range(len(vecs))], vecs, [{"kind": "vector"}] * len(vecs))
+    assert exact_answers(old) < len(queries)  # the narrow search really is approximate here
+    assert exact_answers(open_store()) == len(queries)
