@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mmrag.config import DEFAULTS
 from mmrag.errors import ConfigError, ModelMismatch
 
 VISUAL = "mmrag_visual"
@@ -48,7 +49,7 @@ def make_client(cfg: dict):
 
 class Store:
     def __init__(self, client, visual_identity: str, text_identity: str, check: bool = True,
-                 ef_search: int = 2000):
+                 ef_search: int = DEFAULTS["chroma"]["ef_search"]):
         self.client = client
         self.ef_search = ef_search
         self._resume_swaps()

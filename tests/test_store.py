@@ -70,9 +70,10 @@ def test_search_is_exact_up_to_ef_search_items_even_on_an_index_made_before(tmp_
         client = chromadb.PersistentClient(path=str(tmp_path), settings=Settings(anonymized_telemetry=False))
         return Store(client, "test|128", "test-text|8", **kw)
 
+    nearest = [brute_force(vecs, [{}] * len(vecs), q, 50, lambda m: True) for q in queries]
+
     def exact_answers(store):
-        return sum([m.id for m in store.query_visual(q, 50)] == brute_force(vecs, [{}] * len(vecs), q, 50, lambda m: True)
-                   for q in queries)
+        return sum([m.id for m in store.query_visual(q, 50)] == want for q, want in zip(queries, nearest))
 
     old = open_store(ef_search=10)
     old.add_visual([f"v{i}" for i in range(len(vecs))], vecs, [{"kind": "vector"}] * len(vecs))
