@@ -17,11 +17,16 @@ ALL_KINDS = FIGURE_KINDS + ("page", "text")
 
 
 def score_fusion(scored: dict[str, Sequence[tuple[str, float]]], weights: dict[str, float]) -> list[tuple[str, float]]:
-    """Weighted sum of min-max normalised scores (CombSUM); a unit a signal did not return gets 0
-    from it. Ties keep the order of first appearance.
+    """Weighted sum of min-max normalised scores (CombSUM). ``scored`` maps a signal to its
+    (unit, score) list in any score unit; each signal's scores are rescaled to [0, 1] (a signal
+    that returned one unit, or equal scores, gives each 1), multiplied by the signal's weight
+    (1 when absent from ``weights``) and summed; a unit a signal did not return gets 0 from it.
+    Returns (unit, fused score) best first; ties keep the order of first appearance.
+
+    Here x is a's best (1) and y a's worst (0) but b's only unit (1), so they tie:
 
     >>> score_fusion({"a": [("x", 2.0), ("y", 1.0)], "b": [("y", 0.5)]}, {"a": 1, "b": 1})
-    [('y', 1.0), ('x', 1.0)]
+    [('x', 1.0), ('y', 1.0)]
     """
     totals: dict[str, float] = {}
     for signal, ranked in scored.items():
@@ -36,8 +41,9 @@ def score_fusion(scored: dict[str, Sequence[tuple[str, float]]], weights: dict[s
 
 
 def rrf(rankings: dict[str, Sequence[str]], weights: dict[str, float], k: int = 60) -> list[tuple[str, float]]:
-    """Weighted reciprocal rank fusion: ``score(u) = Σ_s w_s / (k + rank_s(u))``, ranks 1-based.
-    Ties keep the order of first appearance.
+    """Weighted reciprocal rank fusion: ``score(u) = Σ_s w_s / (k + rank_s(u))``, ranks 1-based,
+    a signal that did not rank ``u`` adds nothing; ``w_s`` is 1 when absent from ``weights``.
+    Returns (unit, fused score) best first; ties keep the order of first appearance.
 
     >>> rrf({"a": ["x", "y"], "b": ["y"]}, {"a": 1, "b": 1}, k=0)
     [('y', 1.5), ('x', 1.0)]

@@ -11,12 +11,20 @@ PAGE_IMAGE_SHARE = 0.8  # a region covering this much of its page counts as a pa
 
 
 def recall_at(flags: list[bool], k: int) -> float:
-    """1 if a relevant item is in the top k: ``recall_at([False, True], 1) == 0.0``."""
+    """1 if a relevant item is among the first ``k`` flags, else 0.
+
+    >>> recall_at([False, True], 1), recall_at([False, True], 2)
+    (0.0, 1.0)
+    """
     return 1.0 if any(flags[:k]) else 0.0
 
 
 def mrr_at(flags: list[bool], k: int = 10) -> float:
-    """1/rank of the first relevant item within k: ``mrr_at([False, True]) == 0.5``."""
+    """1/rank (1-based) of the first relevant item within the first ``k`` flags, else 0.
+
+    >>> mrr_at([False, True]), mrr_at([False, True], k=1)
+    (0.5, 0.0)
+    """
     for i, f in enumerate(flags[:k], 1):
         if f:
             return 1.0 / i
@@ -24,13 +32,25 @@ def mrr_at(flags: list[bool], k: int = 10) -> float:
 
 
 def ndcg_at(flags: list[bool], n_relevant: int, k: int = 5) -> float:
-    """Binary-gain nDCG@k; the ideal ranking puts min(k, n_relevant) relevant items first."""
+    """Binary-gain nDCG@k (gain 1/log2(rank+1)); the ideal ranking puts min(k, n_relevant)
+    relevant items first, so finding k of more than k relevant items scores 1.
+
+    >>> ndcg_at([False, True], n_relevant=1, k=5) == 1 / math.log2(3)
+    True
+    >>> ndcg_at([True] * 5, n_relevant=9, k=5)
+    1.0
+    """
     dcg = sum(1.0 / math.log2(i + 1) for i, f in enumerate(flags[:k], 1) if f)
     idcg = sum(1.0 / math.log2(i + 1) for i in range(1, min(k, n_relevant) + 1))
     return dcg / idcg if idcg else 0.0
 
 
 def iou(a, b) -> float:
+    """Intersection over union of two boxes (x0, y0, x1, y1); 0 for no overlap or empty boxes.
+
+    >>> iou([0, 0, 10, 10], [5, 0, 15, 10])  # 50 / 150
+    0.3333333333333333
+    """
     ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
     iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
     inter = ix * iy
@@ -39,7 +59,11 @@ def iou(a, b) -> float:
 
 
 def box_hit(region, target) -> bool:
-    """IoU >= 0.3, or the region contains the target's centre."""
+    """IoU >= 0.3, or the region contains the target's centre (boxes in the same page coordinates).
+
+    >>> box_hit([7, 0, 10, 10], [0, 0, 10, 10]), box_hit([7.1, 0, 10, 10], [0, 0, 10, 10])
+    (True, False)
+    """
     cx, cy = (target[0] + target[2]) / 2, (target[1] + target[3]) / 2
     return iou(region, target) >= 0.3 or (region[0] <= cx <= region[2] and region[1] <= cy <= region[3])
 
