@@ -1,5 +1,6 @@
 """Hybrid retrieval: CLIP text→image (and image→image), passage embeddings and BM25 keywords over
-passages and figure texts, fused by weighted reciprocal rank fusion."""
+passages and figure texts, fused by weighted score fusion (``retrieval.fusion: score``) or weighted
+reciprocal rank fusion (``rrf``)."""
 
 from __future__ import annotations
 
@@ -140,7 +141,7 @@ class Retriever:
                 take("keyword", [self._unit(Match(i, s, metas[pos[i]], None)) for i, s in found])
         weights = dict(rcfg["weights"])
         weights.setdefault("image", weights.get("clip", 1.0))
-        if rcfg.get("fusion", "rrf") == "score":
+        if rcfg["fusion"] == "score":
             fused = score_fusion(scored, weights)
         else:
             fused = rrf(rankings, weights, rcfg["rrf_k"])

@@ -15,7 +15,7 @@ from typing import Protocol
 import numpy as np
 from PIL import Image
 
-from mmrag.errors import ConfigError, WeightsUnavailable
+from .errors import BadSetting, WeightsUnavailable
 
 log = logging.getLogger(__name__)
 Image.MAX_IMAGE_PIXELS = 80_000_000  # refuse decompression bombs
@@ -77,11 +77,11 @@ class ClipEmbedder:
         if model.endswith(".json"):
             cfg = Path(model)
             if not cfg.is_file():
-                raise ConfigError(f"clip.model: model config file not found: {cfg}")
+                raise BadSetting(f"clip.model: model config file not found: {cfg}")
             open_clip.add_model_config(cfg)
             name = cfg.stem
         if name not in open_clip.list_models():
-            raise ConfigError(f"clip.model: unknown open_clip model '{name}' (see open_clip.list_models())")
+            raise BadSetting(f"clip.model: unknown open_clip model '{name}' (see open_clip.list_models())")
         local = pretrained and (os.sep in pretrained or pretrained.endswith((".pt", ".bin", ".safetensors", ".pth")))
         if local and not Path(pretrained).is_file():
             raise WeightsUnavailable(self._hint(name, pretrained, f"no file at {pretrained}"))

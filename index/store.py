@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mmrag.config import DEFAULTS
-from mmrag.errors import ConfigError, ModelMismatch
+from .errors import ModelMismatch
+from .settings import DEFAULT_EF_SEARCH, ChromaSettings
 
 VISUAL = "mmrag_visual"
 TEXT = "mmrag_text"
@@ -30,26 +30,23 @@ class Match:
     document: str | None = None
 
 
-def make_client(cfg: dict):
-    """Chroma client from the config's ``chroma`` section."""
+def make_client(chroma: ChromaSettings, data_dir: str | Path):
+    """Chroma client: embedded (``mode: local``, in ``chroma.path`` or DATA_DIR/chroma) or a server."""
     import chromadb
     from chromadb.config import Settings
 
-    c = cfg["chroma"]
     settings = Settings(anonymized_telemetry=False)
-    if c["mode"] == "local":
-        path = c.get("path") or str(Path(cfg["data_dir"]) / "chroma")
+    if chroma.mode == "local":
+        path = chroma.path or str(Path(data_dir) / "chroma")
         Path(path).mkdir(parents=True, exist_ok=True)
         return chromadb.PersistentClient(path=path, settings=settings)
-    if c["mode"] == "server":
-        return chromadb.HttpClient(host=c["host"], port=int(c["port"]), ssl=bool(c["ssl"]),
-                                   headers=dict(c.get("headers") or {}), settings=settings)
-    raise ConfigError(f"chroma.mode must be 'local' or 'server', not {c['mode']!r}")
+    return chromadb.HttpClient(host=chroma.host, port=chroma.port, ssl=chroma.ssl, headers=dict(chroma.headers),
+                               settings=settings)
 
 
 class Store:
     def __init__(self, client, visual_identity: str, text_identity: str, check: bool = True,
-                 ef_search: int = DEFAULTS["chroma"]["ef_search"]):
+                 ef_search: int = DEFAULT_EF_SEARCH):
         self.client = client
         self.ef_search = ef_search
         self._resume_swaps()

@@ -12,10 +12,9 @@ from pathlib import Path
 import numpy as np
 import pymupdf
 
-from mmrag.errors import BadDocument
-
 from . import figures as F
 from . import regions, text
+from .errors import BadDocument
 from .ocr import ocr_lines
 from .records import Chunk, DocInfo, Figure, PageRecord
 
@@ -116,7 +115,7 @@ def extract_pages(doc: pymupdf.Document, sha: str, cfg: dict, render: bool = Tru
     and no raster figure is OCR'd (used by ``mmrag inspect``)."""
     skip = decoration_xrefs(doc)
     running = running_header_keys(doc)
-    ocr_mode = cfg.get("ocr", "auto")
+    ocr_mode = cfg["ocr"]
     xref_png: dict[int, bytes] = {}
     for pno in range(doc.page_count):
         try:
@@ -138,7 +137,7 @@ def _extract_page(doc, page, sha, cfg, skip, running, ocr_mode, render, xref_png
     blocks = [(text.clean_block_text(b[4]), tuple(b[:4])) for b in page.get_text("blocks", textpage=tp) if b[6] == 0]
     blocks = [b for b in blocks if b[0]]
     scanned = _is_scanned(page, words)
-    min_side = float(cfg.get("min_figure_side", 36))
+    min_side = float(cfg["min_figure_side"])
     source = "text"
     if scanned and ocr_mode != "never":
         scale = 72.0 / OCR_DPI
@@ -163,8 +162,8 @@ def _extract_page(doc, page, sha, cfg, skip, running, ocr_mode, render, xref_png
                     xref_png[cand.xref] = png
             if not png:
                 clip = pymupdf.Rect(cand.bbox) + (-2, -2, 2, 2)
-                png = _png(page, clip & page.rect, int(cfg.get("figure_dpi", 144)))
-            if cand.kind == "raster" and not labels and cfg.get("ocr_figures", True) and ocr_mode != "never":
+                png = _png(page, clip & page.rect, int(cfg["figure_dpi"]))
+            if cand.kind == "raster" and not labels and cfg["ocr_figures"] and ocr_mode != "never":
                 labels = " ".join(t for t, _ in ocr_lines(png))
         figs.append(Figure(sha, page.number + 1, tuple(round(v, 1) for v in cand.bbox), cand.kind, png,
                            caption, near, labels, n))
@@ -172,10 +171,10 @@ def _extract_page(doc, page, sha, cfg, skip, running, ocr_mode, render, xref_png
     body = [b for b in blocks if not any(regions.intersection(f.bbox, b[1]) >= 0.8 * (regions.area(b[1]) or 1)
                                          for f in figs if f.kind != "table")]
     ordered = text.reading_order(body, size[0])
-    pieces = text.chunk_blocks(ordered, int(cfg.get("chunk_size", 1000)), int(cfg.get("chunk_overlap", 150)))
+    pieces = text.chunk_blocks(ordered, int(cfg["chunk_size"]), int(cfg["chunk_overlap"]))
     chunks = [Chunk(sha, page.number + 1, i, t, tuple(round(v, 1) for v in b), source)
               for i, (t, b) in enumerate(pieces)]
-    png = _png(page, None, int(cfg.get("page_dpi", 72))) if render else None
+    png = _png(page, None, int(cfg["page_dpi"])) if render else None
     return PageRecord(sha, page.number + 1, size, chunks, figs, png, scanned)
 
 

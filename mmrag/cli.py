@@ -13,35 +13,10 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from .config import load_config  # noqa: E402
-from .errors import MMRagError  # noqa: E402
+from .errors import USER_ERRORS, MMRagError  # noqa: E402
+from .progress import BarProgress  # noqa: E402
 
 log = logging.getLogger("mmrag")
-
-
-class BarProgress:
-    """tqdm bars (files, pages) on a terminal; silent otherwise or with --quiet."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-        self.bar = None
-
-    def file(self, name, index, total, pages):
-        if not self.enabled:
-            return
-        from tqdm import tqdm
-
-        if self.bar:
-            self.bar.close()
-        self.bar = tqdm(total=pages, desc=f"[{index + 1}/{total}] {name}", unit="page", file=sys.stderr, leave=True)
-
-    def page(self, done):
-        if self.bar:
-            self.bar.n = done
-            self.bar.refresh()
-
-    def close(self):
-        if self.bar:
-            self.bar.close()
 
 
 def _app(args, check=True):
@@ -101,7 +76,7 @@ def cmd_inspect(args) -> int:
     for path in _pdfs(args.paths):
         try:
             out = inspect_pdf(path, cfg["ingest"])
-        except MMRagError as exc:
+        except USER_ERRORS as exc:
             print(f"skipping {exc}", file=sys.stderr)
             status = 1
             continue
@@ -286,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.fn(args)
-    except MMRagError as exc:
+    except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

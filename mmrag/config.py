@@ -1,103 +1,144 @@
-"""Configuration: built-in defaults, overlaid by a YAML file, overlaid by environment variables.
+"""Configuration: typed, validated sections (pydantic), overlaid by a YAML file, overlaid by
+environment variables.
 
-The repository's ``config.yaml`` documents every key; ``tests/test_config.py`` checks that it
-matches DEFAULTS so the two cannot drift apart.
+The models below are the one source of defaults; ``DEFAULTS`` is derived from them. The
+repository's ``config.yaml`` documents every key; ``tests/test_cli.py`` checks that it equals
+DEFAULTS so the two cannot drift apart. A wrong file stops with one line naming the key, the
+value and what is allowed (``ConfigError``).
 """
 
 from __future__ import annotations
 
-import copy
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
+from pydantic import BaseModel, Field, ValidationError, model_validator
+
+from index.settings import ChromaSettings, ClipSettings, Section, TextEmbedderSettings
 
 from .errors import ConfigError
 
-DEFAULTS: dict[str, Any] = {
-    "data_dir": "~/.local/share/mmrag",
-    "ingest": {
-        "chunk_size": 1000,
-        "chunk_overlap": 150,
-        "figure_dpi": 144,
-        "page_dpi": 72,
-        "ocr": "auto",
-        "ocr_figures": True,
-        "min_figure_side": 36,
-        "max_file_mb": 200,
-        "file_timeout_s": 3600,
-    },
-    "clip": {
-        "model": "ViT-B-32",
-        "pretrained": "laion2b_s34b_b79k",
-        "device": "auto",
-        "batch_size": 32,
-    },
-    "text_embedder": {
-        "model": "all-MiniLM-L6-v2",
-        "batch_size": 64,
-    },
-    "chroma": {
-        "mode": "local",
-        "path": None,
-        "host": "localhost",
-        "port": 8000,
-        "ssl": False,
-        "headers": {},
-        "ef_search": 2000,
-    },
-    "retrieval": {
-        "k": 10,
-        "candidates": 50,
-        "fusion": "score",
-        "rrf_k": 60,
-        "weights": {"clip": 1.0, "text": 1.0, "keyword": 1.0},
-        "labels": ["chart", "diagram", "photo", "screenshot", "table", "equation", "map", "drawing"],
-    },
-    "llm": {
-        "model": None,
-        "api_base": None,
-        "api_key_env": None,
-        "vision": "auto",
-        "temperature": 0.2,
-        "max_tokens": 1024,
-        "timeout_s": 60,
-        "max_images": 4,
-        "image_max_side": 1024,
-        "max_passages": 6,
-        "history_tokens": 3000,
-    },
-    "ui": {
-        "host": "127.0.0.1",
-        "port": 7860,
-        "share": False,
-        "username_env": "MMRAG_USERNAME",
-        "password_env": "MMRAG_PASSWORD",
-        "max_upload_mb": 200,
-    },
-}
+
+class IngestSettings(Section):
+    chunk_size: int = Field(1000, gt=0)  # characters
+    chunk_overlap: int = Field(150, ge=0)  # characters
+    figure_dpi: int = Field(144, gt=0)
+    page_dpi: int = Field(72, gt=0)
+    ocr: Literal["auto", "never"] = "auto"
+    ocr_figures: bool = True
+    min_figure_side: float = Field(36, ge=0)  # points
+    max_file_mb: float = Field(200, gt=0)
+    file_timeout_s: float = Field(3600, ge=0)
+
+    @model_validator(mode="after")
+    def _overlap_below_size(self):
+        if self.chunk_overlap >= self.chunk_size:
+            raise ValueError(f"chunk_overlap ({self.chunk_overlap}) must be smaller than chunk_size "
+                             f"({self.chunk_size})")
+        return self
 
 
-def _merge(base: dict, over: dict, path: str = "") -> dict:
-    out = copy.deepcopy(base)
-    for key, value in over.items():
-        where = f"{path}{key}"
-        if key not in base:
-            raise ConfigError(f"unknown config key '{where}' (known: {', '.join(sorted(base))})")
-        if isinstance(base[key], dict) and key not in ("headers", "weights"):
-            if not isinstance(value, dict):
-                raise ConfigError(f"config key '{where}' must be a mapping")
-            out[key] = _merge(base[key], value, where + ".")
-        else:
-            out[key] = value
-    return out
+class Weights(Section):
+    clip: float = Field(1.0, ge=0)
+    text: float = Field(1.0, ge=0)
+    keyword: float = Field(1.0, ge=0)
+
+
+class RetrievalSettings(Section):
+    k: int = Field(10, gt=0)
+    candidates: int = Field(50, gt=0)
+    fusion: Literal["score", "rrf"] = "score"
+    rrf_k: float = Field(60, ge=0)
+    weights: Weights = Field(default_factory=Weights)
+    labels: list[str] = Field(default_factory=lambda: [
+        "chart", "diagram", "photo", "screenshot", "table", "equation", "map", "drawing"])
+
+
+class LLMSettings(Section):
+    model: str | None = None
+    api_base: str | None = None
+    api_key_env: str | None = None
+    vision: Literal["auto", True, False] = "auto"
+    temperature: float = Field(0.2, ge=0)
+    max_tokens: int = Field(1024, gt=0)
+    timeout_s: float = Field(60, gt=0)
+    max_images: int = Field(4, ge=0)
+    image_max_side: int = Field(1024, gt=0)
+    max_passages: int = Field(6, ge=0)
+    history_tokens: int = Field(3000, ge=0)
+
+
+class UISettings(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(7860, ge=0, le=65535)
+    share: bool = False
+    username_env: str | None = "MMRAG_USERNAME"
+    password_env: str | None = "MMRAG_PASSWORD"
+    max_upload_mb: float = Field(200, gt=0)
+
+
+class Config(Section):
+    data_dir: str = "~/.local/share/mmrag"
+    ingest: IngestSettings = Field(default_factory=IngestSettings)
+    clip: ClipSettings = Field(default_factory=ClipSettings)
+    text_embedder: TextEmbedderSettings = Field(default_factory=TextEmbedderSettings)
+    chroma: ChromaSettings = Field(default_factory=ChromaSettings)
+    retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings)
+    llm: LLMSettings = Field(default_factory=LLMSettings)
+    ui: UISettings = Field(default_factory=UISettings)
+
+
+DEFAULTS: dict[str, Any] = Config().model_dump()
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    """The settings class found by following ``loc`` (field names) down from Config."""
+    model: Any = Config
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        ann = field.annotation if field else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        model = ann
+    return model
+
+
+def describe(err: ValidationError) -> str:
+    """One line for the first problem in a validation error: the key, the value, what is allowed."""
+    e = err.errors()[0]
+    loc = tuple(p for p in e["loc"] if isinstance(p, str))
+    key = ".".join(loc)
+    more = f" (and {err.error_count() - 1} more problem(s))" if err.error_count() > 1 else ""
+    if e["type"] == "extra_forbidden":
+        parent = _model_at(loc[:-1])
+        known = f" (known: {', '.join(parent.model_fields)})" if parent else ""
+        return f"unknown config key '{key}'{known}{more}"
+    msg = e["msg"].removeprefix("Value error, ")
+    if e["type"] == "model_type" or (e["type"] == "dict_type" and _model_at(loc)):
+        return f"config key '{key or '(top level)'}' must be a mapping, not {e['input']!r}{more}"
+    allowed = msg.replace("Input should be", "it should be", 1)
+    if isinstance(e.get("input"), dict) or "input" not in e:
+        return f"config key '{key}': {allowed}{more}"
+    return f"config key '{key}' = {e['input']!r} is not allowed: {allowed}{more}"
+
+
+def validate_config(data: dict) -> Config:
+    """A typed Config from a (partial) mapping; ConfigError with one line when something is wrong."""
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(describe(exc)) from None
 
 
 def load_config(path: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Defaults < YAML file (``path`` or $MMRAG_CONFIG) < $MMRAG_DATA_DIR."""
+    """Defaults < YAML file (``path`` or $MMRAG_CONFIG) < $MMRAG_DATA_DIR. Returns the validated
+    config as plain data (``Config.model_dump()``), ``data_dir`` made absolute (relative paths are
+    relative to the config file)."""
     path = path or os.environ.get("MMRAG_CONFIG")
-    cfg = copy.deepcopy(DEFAULTS)
+    data: dict = {}
+    base = Path.cwd()
     if path:
         p = Path(path)
         if not p.is_file():
@@ -105,14 +146,18 @@ def load_config(path: str | os.PathLike | None = None) -> dict[str, Any]:
         try:
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{p}: not valid YAML: {exc}") from exc
+            raise ConfigError(f"{p}: not valid YAML: {' '.join(str(exc).split())}") from exc
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: the top level must be a mapping")
-        cfg = _merge(cfg, data)
-        cfg["_config_dir"] = str(p.resolve().parent)
+        base = p.resolve().parent
+        try:
+            cfg = Config.model_validate(data)
+        except ValidationError as exc:
+            raise ConfigError(f"{p}: {describe(exc)}") from None
+    else:
+        cfg = Config()
     if os.environ.get("MMRAG_DATA_DIR"):
-        cfg["data_dir"] = os.environ["MMRAG_DATA_DIR"]
-    base = Path(cfg.pop("_config_dir", Path.cwd()))
-    data_dir = Path(os.path.expanduser(cfg["data_dir"]))
-    cfg["data_dir"] = str(data_dir if data_dir.is_absolute() else base / data_dir)
-    return cfg
+        cfg.data_dir = os.environ["MMRAG_DATA_DIR"]
+    data_dir = Path(os.path.expanduser(cfg.data_dir))
+    cfg.data_dir = str(data_dir if data_dir.is_absolute() else base / data_dir)
+    return cfg.model_dump()

@@ -1,25 +1,26 @@
-"""Library errors carry a message meant for the user; only the CLI turns them into exit codes."""
+"""Errors of the app layer, and the tuple of every error meant for the user.
+
+Each layer raises its own errors (``ingest.errors``, ``index.errors``); this module re-exports
+them so callers of the app have one place to look, and ``USER_ERRORS`` is what the CLI turns into
+one line and exit code 2."""
+
+from index.errors import BadSetting, ModelMismatch, StoreError, WeightsUnavailable
+from ingest.errors import BadDocument, IngestError
 
 
 class MMRagError(Exception):
-    """Base error: str(err) is a one-line message a user can act on."""
+    """Base error of the app layer: str(err) is a one-line message a user can act on."""
 
 
 class ConfigError(MMRagError):
-    pass
-
-
-class BadDocument(MMRagError):
-    """A file that cannot be ingested (corrupt, encrypted, empty, not a PDF)."""
-
-
-class ModelMismatch(MMRagError):
-    """An index was filled by another embedding model than the one configured."""
-
-
-class WeightsUnavailable(MMRagError):
-    """CLIP weights could not be loaded."""
+    """The configuration file or a value in it is wrong."""
 
 
 class NotFound(MMRagError):
-    pass
+    """A document or item the user named is not in the library."""
+
+
+USER_ERRORS: tuple[type[Exception], ...] = (MMRagError, IngestError, StoreError)
+
+__all__ = ["MMRagError", "ConfigError", "NotFound", "BadDocument", "IngestError", "StoreError", "BadSetting",
+           "ModelMismatch", "WeightsUnavailable", "USER_ERRORS"]

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 from . import metrics as M
-from .config import DEFAULTS
 
 ABLATION = {"clip": ("clip",), "text": ("text",), "keyword": ("keyword",), "text+keyword": ("text", "keyword"),
             "fused": ("clip", "text", "keyword")}
@@ -49,7 +48,7 @@ def run_eval(cfg: dict, corpus: Path, queries_path: Path | None = None, run_out:
         t0 = time.perf_counter()
         progress = None
         if not quiet and sys.stderr.isatty():
-            from .cli import BarProgress
+            from .progress import BarProgress
 
             progress = BarProgress(True)
         results = app.library.ingest(pdfs, progress=progress)
@@ -185,4 +184,4 @@ def format_report(r: dict) -> str:
     return "\n".join(out)
 
 
-__all__ = ["run_eval", "format_report", "load_queries", "DEFAULTS"]
+__all__ = ["run_eval", "format_report", "load_queries"]

@@ -26,7 +26,7 @@ from index.store import Store, bbox_meta, now
 from ingest.extract import extract_pages, file_sha256, open_pdf
 from ingest.records import PageRecord
 
-from .errors import BadDocument, MMRagError, NotFound
+from .errors import USER_ERRORS, BadDocument, MMRagError, NotFound
 
 log = logging.getLogger(__name__)
 FLUSH_ITEMS = 64  # embed and write after this many images (bounded memory on long PDFs)
@@ -105,7 +105,7 @@ class Library:
                 name = names[i] if names else Path(path).name
                 try:
                     results.append(self._ingest_one(Path(path), name, i, len(paths), progress))
-                except MMRagError as exc:
+                except USER_ERRORS as exc:
                     results.append(IngestResult(name, "failed", str(exc)))
                 except Exception as exc:  # an unexpected library error must not stop the batch
                     log.exception("ingesting %s failed", name)

@@ -9,8 +9,10 @@ from assistant.assistant import Assistant
 from assistant.llm import LiteLLM
 from assistant.retrieve import Retriever
 from index.embedders import ClipEmbedder, SentenceEmbedder
+from index.settings import ClipSettings, TextEmbedderSettings
 from index.store import Store, make_client
 
+from .config import validate_config
 from .library import Library
 
 
@@ -25,21 +27,22 @@ class App:
         return self.assistant.retriever
 
 
-def build_clip(cfg: dict) -> ClipEmbedder:
-    c = cfg["clip"]
-    return ClipEmbedder(c["model"], c["pretrained"], c["device"], int(c["batch_size"]))
+def build_clip(c: ClipSettings) -> ClipEmbedder:
+    return ClipEmbedder(c.model, c.pretrained, c.device, c.batch_size)
 
 
-def build_passages(cfg: dict) -> SentenceEmbedder:
-    t = cfg["text_embedder"]
-    return SentenceEmbedder(t["model"], cfg["clip"]["device"], int(t["batch_size"]))
+def build_passages(t: TextEmbedderSettings, device: str = "auto") -> SentenceEmbedder:
+    return SentenceEmbedder(t.model, device, t.batch_size)
 
 
 def build(cfg: dict, clip=None, passages=None, client=None, llm=None, check: bool = True) -> App:
-    clip = clip or build_clip(cfg)
-    passages = passages or build_passages(cfg)
-    store = Store(client or make_client(cfg), clip.identity, passages.identity, check=check,
-                  ef_search=int(cfg["chroma"]["ef_search"]))
+    """The app from a config mapping (checked again here: ConfigError on a bad value). ``clip``,
+    ``passages``, ``client`` and ``llm`` replace the configured ones (tests pass tiny real models)."""
+    typed = validate_config(cfg)
+    clip = clip or build_clip(typed.clip)
+    passages = passages or build_passages(typed.text_embedder, typed.clip.device)
+    store = Store(client or make_client(typed.chroma, typed.data_dir), clip.identity, passages.identity,
+                  check=check, ef_search=typed.chroma.ef_search)
     library = Library(cfg, store, clip, passages)
     retriever = Retriever(store, clip, passages, cfg, cfg["data_dir"])
     assistant = Assistant(retriever, llm or LiteLLM(cfg["llm"]), cfg)

@@ -30,6 +30,22 @@ def test_unknown_config_key_is_a_clear_error(tmp_path):
         load_config(bad)
 
 
+@pytest.mark.parametrize("body, says", [
+    ("retrieval:\n  fusion: rff\n", "retrieval.fusion' = 'rff' is not allowed: it should be 'score' or 'rrf'"),
+    ("ingest:\n  chunk_size: lots\n", "ingest.chunk_size' = 'lots' is not allowed: it should be a valid integer"),
+    ("ingest:\n  chunk_size: 0\n", "ingest.chunk_size' = 0 is not allowed: it should be greater than 0"),
+    ("retrieval:\n  fusoin: rrf\n", "unknown config key 'retrieval.fusoin' (known: k, candidates, fusion,"),
+    ("llm: gpt-4o\n", "config key 'llm' must be a mapping, not 'gpt-4o'"),
+])
+def test_a_bad_config_stops_every_command_with_one_line(tmp_path, body, says):
+    bad = tmp_path / "c.yaml"
+    bad.write_text(f"data_dir: {tmp_path / 'd'}\n" + body)
+    out = mmrag("--config", bad, "list")
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.count("\n") == 1 and says in out.stderr and str(bad) in out.stderr
+    assert not (tmp_path / "d").exists()  # stopped before touching the library
+
+
 def test_config_from_env_and_data_dir_override(tmp_path, monkeypatch):
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("data_dir: relative/data\n")

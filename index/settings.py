@@ -1,0 +1,47 @@
+"""Typed settings of the index layer: the ``clip``, ``text_embedder`` and ``chroma`` sections of the
+config. The app's config (``mmrag/config.py``) is built from these; their defaults are the only
+defaults. Unknown keys are refused (``extra="forbid"``)."""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+DEFAULT_EF_SEARCH = 2000
+
+
+class Section(BaseModel):
+    """A config section: unknown keys refused, values checked on assignment too."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ClipSettings(Section):
+    model: str = "ViT-B-32"  # open_clip model name, or the path of a JSON open_clip model config
+    pretrained: str | None = "laion2b_s34b_b79k"  # pretrained tag, or the path of a local checkpoint
+    device: str = "auto"  # auto (CUDA when present, else CPU), cpu, mps, cuda, cuda:N
+    batch_size: int = Field(32, gt=0)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
+            raise ValueError("it should be auto, cpu, mps, cuda or cuda:N")
+        return value
+
+
+class TextEmbedderSettings(Section):
+    model: str = "all-MiniLM-L6-v2"  # sentence-transformers model name or local folder
+    batch_size: int = Field(64, gt=0)
+
+
+class ChromaSettings(Section):
+    mode: Literal["local", "server"] = "local"
+    path: str | None = None  # local mode: database folder (default DATA_DIR/chroma)
+    host: str = "localhost"
+    port: int = Field(8000, ge=1, le=65535)
+    ssl: bool = False
+    headers: dict[str, str] = Field(default_factory=dict)
+    ef_search: int = Field(DEFAULT_EF_SEARCH, gt=0)  # HNSW search breadth
