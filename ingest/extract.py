@@ -24,6 +24,7 @@ pymupdf.TOOLS.mupdf_display_warnings(False)
 
 TEXT_FLAGS = pymupdf.TEXTFLAGS_TEXT | pymupdf.TEXT_DEHYPHENATE
 OCR_DPI = 150
+MIN_OCR_SIDE = 12  # pixels: an image thinner than this holds no readable line of text
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -107,12 +108,20 @@ def _png(page: pymupdf.Page, clip, dpi: int) -> bytes:
     return page.get_pixmap(dpi=dpi, clip=clip, alpha=False).tobytes("png")
 
 
+def _reason(exc: BaseException) -> str:
+    """One line for a warning: the exception's message, or its type when it has none."""
+    msg = " ".join(str(exc).split())
+    return msg[:200] if msg else type(exc).__name__
+
+
 def extract_pages(doc: pymupdf.Document, sha: str, cfg: dict, render: bool = True,
                   progress: Callable[[int], None] | None = None) -> Iterator[PageRecord]:
     """Yield one PageRecord per page, never holding more than one page in memory.
 
     ``cfg`` is the ``ingest`` section of the config. With ``render=False`` no image is rendered
-    and no raster figure is OCR'd (used by ``mmrag inspect``)."""
+    and no raster figure is OCR'd (used by ``mmrag inspect``). An item that cannot be extracted
+    (a figure that does not render, an image OCR cannot read) is left out and named in the
+    record's ``warnings``; a page that fails as a whole yields an empty record with a warning."""
     skip = decoration_xrefs(doc)
     running = running_header_keys(doc)
     ocr_mode = cfg["ocr"]
@@ -124,14 +133,23 @@ def extract_pages(doc: pymupdf.Document, sha: str, cfg: dict, render: bool = Tru
         except BadDocument:
             raise
         except Exception as exc:  # one broken page must not lose the rest of the document
-            log.warning("page %d: skipped (%s)", pno + 1, exc)
-            yield PageRecord(sha, pno + 1, (0.0, 0.0), [], [], None)
+            why = f"page {pno + 1}: skipped ({_reason(exc)})"
+            log.warning("%s", why)
+            yield PageRecord(sha, pno + 1, (0.0, 0.0), [], [], None, warnings=(why,))
         if progress:
             progress(pno + 1)
 
 
 def _extract_page(doc, page, sha, cfg, skip, running, ocr_mode, render, xref_png) -> PageRecord:
     size = (page.rect.width, page.rect.height)
+    pno = page.number + 1
+    warnings: list[str] = []
+
+    def warn(what: str, exc: BaseException) -> None:
+        line = f"page {pno}: {what} ({_reason(exc)})"
+        log.warning("%s", line)
+        warnings.append(line)
+
     tp = page.get_textpage(flags=TEXT_FLAGS)
     words = page.get_text("words", textpage=tp)
     blocks = [(text.clean_block_text(b[4]), tuple(b[:4])) for b in page.get_text("blocks", textpage=tp) if b[6] == 0]
@@ -139,55 +157,96 @@ def _extract_page(doc, page, sha, cfg, skip, running, ocr_mode, render, xref_png
     scanned = _is_scanned(page, words)
     min_side = float(cfg["min_figure_side"])
     source = "text"
+    cands: list[F.Candidate] = []
+    lines: list[tuple[str, tuple]] = []
     if scanned and ocr_mode != "never":
         scale = 72.0 / OCR_DPI
-        lines = ocr_lines(page.get_pixmap(dpi=OCR_DPI, alpha=False).tobytes("png"), scale=scale)
-        cands = F.find_scanned_figures(_grey_cells(page), lines, size, min_side)
+        try:
+            lines = ocr_lines(page.get_pixmap(dpi=OCR_DPI, alpha=False).tobytes("png"), scale=scale)
+        except Exception as exc:
+            warn("OCR of the scanned page failed, its text is missing", exc)
+        try:
+            cands = F.find_scanned_figures(_grey_cells(page), lines, size, min_side)
+        except Exception as exc:
+            warn("figure detection failed, no figures from this page", exc)
         blocks = lines
         source = "ocr"
     else:
         lines = F.page_lines(words)
-        cands = F.find_figures(page, lines, skip, min_side) if not scanned else []
+        try:
+            cands = F.find_figures(page, lines, skip, min_side) if not scanned else []
+        except Exception as exc:
+            warn("figure detection failed, no figures from this page", exc)
     blocks = text.drop_running(blocks, size[1], running)
     figs = []
     for n, cand in enumerate(cands, 1):
-        caption = F.find_caption(cand.bbox, blocks)
-        near = F.nearby_text(cand.bbox, blocks, caption)
-        labels = cand.labels or (F.labels_inside(cand.bbox, lines) if source == "text" else "")
-        png = b""
-        if render:
-            if cand.xref:
-                png = xref_png.get(cand.xref) or F.image_png(doc, cand.xref) or b""
-                if png:
-                    xref_png[cand.xref] = png
-            if not png:
-                clip = pymupdf.Rect(cand.bbox) + (-2, -2, 2, 2)
-                png = _png(page, clip & page.rect, int(cfg["figure_dpi"]))
-            if cand.kind == "raster" and not labels and cfg["ocr_figures"] and ocr_mode != "never":
-                labels = " ".join(t for t, _ in ocr_lines(png))
-        figs.append(Figure(sha, page.number + 1, tuple(round(v, 1) for v in cand.bbox), cand.kind, png,
+        try:
+            caption = F.find_caption(cand.bbox, blocks)
+            near = F.nearby_text(cand.bbox, blocks, caption)
+            labels = cand.labels or (F.labels_inside(cand.bbox, lines) if source == "text" else "")
+            png = b""
+            if render:
+                png = _figure_png(doc, page, cand, cfg, xref_png)
+                if (cand.kind == "raster" and not labels and cfg["ocr_figures"] and ocr_mode != "never"
+                        and min(_png_size(png)) >= MIN_OCR_SIDE):
+                    try:
+                        labels = " ".join(t for t, _ in ocr_lines(png))
+                    except Exception as exc:  # the figure is kept, without the words OCR would have read
+                        warn(f"figure {n}: OCR could not read it, stored without its inner text", exc)
+        except Exception as exc:
+            warn(f"figure {n} skipped", exc)
+            continue
+        figs.append(Figure(sha, pno, tuple(round(v, 1) for v in cand.bbox), cand.kind, png,
                            caption, near, labels, n))
     # text that belongs to a figure (labels, ticks) is kept with the figure, not in the passages
     body = [b for b in blocks if not any(regions.intersection(f.bbox, b[1]) >= 0.8 * (regions.area(b[1]) or 1)
                                          for f in figs if f.kind != "table")]
     ordered = text.reading_order(body, size[0])
     pieces = text.chunk_blocks(ordered, int(cfg["chunk_size"]), int(cfg["chunk_overlap"]))
-    chunks = [Chunk(sha, page.number + 1, i, t, tuple(round(v, 1) for v in b), source)
+    chunks = [Chunk(sha, pno, i, t, tuple(round(v, 1) for v in b), source)
               for i, (t, b) in enumerate(pieces)]
-    png = _png(page, None, int(cfg["page_dpi"])) if render else None
-    return PageRecord(sha, page.number + 1, size, chunks, figs, png, scanned)
+    png = None
+    if render:
+        try:
+            png = _png(page, None, int(cfg["page_dpi"]))
+        except Exception as exc:
+            warn("page image skipped", exc)
+    return PageRecord(sha, pno, size, chunks, figs, png, scanned, tuple(warnings))
 
 
-def inspect_pdf(path: str | os.PathLike, cfg: dict) -> dict:
-    """What extraction finds, without storing or rendering anything."""
+def _png_size(png: bytes) -> tuple[int, int]:
+    """(width, height) of a PNG from its header: ``_png_size(b"") == (0, 0)``."""
+    if len(png) < 24 or png[12:16] != b"IHDR":
+        return (0, 0)
+    return int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+
+
+def _figure_png(doc, page, cand, cfg, xref_png) -> bytes:
+    png = b""
+    if cand.xref:
+        png = xref_png.get(cand.xref) or F.image_png(doc, cand.xref) or b""
+        if png:
+            xref_png[cand.xref] = png
+    if not png:
+        clip = pymupdf.Rect(cand.bbox) + (-2, -2, 2, 2)
+        png = _png(page, clip & page.rect, int(cfg["figure_dpi"]))
+    return png
+
+
+def inspect_pdf(path: str | os.PathLike, cfg: dict, name: str | None = None) -> dict:
+    """What extraction finds, without storing or rendering anything: ``{"doc", "sha256", "pages",
+    "chunks", "figures": [{"page", "bbox", "kind", "caption"}], "warnings": [str]}``. ``name`` is
+    the document name to report (default: the file's base name)."""
     doc = open_pdf(path)
     try:
         sha = file_sha256(path)
-        out = {"doc": Path(path).name, "sha256": sha, "pages": doc.page_count, "figures": [], "chunks": 0}
+        out = {"doc": name or Path(path).name, "sha256": sha, "pages": doc.page_count, "figures": [], "chunks": 0,
+               "warnings": []}
         for rec in extract_pages(doc, sha, cfg, render=False):
             out["chunks"] += len(rec.chunks)
             out["figures"] += [{"page": f.page, "bbox": list(f.bbox), "kind": f.kind, "caption": f.caption}
                                for f in rec.figures]
+            out["warnings"] += list(rec.warnings)
         return out
     finally:
         doc.close()

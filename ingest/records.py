@@ -72,6 +72,9 @@ class PageRecord:
     figures: list[Figure]
     png: bytes | None = field(default=None, repr=False)  # whole-page render
     scanned: bool = False
+    # items of this page that could not be extracted, one line each naming page and reason
+    # ("page 3: figure 2 skipped: cannot render (...)"); the other items are still here
+    warnings: tuple[str, ...] = ()
 
     @property
     def id(self) -> str:

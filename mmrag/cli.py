@@ -25,23 +25,50 @@ def _app(args, check=True):
     return build(load_config(args.config), check=check)
 
 
-def _pdfs(paths: list[str]) -> list[Path]:
-    out = []
+def _pdfs(paths: list[str]) -> list[tuple[Path, str]]:
+    """The files to ingest, each with its document name. A folder is walked for files ending in
+    ``.pdf`` in any case (``SCAN0001.PDF``), each named by its path relative to that folder
+    (``2023/report.pdf``); a file given by itself is named by its base name, lengthened by its
+    parent folders only when two files given by themselves share a base name (both are kept)."""
+    out: list[tuple[Path, str]] = []
+    singles: list[Path] = []
     for p in map(Path, paths):
-        out += sorted(p.rglob("*.pdf")) if p.is_dir() else [p]
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.suffix.lower() == ".pdf" and f.is_file())
+            out += [(f, f.relative_to(p).as_posix()) for f in found]
+        else:
+            singles.append(p)
+    out += list(zip(singles, _short_names(singles)))
     return out
+
+
+def _short_names(files: list[Path]) -> list[str]:
+    """Base names, lengthened by parent folders only where two files would share one:
+    ``_short_names([Path("a/2023/r.pdf"), Path("b/2024/r.pdf"), Path("x.pdf")]) == ["2023/r.pdf", "2024/r.pdf", "x.pdf"]``."""
+    parts = [p.resolve().parts for p in files]
+    depth = [1] * len(files)
+    while True:
+        names = ["/".join(ps[-d:]) for ps, d in zip(parts, depth)]
+        clash = [i for i, n in enumerate(names) if names.count(n) > 1 and depth[i] < len(parts[i])]
+        if not clash:
+            return names
+        for i in clash:
+            depth[i] += 1
 
 
 def cmd_ingest(args) -> int:
     app = _app(args)
     progress = BarProgress(sys.stderr.isatty() and not args.quiet)
     try:
-        results = app.library.ingest(_pdfs(args.paths), progress=progress)
+        files = _pdfs(args.paths)
+        results = app.library.ingest([f for f, _ in files], progress=progress, names=[n for _, n in files])
     finally:
         progress.close()
     for r in results:  # with --json, stdout carries the JSON alone
         failed = r.status == "failed"
         print(("skipping " if failed else "") + r.message, file=sys.stderr if failed or args.json else sys.stdout)
+        for line in r.warnings if not args.quiet else ():
+            print(f"  warning: {line}", file=sys.stderr)
     if args.json:
         print(json.dumps([r.__dict__ for r in results], indent=2))
     return 1 if any(r.status == "failed" for r in results) else 0
@@ -73,9 +100,9 @@ def cmd_inspect(args) -> int:
 
     cfg = load_config(args.config)
     status = 0
-    for path in _pdfs(args.paths):
+    for path, name in _pdfs(args.paths):
         try:
-            out = inspect_pdf(path, cfg["ingest"])
+            out = inspect_pdf(path, cfg["ingest"], name=name)
         except USER_ERRORS as exc:
             print(f"skipping {exc}", file=sys.stderr)
             status = 1
@@ -87,6 +114,8 @@ def cmd_inspect(args) -> int:
             print(f"{out['doc']}: {out['pages']} pages, {out['chunks']} chunks, {len(out['figures'])} figures")
             for f in out["figures"]:
                 print(f"  p.{f['page']} {f['kind']:6} {[round(v) for v in f['bbox']]} {f['caption'][:70]}")
+            for line in out["warnings"]:
+                print(f"  warning: {line}", file=sys.stderr)
     return status
 
 

@@ -35,12 +35,14 @@ FLUSH_ITEMS = 64  # embed and write after this many images (bounded memory on lo
 @dataclass(frozen=True)
 class IngestResult:
     name: str
-    status: str  # added | replaced | unchanged | failed
+    status: str  # added | replaced | partial | unchanged | failed
     message: str
     sha256: str = ""
     pages: int = 0
     figures: int = 0
     chunks: int = 0
+    # items left out, one line each naming page and reason; non-empty means status "partial"
+    warnings: tuple[str, ...] = ()
 
 
 class Progress:
@@ -134,14 +136,19 @@ class Library:
                 self.store.delete_doc(sha)
                 self.images.sweep(self.referenced_images())
                 raise
-            self.store.set_doc(sha, status="complete", ingested_at=now(), **counts)
+            self.store.set_doc(sha, status="complete", ingested_at=now(),
+                               figures=counts["figures"], chunks=counts["chunks"])
             for old in older:  # a changed file replaces its old version, once the new one is complete
                 self.store.delete_doc(old["sha256"])
             if older:
                 self.images.sweep(self.referenced_images())
-            status = "replaced" if older else "added"
-            msg = f"{name}: {status}, {doc.page_count} pages, {counts['figures']} figures, {counts['chunks']} chunks"
-            return IngestResult(name, status, msg, sha, doc.page_count, counts["figures"], counts["chunks"])
+            lost = tuple(counts["warnings"])  # stored, but not all of it: say what is missing
+            status = "partial" if lost else "replaced" if older else "added"
+            msg = (f"{name}: {status}{' (replaced the older version)' if lost and older else ''}, {doc.page_count} "
+                   f"pages, {counts['figures']} figures, {counts['chunks']} chunks")
+            if lost:
+                msg += f"; {len(lost)} problem(s): " + "; ".join(lost[:3]) + ("; …" if len(lost) > 3 else "")
+            return IngestResult(name, status, msg, sha, doc.page_count, counts["figures"], counts["chunks"], lost)
         finally:
             doc.close()
 
@@ -151,7 +158,9 @@ class Library:
         visual: list[tuple[str, bytes, dict, str]] = []
         texts: list[tuple[str, str, dict]] = []
         counts = {"figures": 0, "chunks": 0}
+        warnings: list[str] = []
         for rec in extract_pages(doc, sha, icfg, render=True, progress=progress.page):
+            warnings += rec.warnings
             self._collect(rec, name, visual, texts, counts)
             if len(visual) >= FLUSH_ITEMS:
                 self._flush(visual, texts)
@@ -159,7 +168,7 @@ class Library:
                 raise BadDocument(f"{name}: took longer than ingest.file_timeout_s "
                                   f"({icfg['file_timeout_s']} s); raise it for very long files")
         self._flush(visual, texts)
-        return counts
+        return dict(counts, warnings=warnings)
 
     def _collect(self, rec: PageRecord, name: str, visual: list, texts: list, counts: dict) -> None:
         base = {"doc_sha": rec.doc_sha, "doc": name, "page": rec.page}

@@ -81,7 +81,7 @@ def test_inspect_json_shape_on_a_real_pdf(tmp_path):
     out = mmrag("inspect", eval_pdf("neatoguide.pdf"), "--json")
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
-    assert set(data) == {"doc", "pages", "figures", "chunks"}
+    assert set(data) == {"doc", "pages", "figures", "chunks", "warnings"} and data["warnings"] == []
     assert data["doc"] == "neatoguide.pdf" and data["pages"] == 11 and data["chunks"] > 10
     fig = data["figures"][0]
     assert set(fig) == {"page", "bbox", "kind", "caption"} and len(fig["bbox"]) == 4
