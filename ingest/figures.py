@@ -9,6 +9,7 @@ import numpy as np
 import pymupdf
 
 from . import regions
+from .text import normalise_text
 from .records import BBox
 
 CAPTION = re.compile(r"^\s*(fig(?:ure)?|table|tab|chart|diagram|plate|exhibit)\.?\s*([0-9]+[0-9.\-]*|[IVXL]+)\b", re.I)
@@ -32,7 +33,7 @@ def page_lines(words: list[tuple]) -> list[tuple[str, BBox]]:
         lines.setdefault((w[5], w[6]), []).append(w)
     out = []
     for ws in lines.values():
-        out.append((" ".join(w[4] for w in ws), (min(w[0] for w in ws), min(w[1] for w in ws),
+        out.append((normalise_text(" ".join(w[4] for w in ws)), (min(w[0] for w in ws), min(w[1] for w in ws),
                                                   max(w[2] for w in ws), max(w[3] for w in ws))))
     return out
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 
 from .records import BBox
+from .text import normalise_text
 
 _engine = None
 _lock = threading.Lock()
@@ -39,7 +40,7 @@ def ocr_lines(image: bytes, scale: float = 1.0, offset: tuple[float, float] = (0
         xs = [p[0] for p in quad]
         ys = [p[1] for p in quad]
         ox, oy = offset
-        lines.append((text.strip(), (ox + min(xs) * scale, oy + min(ys) * scale,
+        lines.append((normalise_text(text).strip(), (ox + min(xs) * scale, oy + min(ys) * scale,
                                      ox + max(xs) * scale, oy + max(ys) * scale)))
     lines.sort(key=lambda t: (round(t[1][1] / 4), t[1][0]))
     return lines

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections import Counter
 from collections.abc import Iterable
 
@@ -74,14 +75,35 @@ def reading_order(blocks: list[Block], page_width: float) -> list[Block]:
     return ordered
 
 
-def clean_block_text(text: str) -> str:
-    """Join a block's lines into one paragraph; hyphenated line ends are joined.
+_INVISIBLE = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad"), None)  # zero-width, BOM, soft hyphen
+_LINE_END_HYPHEN = re.compile(r"(\w)[-\u00ad\u2010]\s*\n\s*(\w)")
 
-    >>> clean_block_text("a figure-\\nregion is\\n drawn")
-    'a figureregion is drawn'
+
+def normalise_text(text: str) -> str:
+    r"""Text as a reader means it, the one form stored and searched: NFKC (ligatures, presentation
+    and full-width forms become plain letters), words hyphenated at a line end joined, soft
+    hyphens and zero-width characters removed. Line breaks are kept.
+
+    >>> normalise_text("e\ufb03cient \ufb01lter, \ufb02ow")
+    'efficient filter, flow'
+    >>> normalise_text("ＡＢＣ１２３ re\u00adsult zero\u200bwidth")
+    'ABC123 result zerowidth'
+    >>> normalise_text("hyphen-\nated and soft\u00ad\nhyphen")
+    'hyphenated and softhyphen'
     """
-    text = re.sub(r"(\w)-\n(\w)", r"\1\2", text)
-    return _SPACES.sub(" ", text).strip()
+    text = _LINE_END_HYPHEN.sub(r"\1\2", text)
+    return unicodedata.normalize("NFKC", text.translate(_INVISIBLE))
+
+
+def clean_block_text(text: str) -> str:
+    r"""Join a block's lines into one normalised paragraph; hyphenated line ends are joined.
+
+    >>> clean_block_text("a figure-\nregion is\n drawn")
+    'a figureregion is drawn'
+    >>> clean_block_text("the e\ufb03cient\n\ufb01lter")
+    'the efficient filter'
+    """
+    return _SPACES.sub(" ", normalise_text(text)).strip()
 
 
 def _union(boxes: list[BBox]) -> BBox:

@@ -128,3 +128,30 @@ def test_an_item_that_fails_is_left_out_with_a_warning_and_the_page_is_kept(app,
     assert "partial" in res.message and "page 2: figure 1" in res.message
     kinds = sorted(m["kind"] for _, _, metas in app.library.store.iter_items("visual") for m in metas)
     assert kinds == ["page", "page", "raster", "raster"]
+
+
+# ---- text normalised once, at extraction ---------------------------------------------------------
+
+DEJAVU = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
+
+
+def test_ligatures_soft_hyphens_zero_width_and_full_width_text_is_stored_and_found_plain(app, tmp_path, cfg):
+    pages = [
+        "Chapter 1. Installing the pump on a level floor.",
+        "Chapter 2. The e\ufb03cient \ufb01lter keeps the \ufb02ow steady; main\u00adtenance is monthly.",
+        "Chapter 3. Model \uff2d\uff38\uff15\uff10\uff10 (full-width) and zero\u200bwidth joins.",
+    ]
+    doc = pymupdf.open()
+    for t in pages:
+        page = doc.new_page()
+        page.insert_font(fontname="dv", fontfile=DEJAVU)  # has the ligature glyphs
+        font = "china-s" if "\uff2d" in t else "dv"  # a CJK font has the full-width forms
+        page.insert_textbox(pymupdf.Rect(72, 72, 540, 200), t, fontname=font, fontsize=11)
+    doc.save(tmp_path / "lig.pdf")
+    text = {r.page: " ".join(c.text for c in r.chunks) for r in records(tmp_path / "lig.pdf", cfg, render=False)}
+    assert "The efficient filter keeps the flow steady; maintenance is monthly." in text[2]
+    assert "Model MX500 (full-width) and zerowidth joins." in text[3]
+    app.library.ingest([tmp_path / "lig.pdf"])
+    for query, page in (("efficient filter", 2), ("maintenance", 2), ("MX500", 3)):
+        hits = app.retriever.retrieve(query, k=3, kinds=["text"], signals=["keyword"])
+        assert hits and hits[0].page == page and hits[0].score > 0, query
