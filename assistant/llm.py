@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 
 
@@ -90,7 +91,22 @@ def describe_failure(exc: Exception, model: str, key: str | None) -> str:
             break
     else:
         why = f"the model call failed ({type(exc).__name__})"
-    detail = str(exc).splitlines()[0][:200] if str(exc) else ""
-    if key:
-        detail = detail.replace(key, "***")
+    text = mask_secret(str(exc), key)  # mask first: a cut could leave part of the key unmasked
+    detail = text.splitlines()[0][:200] if text.strip() else ""
     return f"LLM {model}: {why}" + (f" — {detail}" if detail else "")
+
+
+def mask_secret(text: str, secret: str | None, min_prefix: int = 6) -> str:
+    """``text`` with ``secret`` and every prefix of it of ``min_prefix``+ characters replaced by
+    ``***`` (a provider may echo a truncated key). Always mask before cutting a message: a cut can
+    split the key so the plain replace no longer finds it.
+
+    >>> mask_secret("bad key sk-abcdef123456 and sk-ab… and sk-abcdef1…", "sk-abcdef123456")
+    'bad key *** and sk-ab… and ***…'
+    """
+    if not secret:
+        return text
+    if len(secret) < min_prefix:
+        return text.replace(secret, "***")
+    pattern = "|".join(re.escape(secret[:n]) for n in range(len(secret), min_prefix - 1, -1))
+    return re.sub(pattern, "***", text)

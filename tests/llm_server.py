@@ -18,6 +18,7 @@ class LLMServer:
         self.requests: list[dict] = []
         self.mode = "ok"  # ok | 401 | 429 | 500 | stall
         self.reply = "The diagram shows the parser feeding the renderer {cite}."
+        self.error_message = "scripted failure {code}"  # what a failing reply says ({code} filled in)
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -30,7 +31,8 @@ class LLMServer:
                                         "body": body})
                 if server.mode in ("401", "429", "500"):
                     code = int(server.mode)
-                    err = json.dumps({"error": {"message": f"scripted failure {code}", "type": "test", "code": code}})
+                    err = json.dumps({"error": {"message": server.error_message.format(code=code), "type": "test",
+                                                 "code": code}})
                     self.send_response(code)
                     self.send_header("Content-Type", "application/json")
                     self.end_headers()

@@ -82,6 +82,34 @@ def test_model_failures_still_return_the_sources(llm_app, server, mode, expect):
     assert answer.citations and answer.text.startswith("No answer from the language model")
 
 
+def test_the_key_never_shows_even_when_the_error_is_cut(llm_app, server, write_config, tmp_path):
+    """A provider echoing the key at any position, the key straddling the 200-character cut of
+    the error line included: no part of it (6+ characters) reaches the answer, CLI stderr or
+    ``ask --json``."""
+    key = os.environ["MMRAG_TEST_KEY"] = "sk-live-0123456789abcdefghijXYZ"
+    server.mode = "401"
+    straddled = False
+    for pad in range(100, 230, 7):
+        server.error_message = "x" * pad + f" Incorrect API key provided: {key}. {{code}}"
+        answer = llm_app.assistant.ask("parser renderer diagram")
+        assert "refused the API key" in answer.error
+        assert not any(key[i:i + 6] in answer.error for i in range(len(key) - 5)), answer.error
+        straddled |= answer.error.endswith("***") or answer.error.endswith("***.")
+    assert straddled or "***" in answer.error
+    config = write_config(llm={"model": "openai/test-vlm", "api_base": server.api_base, "vision": True,
+                               "api_key_env": "MMRAG_TEST_KEY"})
+    server.error_message = "x" * 150 + f" Incorrect API key provided: {key}. {{code}}"
+    env = dict(os.environ, MMRAG_TEST_KEY=key)
+    pdf = pdfgen.figure_doc(tmp_path / "k.pdf", pages=1)
+    run = lambda *a: subprocess.run([sys.executable, "-m", "mmrag", "--config", str(config), *a],  # noqa: E731
+                                    cwd=ROOT, capture_output=True, text=True, env=env)
+    assert run("ingest", "--quiet", str(pdf)).returncode == 0
+    for out in (run("ask", "parser", "--json"), run("ask", "parser")):
+        seen = out.stdout + out.stderr
+        assert "refused the API key" in seen
+        assert not any(key[i:i + 6] in seen for i in range(len(key) - 5)), seen
+
+
 def test_unreachable_and_unconfigured_models(make_cfg, clip, passages, tmp_path):
     cfg = make_cfg(llm={"model": "openai/x", "api_base": "http://127.0.0.1:9/v1", "timeout_s": 2})
     app = build(cfg, clip=clip, passages=passages)
