@@ -1,14 +1,13 @@
-"""Hybrid retrieval: CLIP text→image (and image→image), passage embeddings and BM25 keywords over
-passages and figure texts, fused by weighted score fusion (``retrieval.fusion: score``) or weighted
+"""Hybrid retrieval: CLIP text→image (and image→image), passage embeddings and BM25 keywords (a
+persistent Tantivy index, ``index.keyword``) over passages and figure texts, fused by weighted score fusion (``retrieval.fusion: score``) or weighted
 reciprocal rank fusion (``rrf``)."""
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from index.keyword import BM25
+from index.keyword import KeywordIndex
 from index.store import Match, Store, bbox_from_meta
 
 from .records import FIGURE_KINDS, Hit
@@ -58,20 +57,36 @@ def rrf(rankings: dict[str, Sequence[str]], weights: dict[str, float], k: int = 
 
 
 class Retriever:
-    def __init__(self, store: Store, clip, passages, cfg: dict, data_dir: str):
+    def __init__(self, store: Store, clip, passages, cfg: dict, data_dir: str, keyword: KeywordIndex | None = None,
+                 sync_keyword: Callable[[], object] | None = None):
+        """``keyword`` is the keyword index (default: the one in ``data_dir/keyword``);
+        ``sync_keyword`` is called when that index does not cover every complete document (the
+        library's ``sync_keyword``, which rebuilds it when no writer is busy)."""
         self.store, self.clip, self.passages = store, clip, passages
         self.cfg = cfg
         self.data_dir = Path(data_dir)
-        self._bm25: tuple[tuple, BM25, list[dict]] | None = None
-        self._lock = threading.Lock()
+        self.keyword = keyword or KeywordIndex(self.data_dir / "keyword")
+        self.sync_keyword = sync_keyword
 
-    def _keyword(self, shas: list[str]) -> tuple[BM25, list[dict]]:
-        key = (tuple(sorted(shas)), self.store.text.count())
-        with self._lock:
-            if self._bm25 is None or self._bm25[0] != key:
-                ids, docs, metas = self.store.all_text({"doc_sha": {"$in": shas}})
-                self._bm25 = (key, BM25(ids, docs), metas)
-            return self._bm25[1], self._bm25[2]
+    def _keyword_matches(self, question: str, n: int, complete: list[str], shas: list[str],
+                         kinds: Sequence[str]) -> list[Match]:
+        """BM25 matches among the text items of documents ``shas`` that stand for ``kinds``,
+        with their stored records (Chroma's copy is the truth: a record it lacks is skipped)."""
+        if self.sync_keyword and not self.keyword.covers(complete):
+            self.sync_keyword()
+        wanted = [x for x in kinds if x != "page"]  # a text item is a passage or a figure's text
+        if not wanted:
+            return []
+        every = set(wanted) >= set(ALL_KINDS) - {"page"}
+        found = self.keyword.search(question, n, docs=shas, kinds=None if every else wanted)
+        records = {m.id: m for m in self.store.get_text([i for i, _ in found])}
+        allowed = set(shas)
+        out = []
+        for i, score in found:
+            m = records.get(i)
+            if m and m.metadata["doc_sha"] in allowed:
+                out.append(Match(i, score, m.metadata, m.document))
+        return out
 
     def retrieve(self, question: str = "", k: int | None = None, kinds: Sequence[str] | None = None,
                  docs: Sequence[str] | None = None, labels: Sequence[str] | None = None, image=None,
@@ -88,6 +103,7 @@ class Retriever:
         if bad:
             raise ValueError(f"unknown kind(s) {sorted(bad)}; use {', '.join(ALL_KINDS)}")
         library = self.store.list_docs()
+        complete = [d["sha256"] for d in library]
         shas = [d["sha256"] for d in library if not docs or d["doc"] in docs]
         if not shas:
             return []
@@ -135,10 +151,8 @@ class Retriever:
                 found = self.store.query_text(tv, 2 * n, {"doc_sha": {"$in": shas}}, tkeep)
                 take("text", [self._unit(m) for m in found if wanted(m.metadata)][:n])
             if "keyword" in signals:
-                bm25, metas = self._keyword(shas)
-                found = bm25.search(question, n, allowed=lambda i: metas[i]["doc_sha"] in shas and wanted(metas[i]))
-                pos = {i: j for j, i in enumerate(bm25.ids)}
-                take("keyword", [self._unit(Match(i, s, metas[pos[i]], None)) for i, s in found])
+                found = self._keyword_matches(question, n, complete, shas, kinds)
+                take("keyword", [self._unit(m) for m in found if wanted(m.metadata)])
         weights = dict(rcfg["weights"])
         weights.setdefault("image", weights.get("clip", 1.0))
         if rcfg["fusion"] == "score":

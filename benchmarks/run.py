@@ -8,6 +8,10 @@ Stages (each in its own process, so peak RSS is the stage's own):
             forward vs one image at a time; text-query encode latency p50/p95
   chroma    Chroma query latency p50/p95 at 10k/100k/1M stored vectors, index size on disk
   retrieval retrieval latency p50/p95 (no LLM) and question -> first streamed token against a local server
+  keyword   keyword search on a synthetic library (Zipf vocabulary, 50-150 words per chunk, 100 chunks
+            per document) at --keyword-sizes chunks: build, adding 1,000 chunks, query p50/p95 (all
+            documents, one document, all but one), peak RSS, size on disk — the Tantivy index beside
+            the hand-written in-memory BM25 it replaced (a copy below) at --old-bm25-sizes
 
 CLIP throughput does not depend on the weights, so ViT-B-32 is built with random weights here
 (no download); retrieval numbers use whatever clip model the config names.
@@ -206,6 +210,190 @@ def stage_chroma(sizes: list[int], dim: int, queries: int) -> dict:
     return {"rows": rows, "peak_rss_mb": peak_rss_mb()}
 
 
+# ---- keyword search ------------------------------------------------------------------------------
+_SYLLABLES = ["ka", "ne", "ri", "to", "mu", "sa", "lo", "vi", "de", "pa", "xu", "bo", "ze", "fi", "gu", "ha",
+              "je", "co", "ly", "wa"]
+
+
+def _vocabulary(size: int, rng) -> list[str]:
+    """The commonest words of English text (the analyzer's stop words) first, then made-up words."""
+    from index.keyword import STOP
+
+    words, seen = sorted(STOP), set(STOP)
+    while len(words) < size:
+        w = "".join(_SYLLABLES[i] for i in rng.integers(0, len(_SYLLABLES), rng.integers(2, 6)))
+        if w not in seen:
+            seen.add(w)
+            words.append(w)
+    return words
+
+
+class SyntheticText:
+    """Chunks of 50-150 words drawn from a Zipf distribution (exponent 1.07, as in English text)
+    over a 200,000-word vocabulary; deterministic for a seed."""
+
+    def __init__(self, vocab: int = 200_000, seed: int = 0):
+        import numpy as np
+
+        self.rng = np.random.default_rng(seed)
+        self.words = np.array(_vocabulary(vocab, self.rng), dtype=object)
+        p = 1.0 / np.arange(1, vocab + 1) ** 1.07
+        self.cdf = np.cumsum(p / p.sum())
+
+    def _draw(self, n: int):
+        import numpy as np
+
+        return np.minimum(np.searchsorted(self.cdf, self.rng.random(n)), len(self.words) - 1)
+
+    def chunks(self, n: int) -> list[str]:
+        lens = self.rng.integers(50, 151, n)
+        ws = self.words[self._draw(int(lens.sum()))]
+        out, o = [], 0
+        for length in lens:
+            out.append(" ".join(ws[o:o + length]))
+            o += length
+        return out
+
+    def questions(self, n: int) -> list[str]:
+        """Questions of 2 stop words and 2-6 other words, drawn with the same Zipf weights."""
+        out = []
+        for _ in range(n):
+            k = int(self.rng.integers(2, 7))
+            idx = self._draw(50 * k)
+            content = [i for i in idx if i >= 40][:k]  # past the stop words
+            out.append(" ".join(["how", "the"] + list(self.words[content])))
+        return out
+
+
+def synthetic_library(size: int, text: SyntheticText, per_doc: int = 100, batch: int = 10_000):
+    """(ids, texts, doc shas, kinds) batches of ``size`` chunks, ``per_doc`` chunks per document."""
+    for start in range(0, size, batch):
+        n = min(batch, size - start)
+        ids = [f"c{start + i}" for i in range(n)]
+        yield ids, text.chunks(n), [f"{(start + i) // per_doc:064x}" for i in range(n)], ["text"] * n
+
+
+class OldBM25:
+    """The hand-written in-memory BM25 mmrag used before the Tantivy index (index/keyword.py at
+    commit 9974d4a), kept here as the benchmark's anchor; rebuilt from every text on each change."""
+
+    _WORD = None
+
+    def __init__(self, ids: list[str], texts: list[str], k1: float = 1.5, b: float = 0.75):
+        import math
+        import re
+        from collections import Counter
+
+        from index.keyword import STOP
+
+        OldBM25._WORD = re.compile(r"[a-z0-9]+(?:[._+-][a-z0-9]+)*")
+        self.stop = STOP
+        self.ids = ids
+        self.k1, self.b = k1, b
+        self.tfs = [Counter(self.tokenize(t)) for t in texts]
+        self.lens = [sum(tf.values()) for tf in self.tfs]
+        self.avg = (sum(self.lens) / len(self.lens)) if self.lens else 0.0
+        df: Counter[str] = Counter()
+        for tf in self.tfs:
+            df.update(tf.keys())
+        n = len(texts)
+        self.idf = {w: math.log(1 + (n - c + 0.5) / (c + 0.5)) for w, c in df.items()}
+        self.postings: dict[str, list[int]] = {}
+        for i, tf in enumerate(self.tfs):
+            for w in tf:
+                self.postings.setdefault(w, []).append(i)
+
+    def tokenize(self, text: str) -> list[str]:
+        return [w for w in self._WORD.findall(text.lower()) if w not in self.stop]
+
+    def search(self, query: str, n: int, allowed=None) -> list[tuple[str, float]]:
+        scores: dict[int, float] = {}
+        for w in set(self.tokenize(query)):
+            idf = self.idf.get(w)
+            if idf is None:
+                continue
+            for i in self.postings[w]:
+                tf = self.tfs[i][w]
+                norm = tf * (self.k1 + 1) / (tf + self.k1 * (1 - self.b + self.b * self.lens[i] / (self.avg or 1)))
+                scores[i] = scores.get(i, 0.0) + idf * norm
+        ranked = sorted(((s, i) for i, s in scores.items() if allowed is None or allowed(i)), reverse=True)[:n]
+        return [(self.ids[i], s) for s, i in ranked]
+
+
+def _timed(fn, items) -> list[float]:
+    out = []
+    for x in items:
+        t0 = time.perf_counter()
+        fn(x)
+        out.append((time.perf_counter() - t0) * 1000)
+    return out
+
+
+def stage_keyword(impl: str, size: int, queries: int) -> dict:
+    """One implementation at one size, in its own process (peak RSS is its own)."""
+    text = SyntheticText()
+    questions = text.questions(queries)
+    docs = [f"{d:064x}" for d in range((size + 99) // 100)]
+    one, all_but_one = {docs[len(docs) // 2]}, set(docs[1:])
+    new_ids = [f"n{i}" for i in range(1000)]
+    new_texts = text.chunks(1000)
+    new_doc = "f" * 64
+    row = {"impl": impl, "chunks": size, "documents": len(docs)}
+    t0 = time.perf_counter()
+    if impl == "tantivy":
+        from index.keyword import KeywordIndex
+
+        path = Path(tempfile.mkdtemp(prefix="mmrag-keyword-bench-"))
+        kw = KeywordIndex(path / "keyword")
+
+        def progress(done):
+            if done % 100_000 == 0:
+                print(f"keyword: {done:,}/{size:,} chunks indexed, {time.perf_counter() - t0:.0f} s",
+                      file=sys.stderr, flush=True)
+        kw.rebuild(synthetic_library(size, text), docs, progress)
+        row["build_s"] = round(time.perf_counter() - t0, 1)
+        kw.search(questions[0], 50)  # open the searcher
+        lat = {"all": _timed(lambda q: kw.search(q, 50, docs=docs), questions),
+               "one_doc": _timed(lambda q: kw.search(q, 50, docs=one), questions),
+               "all_but_one": _timed(lambda q: kw.search(q, 50, docs=all_but_one), questions)}
+        t1 = time.perf_counter()
+        kw.add(new_ids, new_texts, [new_doc] * 1000, ["text"] * 1000)
+        kw.commit([new_doc])
+        row["add_1000_s"] = round(time.perf_counter() - t1, 3)
+        assert kw.search(new_texts[0], 50, docs=[new_doc]), "the added chunks are searchable"
+        row["disk_mb"] = _dir_mb(path)
+        import shutil
+
+        shutil.rmtree(path, ignore_errors=True)
+    else:  # the old in-memory BM25: everything held in Python objects, rebuilt on every change
+        ids, texts, shas = [], [], []
+        for i, t, s, _ in synthetic_library(size, text):
+            ids += i
+            texts += t
+            shas += s
+        t_build = time.perf_counter()
+        bm = OldBM25(ids, texts)
+        row["build_s"] = round(time.perf_counter() - t_build, 1)
+        row["generate_s"] = round(t_build - t0, 1)
+
+        def filtered(allowed_docs):
+            return lambda q: bm.search(q, 50, allowed=lambda i: shas[i] in allowed_docs)
+        all_docs = set(docs)
+        lat = {"all": _timed(filtered(all_docs), questions), "one_doc": _timed(filtered(one), questions),
+               "all_but_one": _timed(filtered(all_but_one), questions)}
+        t1 = time.perf_counter()  # adding means rebuilding from every text (what the retriever did)
+        OldBM25(ids + new_ids, texts + new_texts)
+        row["add_1000_s"] = round(time.perf_counter() - t1, 1)
+        row["disk_mb"] = 0.0
+    for name, values in lat.items():
+        row[f"query_ms_p50_{name}"] = pct(values, 0.5)
+        row[f"query_ms_p95_{name}"] = pct(values, 0.95)
+    row["peak_rss_mb"] = peak_rss_mb()
+    row["queries"] = len(questions)
+    row["example_question"] = questions[0]
+    return row
+
+
 def stage_retrieval(corpus: Path, config: str | None, docs: list[str]) -> dict:
     sys.path.insert(0, str(ROOT / "tests"))
     from llm_server import LLMServer
@@ -285,13 +473,17 @@ def main() -> None:
     p.add_argument("--images", type=int, default=256)
     p.add_argument("--config", help="mmrag config for the retrieval stage (clip weights)")
     p.add_argument("--docs", default="", help="comma-separated PDFs of the corpus for the retrieval stage (default all)")
+    p.add_argument("--keyword-sizes", default="100000,1000000", help="chunks in the keyword index")
+    p.add_argument("--old-bm25-sizes", default="100000", help="chunks for the old in-memory BM25 (needs ~10 GB at 1M)")
+    p.add_argument("--keyword-queries", type=int, default=200)
     a = p.parse_args()
     if a.stage:
         name, *rest = a.stage
         fn = {"extract": lambda: stage_extract(Path(rest[0]), rest[1]),
               "embed": lambda: stage_embed(Path(rest[0]), rest[1], int(rest[2]), int(rest[3])),
               "chroma": lambda: stage_chroma([int(s) for s in rest[0].split(",")], int(rest[1]), int(rest[2])),
-              "retrieval": lambda: stage_retrieval(Path(rest[0]), rest[1] or None, [d for d in rest[2].split(",") if d])}[name]
+              "retrieval": lambda: stage_retrieval(Path(rest[0]), rest[1] or None, [d for d in rest[2].split(",") if d]),
+              "keyword": lambda: stage_keyword(rest[0], int(rest[1]), int(rest[2]))}[name]
         print(json.dumps(fn()))
         return
     out = Path(a.out)
@@ -312,6 +504,11 @@ def main() -> None:
     if "retrieval" in only:
         report["retrieval"] = run_stage(["retrieval", a.corpus, a.config or "", a.docs])
         print(json.dumps(report["retrieval"], indent=1), flush=True)
+    if "keyword" in only:
+        rows = [run_stage(["keyword", "tantivy", n, str(a.keyword_queries)]) for n in a.keyword_sizes.split(",") if n]
+        rows += [run_stage(["keyword", "old-bm25", n, str(a.keyword_queries)]) for n in a.old_bm25_sizes.split(",") if n]
+        report["keyword"] = rows
+        print(json.dumps(rows, indent=1), flush=True)
     (out / "benchmarks.json").write_text(json.dumps(report, indent=2))
     print(f"wrote {out / 'benchmarks.json'}")
 

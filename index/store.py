@@ -141,6 +141,13 @@ class Store:
         got = self.visual.get(ids=ids, include=["metadatas", "documents"])
         return [Match(i, 1.0, dict(m), d) for i, m, d in zip(got["ids"], got["metadatas"], got["documents"])]
 
+    def get_text(self, ids: list[str]) -> list[Match]:
+        """Stored text items by id (score 1.0), those found, in no particular order."""
+        if not ids:
+            return []
+        got = self.text.get(ids=ids, include=["metadatas", "documents"])
+        return [Match(i, 1.0, dict(m), d) for i, m, d in zip(got["ids"], got["metadatas"], got["documents"])]
+
     def page_image(self, doc: str, page: int) -> str | None:
         """Relative image path of a stored page render."""
         got = self.visual.get(where={"$and": [{"doc": doc}, {"page": page}, {"kind": "page"}]},

@@ -5,6 +5,12 @@ Crash safety: a document is registered as ``pending`` before any of its items is
 becomes ``complete`` only after the last one; searches only see complete documents. A pending
 document found later (the process was killed) is removed with its items and orphan images, so the
 next run ingests it again from scratch. One writer at a time (a lock file in the data dir).
+
+The keyword index (``index.keyword``, on disk in ``data_dir/keyword``) follows the same rule: a
+document's terms are committed just before the document becomes complete, removed before its
+items are, and a search names the complete documents it may return. Each writer and the first
+search check it against the store's complete documents and rebuild it from the stored texts when
+it disagrees (deleted by hand, made by an older mmrag, a rebuild cut short).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import numpy as np
 
 from index.embedders import ImageTextEmbedder, PassageEmbedder, load_image
 from index.images import ImageStore
+from index.keyword import KeywordIndex
 from index.store import Store, bbox_meta, now
 from ingest.extract import extract_pages, file_sha256, open_pdf
 from ingest.records import PageRecord
@@ -54,7 +61,8 @@ class Progress:
 
 
 class Library:
-    def __init__(self, cfg: dict, store: Store, clip: ImageTextEmbedder, passages: PassageEmbedder):
+    def __init__(self, cfg: dict, store: Store, clip: ImageTextEmbedder, passages: PassageEmbedder,
+                 keyword: KeywordIndex | None = None):
         self.cfg = cfg
         self.store = store
         self.clip = clip
@@ -62,6 +70,7 @@ class Library:
         self.data_dir = Path(cfg["data_dir"])
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.images = ImageStore(self.data_dir)
+        self.keyword = keyword or KeywordIndex(self.data_dir / "keyword")
         self._label_vecs: np.ndarray | None = None
 
     # ---- locking and recovery ---------------------------------------------------------------
@@ -75,15 +84,59 @@ class Library:
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
+    def sync_keyword(self) -> bool:
+        """What a search calls before using the keyword index: when no writer is busy, recover
+        and bring the keyword index in line with the store (False, and nothing done, while a
+        writer holds the lock: it does the same when it starts, and keeps the index in line)."""
+        with open(self.data_dir / "write.lock", "w") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            try:
+                self.recover()
+                return True
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
     def recover(self) -> list[str]:
-        """Remove what an interrupted ingest left (pending documents, orphan images)."""
+        """Remove what an interrupted ingest left (pending documents, their keyword terms,
+        orphan images), then rebuild the keyword index if it does not match the store."""
+        self.keyword.rollback()
         pending = self.store.list_docs(status="pending")
+        for doc in pending:
+            self.keyword.delete_doc(doc["sha256"])
+        self.keyword.commit()
         for doc in pending:
             log.warning("removing the half-ingested %s (interrupted earlier); ingest it again", doc["doc"])
             self.store.delete_doc(doc["sha256"])
         if pending or (self.data_dir / "images").exists() and self._has_stray_files():
             self.images.sweep(self.referenced_images())
+        complete = [d["sha256"] for d in self.store.list_docs()]
+        if not self.keyword.covers(complete):
+            self.rebuild_keyword(complete)
         return [d["doc"] for d in pending]
+
+    def rebuild_keyword(self, complete: list[str] | None = None) -> int:
+        """Rebuild the keyword index from the texts stored for complete documents; returns
+        their number."""
+        keep = set(complete if complete is not None else (d["sha256"] for d in self.store.list_docs()))
+        total = self.store.text.count()
+        if total:
+            log.warning("building the keyword index from %d stored texts (once, or after it was changed by hand)",
+                        total)
+
+        def batches():
+            for ids, docs, metas in self.store.iter_items("text"):
+                rows = [(i, d or "", m) for i, d, m in zip(ids, docs, metas) if m.get("doc_sha") in keep]
+                yield ([r[0] for r in rows], [r[1] for r in rows], [r[2]["doc_sha"] for r in rows],
+                       [keyword_kind(r[2]) for r in rows])
+
+        def progress(done: int) -> None:
+            if done % 100_000 < 1000:
+                log.info("keyword index: %d of %d texts", done, total)
+
+        return self.keyword.rebuild(batches(), keep, progress)
 
     def _has_stray_files(self) -> bool:
         return any(p.suffix.startswith(".tmp") for p in (self.data_dir / "images").glob("*/*"))
@@ -132,14 +185,16 @@ class Library:
                                figures=0, chunks=0)
             try:
                 counts = self._write_pages(doc, sha, name, progress)
+                self.keyword.commit([sha])  # its terms, just before the document is complete
             except BaseException:  # roll back what this file wrote; a kill -9 is cleaned by recover()
+                self.keyword.rollback()
                 self.store.delete_doc(sha)
                 self.images.sweep(self.referenced_images())
                 raise
             self.store.set_doc(sha, status="complete", ingested_at=now(),
                                figures=counts["figures"], chunks=counts["chunks"])
             for old in older:  # a changed file replaces its old version, once the new one is complete
-                self.store.delete_doc(old["sha256"])
+                self._delete(old["sha256"])
             if older:
                 self.images.sweep(self.referenced_images())
             lost = tuple(counts["warnings"])  # stored, but not all of it: say what is missing
@@ -206,6 +261,8 @@ class Library:
         if texts:
             vecs = self.passages.embed([t[1] for t in texts])
             self.store.add_text([t[0] for t in texts], vecs, [t[2] for t in texts], [t[1] for t in texts])
+            self.keyword.add([t[0] for t in texts], [t[1] for t in texts], [t[2]["doc_sha"] for t in texts],
+                             [keyword_kind(t[2]) for t in texts])
             texts.clear()
 
     # ---- zero-shot labels -------------------------------------------------------------------
@@ -239,9 +296,16 @@ class Library:
     def remove(self, doc: str) -> dict:
         with self.writing():
             found = self.find(doc)
-            self.store.delete_doc(found["sha256"])
+            self._delete(found["sha256"])
             self.images.sweep(self.referenced_images())
         return found
+
+    def _delete(self, sha: str) -> None:
+        """A document's keyword terms, then its items and record (a crash between the two leaves
+        a complete document the keyword index lacks: the next check rebuilds the index)."""
+        self.keyword.delete_doc(sha)
+        self.keyword.commit()
+        self.store.delete_doc(sha)
 
     def reindex(self, progress: Callable[[str, int, int], None] | None = None) -> dict:
         """Re-embed every stored image and text with the configured models, without the PDFs.
@@ -265,7 +329,14 @@ class Library:
                         progress(which, count, 0)
                 self.store.finish_replacement(which, new)
                 done[which] = count
+            done["keyword"] = self.rebuild_keyword()  # the same texts, with the current analyzer
         return done
 
     def _embed_stored_images(self, metas: list[dict]) -> np.ndarray:
         return self.clip.embed_images([load_image(self.images.path(m["image"])) for m in metas])
+
+
+def keyword_kind(meta: dict) -> str:
+    """What a stored text stands for, as the keyword index filters it: ``text`` for a passage,
+    the figure's kind (raster, vector, table) for a figure's text."""
+    return "text" if meta["kind"] == "text" else meta.get("source", "")

@@ -4,11 +4,13 @@ Tests call the same function, passing tiny real models where they want."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from assistant.assistant import Assistant
 from assistant.llm import LiteLLM
 from assistant.retrieve import Retriever
 from index.embedders import ClipEmbedder, SentenceEmbedder
+from index.keyword import KeywordIndex
 from index.settings import ClipSettings, TextEmbedderSettings
 from index.store import Store, make_client
 
@@ -43,7 +45,8 @@ def build(cfg: dict, clip=None, passages=None, client=None, llm=None, check: boo
     passages = passages or build_passages(typed.text_embedder, typed.clip.device)
     store = Store(client or make_client(typed.chroma, typed.data_dir), clip.identity, passages.identity,
                   check=check, ef_search=typed.chroma.ef_search)
-    library = Library(cfg, store, clip, passages)
-    retriever = Retriever(store, clip, passages, cfg, cfg["data_dir"])
+    keyword = KeywordIndex(Path(typed.data_dir) / "keyword")  # local even when Chroma is a server
+    library = Library(cfg, store, clip, passages, keyword)
+    retriever = Retriever(store, clip, passages, cfg, cfg["data_dir"], keyword, library.sync_keyword)
     assistant = Assistant(retriever, llm or LiteLLM(cfg["llm"]), cfg)
     return App(cfg, library, assistant)

@@ -20,13 +20,20 @@ from tests.conftest import ROOT, eval_pdf
 
 
 def snapshot(app):
-    """Everything a user could see of the index: documents, item ids, image files."""
+    """Everything a user could see of the index: documents, item ids, image files, and what the
+    keyword index holds (its item ids and documents), which must be the stored texts exactly."""
     lib = app.library
     visual = sorted(i for ids, _, _ in lib.store.iter_items("visual") for i in ids)
     text = sorted(i for ids, _, _ in lib.store.iter_items("text") for i in ids)
     files = sorted(str(p.relative_to(lib.data_dir)) for p in (lib.data_dir / "images").glob("*/*"))
     docs = [(d["doc"], d["sha256"], d["pages"], d["figures"], d["chunks"]) for d in lib.list()]
-    return {"docs": docs, "visual": visual, "text": text, "files": files}
+    keyword = sorted(lib.keyword.ids())
+    assert keyword == text and lib.keyword.documents() == {d[1] for d in docs}
+    return {"docs": docs, "visual": visual, "text": text, "files": files, "keyword": keyword}
+
+
+def keyword_hits(app, question, **filters):
+    return app.retriever.retrieve(question, k=50, signals=("keyword",), **filters)
 
 
 def test_ingest_stores_figures_pages_and_chunks(app, tmp_path):
@@ -61,6 +68,7 @@ def test_a_changed_file_replaces_its_old_version(app, tmp_path):
     pdfgen.figure_doc(pdf, pages=1)  # same name, new content
     [res] = app.library.ingest([pdf])
     assert res.status == "replaced"
+    assert {h.page for h in keyword_hits(app, "parser renderer")} == {1}  # nothing of the old pages 2-3
     [doc] = app.library.list()
     assert doc["pages"] == 1 and doc["sha256"] != old_sha
     snap = snapshot(app)
@@ -82,8 +90,10 @@ def test_remove_deletes_items_and_orphan_images_only(app, tmp_path):
     a = pdfgen.figure_doc(tmp_path / "a.pdf", pages=2)
     b = pdfgen.figure_doc(tmp_path / "b.pdf", pages=1)
     app.library.ingest([a, b])
+    assert {h.doc for h in keyword_hits(app, "parser renderer")} == {"a.pdf", "b.pdf"}
     app.library.remove("a.pdf")
     assert [d["doc"] for d in app.library.list()] == ["b.pdf"]
+    assert {h.doc for h in keyword_hits(app, "parser renderer")} == {"b.pdf"}
     snap = snapshot(app)
     assert set(snap["files"]) == app.library.referenced_images()
     assert len(snap["visual"]) == 2
@@ -134,6 +144,14 @@ def test_kill_9_during_ingest_leaves_nothing_half_done(write_config, tmp_path):
     clean_cfg = clean_cfg.rename(tmp_path / "clean.yaml")
     subprocess.run(_ingest_cmd(clean_cfg) + [str(p) for p in pdfs], check=True, cwd=ROOT)
     config = write_config(data_dir=tmp_path / "crashy")
+    import json
+
+    import yaml
+
+    body = yaml.safe_load(config.read_text())
+    body["retrieval"] = {"weights": {"clip": 0.0, "text": 0.0, "keyword": 1.0}}
+    keyword_only = tmp_path / "keyword-only.yaml"
+    keyword_only.write_text(yaml.safe_dump(body))
     rng = random.Random(7)
     killed = 0
     for _ in range(3):
@@ -145,10 +163,14 @@ def test_kill_9_during_ingest_leaves_nothing_half_done(write_config, tmp_path):
         proc.wait()
         listed = subprocess.run([sys.executable, "-m", "mmrag", "--config", str(config), "list", "--json"],
                                 cwd=ROOT, capture_output=True, text=True, check=True).stdout
-        import json
-
-        for d in json.loads(listed):  # whatever is visible is complete
+        visible = json.loads(listed)
+        for d in visible:  # whatever is visible is complete
             assert d["pages"] == 12 and d["figures"] == 16
+        # a keyword search (which also repairs what the kill left) finds only complete documents
+        found = subprocess.run([sys.executable, "-m", "mmrag", "--config", str(keyword_only), "search", "parser renderer",
+                                "--kind", "text", "-k", "50", "--json"], cwd=ROOT, capture_output=True, text=True,
+                               check=True).stdout
+        assert {h["doc"] for h in json.loads(found)} == {d["doc"] for d in visible}
     assert killed >= 1, "the ingest finished before any kill: make the documents longer"
     subprocess.run(_ingest_cmd(config) + [str(p) for p in pdfs], check=True, cwd=ROOT)
     from mmrag.config import load_config
@@ -198,6 +220,9 @@ def test_server_mode_runs_the_same_library(make_cfg, clip, passages, chroma_serv
     assert app.library.ingest([pdf])[0].status == "unchanged"
     hits = app.retriever.retrieve("Values in a ruled table", k=3, kinds=["table"])
     assert hits and hits[0].kind == "table" and hits[0].doc == "served.pdf"
+    # the keyword index lives in the local data dir beside the remote Chroma
+    assert (tmp_path / "data" / "keyword").is_dir()
+    assert {h.kind for h in keyword_hits(app, "Values in a ruled table", kinds=["table"])} == {"table"}
     local = build(make_cfg(data_dir=tmp_path / "local"), clip=clip, passages=passages)
     local.library.ingest([pdf])
     assert snapshot(local)["visual"] == snapshot(app)["visual"]
@@ -234,3 +259,36 @@ def test_interrupted_reindex_keeps_or_completes_the_index(cfg, clip, passages, t
     reopened = build(cfg, clip=clip, passages=passages)
     assert snapshot(reopened) == before
     assert reopened.retriever.retrieve("parser renderer", k=2)
+
+
+def test_keyword_index_deleted_or_from_an_older_mmrag_is_rebuilt_from_the_store(cfg, clip, passages, tmp_path):
+    app = build(cfg, clip=clip, passages=passages)
+    app.library.ingest([pdfgen.figure_doc(tmp_path / "m.pdf", pages=2)])
+    before = snapshot(app)
+    want = [(h.id, h.score) for h in keyword_hits(app, "parser renderer")]
+    assert want
+    # a user deletes it (as a library made before the keyword index has none): the next search,
+    # in a fresh process, rebuilds it from Chroma's stored texts and ranks the same
+    shutil.rmtree(Path(cfg["data_dir"]) / "keyword")
+    reopened = build(cfg, clip=clip, passages=passages)
+    assert [(h.id, h.score) for h in keyword_hits(reopened, "parser renderer")] == want
+    assert snapshot(reopened) == before
+    # and so does the next writer, for an index whose last build was cut short
+    kw = reopened.library.keyword
+    kw._write_manifest(kw.documents(), complete=False)
+    again = build(cfg, clip=clip, passages=passages)
+    assert not again.library.keyword.covers([d[1] for d in before["docs"]])
+    again.library.ingest([])
+    assert again.library.keyword.covers([d[1] for d in before["docs"]]) and snapshot(again) == before
+
+
+def test_keyword_search_filters_by_document_and_kind(app, tmp_path):
+    a = pdfgen.figure_doc(tmp_path / "a.pdf", pages=3)
+    b = pdfgen.figure_doc(tmp_path / "b.pdf", pages=1)
+    app.library.ingest([a, b])
+    assert {h.doc for h in keyword_hits(app, "parser renderer")} == {"a.pdf", "b.pdf"}
+    assert {h.doc for h in keyword_hits(app, "parser renderer", docs=["b.pdf"])} == {"b.pdf"}
+    tables = keyword_hits(app, "Values in a ruled table", kinds=["table"])
+    assert tables and {h.kind for h in tables} == {"table"}
+    assert {h.kind for h in keyword_hits(app, "parser renderer", kinds=["text"])} == {"text"}
+    assert keyword_hits(app, "parser renderer", kinds=["page"]) == []
