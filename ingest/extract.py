@@ -80,8 +80,8 @@ def running_header_keys(doc: pymupdf.Document) -> set[str]:
         texts = []
         for clip in (pymupdf.Rect(0, 0, page.rect.width, h * text.MARGIN),
                      pymupdf.Rect(0, h * (1 - text.MARGIN), page.rect.width, h)):
-            try:
-                texts += [b[4] for b in page.get_text("blocks", clip=clip) if b[6] == 0]
+            try:  # get_text clips in unrotated page space
+                texts += [b[4] for b in page.get_text("blocks", clip=clip * page.derotation_matrix) if b[6] == 0]
             except Exception:
                 pass
         margin_texts.append(texts)
@@ -92,20 +92,62 @@ def _is_scanned(page: pymupdf.Page, words: list) -> bool:
     if words:
         return False
     page_area = abs(page.rect)
-    return any(abs(pymupdf.Rect(i["bbox"]) & page.rect) >= 0.5 * page_area for i in page.get_image_info())
+    return any(abs(F.display_rect(page, i["bbox"]) & page.rect) >= 0.5 * page_area for i in page.get_image_info())
+
+
+MAX_RENDER_PIXELS = 16_000_000  # any one render (page, figure, OCR image): far below Pillow's limit
+MAX_RENDER_SIDE = 8000
+
+
+def render_zoom(width: float, height: float, want: float, max_pixels: int = MAX_RENDER_PIXELS,
+                max_side: int = MAX_RENDER_SIDE) -> float:
+    """The zoom (pixels per point) to render a ``width`` x ``height`` point area at: ``want``,
+    scaled down until the image fits the pixel budget and the side limit, and up until it is at
+    least one pixel each way. Huge and tiny pages are rendered scaled, never refused.
+
+    >>> render_zoom(612, 792, 2.0)
+    2.0
+    >>> int(render_zoom(14400, 14400, 2.0) * 14400)     # a 200-inch poster: 4000 px a side
+    3996
+    >>> render_zoom(0.5, 0.5, 1.0)                       # a page smaller than a pixel
+    2.0
+    """
+    zoom = want
+    if width * height * zoom * zoom > max_pixels:
+        zoom = 0.999 * (max_pixels / (width * height)) ** 0.5  # MuPDF rounds sizes up
+    zoom = max(zoom, 1.0 / max(min(width, height), 1e-6))  # at least one pixel each way
+    return min(zoom, 0.999 * max_side / max(width, height, 1e-6))
+
+
+def _pixmap(page: pymupdf.Page, clip, zoom: float, **kw) -> pymupdf.Pixmap:
+    """Render ``clip`` (displayed-page coordinates; None: the whole page) at ``zoom`` within the
+    pixel budget. Transparency is composited onto white: what a viewer shows on paper."""
+    area = pymupdf.Rect(clip) if clip is not None else page.rect
+    z = render_zoom(area.width, area.height, zoom)
+    return page.get_pixmap(matrix=pymupdf.Matrix(z, z), clip=clip, alpha=False, **kw)
 
 
 def _grey_cells(page: pymupdf.Page, oversample: int = 4) -> np.ndarray:
     """The page in grey, one pixel per grid cell, each the darkest of its ``oversample``² pixels
-    (so hairlines survive the reduction)."""
-    pix = page.get_pixmap(dpi=int(72 / regions.CELL * oversample), colorspace=pymupdf.csGRAY, alpha=False)
+    (so hairlines survive the reduction). Huge pages are rendered coarser and spread to the grid."""
+    gh, gw = int(page.rect.height / regions.CELL) + 1, int(page.rect.width / regions.CELL) + 1
+    want = oversample / regions.CELL
+    zoom = render_zoom(page.rect.width, page.rect.height, want)
+    pix = page.get_pixmap(matrix=pymupdf.Matrix(zoom, zoom), colorspace=pymupdf.csGRAY, alpha=False)
     arr = np.frombuffer(pix.samples, np.uint8).reshape(pix.height, pix.stride)[:, : pix.width]
-    h, w = arr.shape[0] // oversample, arr.shape[1] // oversample
-    return arr[: h * oversample, : w * oversample].reshape(h, oversample, w, oversample).min(axis=(1, 3))
+    k = int(zoom * regions.CELL)
+    if k >= 1:
+        h, w = arr.shape[0] // k, arr.shape[1] // k
+        cells = arr[: h * k, : w * k].reshape(h, k, w, k).min(axis=(1, 3))
+    else:  # fewer pixels than cells: each pixel covers several cells
+        ys = np.minimum((np.arange(gh) * regions.CELL * zoom).astype(int), arr.shape[0] - 1)
+        xs = np.minimum((np.arange(gw) * regions.CELL * zoom).astype(int), arr.shape[1] - 1)
+        cells = arr[np.ix_(ys, xs)]
+    return cells
 
 
-def _png(page: pymupdf.Page, clip, dpi: int) -> bytes:
-    return page.get_pixmap(dpi=dpi, clip=clip, alpha=False).tobytes("png")
+def _png(page: pymupdf.Page, clip, dpi: float) -> bytes:
+    return _pixmap(page, clip, dpi / 72.0).tobytes("png")
 
 
 def _reason(exc: BaseException) -> str:
@@ -125,7 +167,7 @@ def extract_pages(doc: pymupdf.Document, sha: str, cfg: dict, render: bool = Tru
     skip = decoration_xrefs(doc)
     running = running_header_keys(doc)
     ocr_mode = cfg["ocr"]
-    xref_png: dict[int, bytes] = {}
+    xref_png: dict[tuple, bytes] = {}  # lone images already rendered
     for pno in range(doc.page_count):
         try:
             page = doc[pno]
@@ -151,8 +193,10 @@ def _extract_page(doc, page, sha, cfg, skip, running, ocr_mode, render, xref_png
         warnings.append(line)
 
     tp = page.get_textpage(flags=TEXT_FLAGS)
-    words = page.get_text("words", textpage=tp)
-    blocks = [(text.clean_block_text(b[4]), tuple(b[:4])) for b in page.get_text("blocks", textpage=tp) if b[6] == 0]
+    # every box from here on is in the coordinates of the page as displayed (/Rotate applied)
+    words = [(*F.display_rect(page, w[:4]), *w[4:]) for w in page.get_text("words", textpage=tp)]
+    blocks = [(text.clean_block_text(b[4]), tuple(F.display_rect(page, b[:4])))
+              for b in page.get_text("blocks", textpage=tp) if b[6] == 0]
     blocks = [b for b in blocks if b[0]]
     scanned = _is_scanned(page, words)
     min_side = float(cfg["min_figure_side"])
@@ -160,9 +204,9 @@ def _extract_page(doc, page, sha, cfg, skip, running, ocr_mode, render, xref_png
     cands: list[F.Candidate] = []
     lines: list[tuple[str, tuple]] = []
     if scanned and ocr_mode != "never":
-        scale = 72.0 / OCR_DPI
         try:
-            lines = ocr_lines(page.get_pixmap(dpi=OCR_DPI, alpha=False).tobytes("png"), scale=scale)
+            pix = _pixmap(page, None, OCR_DPI / 72.0)
+            lines = ocr_lines(pix.tobytes("png"), scale=page.rect.width / pix.width)
         except Exception as exc:
             warn("OCR of the scanned page failed, its text is missing", exc)
         try:
@@ -186,7 +230,7 @@ def _extract_page(doc, page, sha, cfg, skip, running, ocr_mode, render, xref_png
             labels = cand.labels or (F.labels_inside(cand.bbox, lines) if source == "text" else "")
             png = b""
             if render:
-                png = _figure_png(doc, page, cand, cfg, xref_png)
+                png = _figure_png(page, cand, cfg, xref_png)
                 if (cand.kind == "raster" and not labels and cfg["ocr_figures"] and ocr_mode != "never"
                         and min(_png_size(png)) >= MIN_OCR_SIDE):
                     try:
@@ -221,15 +265,26 @@ def _png_size(png: bytes) -> tuple[int, int]:
     return int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
 
 
-def _figure_png(doc, page, cand, cfg, xref_png) -> bytes:
-    png = b""
-    if cand.xref:
-        png = xref_png.get(cand.xref) or F.image_png(doc, cand.xref) or b""
-        if png:
-            xref_png[cand.xref] = png
-    if not png:
-        clip = pymupdf.Rect(cand.bbox) + (-2, -2, 2, 2)
-        png = _png(page, clip & page.rect, int(cfg["figure_dpi"]))
+def _figure_png(page, cand, cfg, rendered) -> bytes:
+    """The figure as the page shows it: its region rendered, so soft masks, stencil masks,
+    /Decode arrays, CMYK/indexed/16-bit colour, rotation and flips come out as a viewer draws
+    them, on white. Regions with images are rendered near the images' own resolution (at least
+    half the figure dpi, at most twice it); a lone image placed again with the same size and
+    orientation reuses its first rendering (one stored file)."""
+    dpi = float(cfg["figure_dpi"])
+    if cand.xref and cand.clip:
+        clip = pymupdf.Rect(cand.clip) & page.rect
+        key = (cand.xref, round(clip.width, 1), round(clip.height, 1), round(cand.zoom, 3))
+        if key in rendered:
+            return rendered[key]
+    else:
+        clip, key = (pymupdf.Rect(cand.bbox) + (-2, -2, 2, 2)) & page.rect, None
+    zoom = dpi / 72.0
+    if cand.zoom:
+        zoom = min(max(cand.zoom, zoom / 2), zoom * 2)
+    png = _pixmap(page, clip, zoom).tobytes("png")
+    if key:
+        rendered[key] = png
     return png
 
 

@@ -15,15 +15,16 @@ from .records import BBox
 CAPTION = re.compile(r"^\s*(fig(?:ure)?|table|tab|chart|diagram|plate|exhibit)\.?\s*([0-9]+[0-9.\-]*|[IVXL]+)\b", re.I)
 JOIN_GAP = 6.0  # points: ink closer than this is one figure
 BACKGROUND = 0.8  # share of the page: larger items are page backgrounds, larger regions are pages
-MAX_IMAGE_PIXELS = 40_000_000  # larger images are rendered, never decoded whole
 
 
 @dataclass
 class Candidate:
     bbox: BBox
     kind: str  # raster | vector | table
-    xref: int = 0  # the one image that makes up a raster figure, when it can be saved as is
+    xref: int = 0  # the one image that makes up a raster figure
     labels: str = ""  # text inside the figure (text layer, or OCR on scans)
+    zoom: float = 0.0  # pixels per point that show its images at their own resolution (0: none)
+    clip: BBox | None = None  # the area to render when it is not the box (a lone image's exact rect)
 
 
 def page_lines(words: list[tuple]) -> list[tuple[str, BBox]]:
@@ -38,19 +39,59 @@ def page_lines(words: list[tuple]) -> list[tuple[str, BBox]]:
     return out
 
 
-def _ink_items(page: pymupdf.Page, skip_xrefs: set[int]) -> list[tuple[BBox, str, int]]:
+def display_rect(page: pymupdf.Page, r) -> pymupdf.Rect:
+    """A rect from PyMuPDF's text, bbox-log, image and drawing APIs (unrotated page space, already
+    relative to the CropBox) in the coordinates of the page as displayed (``page.rect``): the
+    space of every box mmrag stores and of ``get_pixmap(clip=...)``."""
+    r = pymupdf.Rect(r)
+    return r * page.rotation_matrix if page.rotation else r
+
+
+def display_drawings(page: pymupdf.Page) -> list[dict]:
+    """``page.get_drawings()`` with rects and points in displayed-page coordinates."""
+    drawings = page.get_drawings()
+    if not page.rotation:
+        return drawings
+    m = page.rotation_matrix
+    for d in drawings:
+        d["rect"] = pymupdf.Rect(d["rect"]) * m
+        d["items"] = [(it[0], *[(x * m if isinstance(x, (pymupdf.Point, pymupdf.Rect, pymupdf.Quad)) else x)
+                                for x in it[1:]]) for it in d["items"]]
+    return drawings
+
+
+def native_zoom(info: dict) -> float:
+    """Pixels per point at which a placed image shows its own resolution: its pixel size over
+    the length of its placed sides (from the placement matrix, so rotation and shear count).
+
+    >>> native_zoom({"width": 120, "height": 90, "transform": (180, 0, 0, 135, 100, 200)})
+    0.6666666666666666
+    >>> native_zoom({"width": 300, "height": 200, "transform": (0, 300, -200, 0, 350, 100)})  # rotated 90°
+    1.0
+    """
+    a, b, c, d = info["transform"][:4]
+    sx, sy = (a * a + b * b) ** 0.5, (c * c + d * d) ** 0.5
+    return max(info["width"] / sx if sx else 0.0, info["height"] / sy if sy else 0.0)
+
+
+def _ink_items(page: pymupdf.Page, skip_xrefs: set[int]) -> list[tuple[BBox, str, int, float]]:
+    """(box in displayed coordinates, "path" | "image", image xref, image native zoom)."""
     page_area = abs(page.rect)
-    items: list[tuple[BBox, str, int]] = []
+    items: list[tuple[BBox, str, int, float]] = []
     for kind, rect in page.get_bboxlog():
         if kind in ("fill-path", "stroke-path"):
-            r = pymupdf.Rect(rect) & page.rect
+            r = display_rect(page, rect) & page.rect
             if not r.is_empty and abs(r) < BACKGROUND * page_area:
-                items.append((tuple(r), "path", 0))
+                items.append((tuple(r), "path", 0, 0.0))
     for info in page.get_image_info(xrefs=True):
-        r = pymupdf.Rect(info["bbox"]) & page.rect
+        r = display_rect(page, info["bbox"]) & page.rect
         if r.is_empty or info.get("xref", 0) in skip_xrefs or abs(r) >= BACKGROUND * page_area:
             continue
-        items.append((tuple(r), "image", info.get("xref", 0)))
+        try:
+            zoom = native_zoom(info)
+        except (KeyError, TypeError, ValueError):
+            zoom = 0.0
+        items.append((tuple(r), "image", info.get("xref", 0), zoom))
     return items
 
 
@@ -63,7 +104,7 @@ def _merge_overlapping(cands: list[Candidate]) -> list[Candidate]:
                 a, b = cands[i], cands[j]
                 if regions.intersection(a.bbox, b.bbox) > 0.1 * min(regions.area(a.bbox), regions.area(b.bbox)):
                     kind = a.kind if a.kind == b.kind else ("raster" if "raster" in (a.kind, b.kind) else "vector")
-                    cands[i] = Candidate(regions.union(a.bbox, b.bbox), kind, 0)
+                    cands[i] = Candidate(regions.union(a.bbox, b.bbox), kind, 0, zoom=max(a.zoom, b.zoom))
                     del cands[j]
                     merged = True
                     break
@@ -116,9 +157,9 @@ def find_figures(page: pymupdf.Page, lines: list[tuple[str, BBox]], skip_xrefs: 
     if not items:
         return []
     size = (page.rect.width, page.rect.height)
-    grid = regions.paint(size, [r for r, _, _ in items])
+    grid = regions.paint(size, [it[0] for it in items])
     cands: list[Candidate] = []
-    typed = [(r, k) for r, k, _ in items]
+    typed = [(it[0], it[1]) for it in items]
     drawings = None  # fetched only when a region might be a table
     for box in regions.ink_regions(grid, JOIN_GAP):
         grown = regions.grow_with_labels(box, lines)
@@ -135,17 +176,18 @@ def find_figures(page: pymupdf.Page, lines: list[tuple[str, BBox]], skip_xrefs: 
             continue
         text_area = _text_area(grown, lines)
         if kind == "vector" and text_area >= 0.08 * regions.area(grown) and len(items) <= MAX_TABLE_ITEMS:
-            drawings = drawings if drawings is not None else page.get_drawings()
+            drawings = drawings if drawings is not None else display_drawings(page)
             if regions.looks_like_table(*rule_stats(drawings, box)):
                 kind = "table"
         elif kind == "vector" and reg.n_paths <= 2 and text_area >= 0.25 * regions.area(grown):
             continue  # a frame around text (a boxed note or listing), not a figure
-        xref = 0
+        xref, clip = 0, None
+        zoom = max((items[i][3] for i in reg.images), default=0.0)
         if kind == "raster" and len(reg.images) == 1:
-            img_rect, _, img_xref = items[reg.images[0]]
+            img_rect, _, img_xref, _ = items[reg.images[0]]
             if regions.intersection(img_rect, grown) >= 0.9 * regions.area(grown):
-                xref = img_xref
-        cands.append(Candidate(grown, kind, xref))
+                xref, clip = img_xref, img_rect
+        cands.append(Candidate(grown, kind, xref, zoom=zoom, clip=clip))
     cands = _merge_overlapping(cands)
     cands.sort(key=lambda c: (round(c.bbox[1] / 10), c.bbox[0]))
     return cands
@@ -207,26 +249,3 @@ def nearby_text(box: BBox, blocks: list[tuple[str, BBox]], caption: str, reach: 
 
 def labels_inside(box: BBox, lines: list[tuple[str, BBox]]) -> str:
     return " ".join(t for t, lb in lines if regions.intersection(box, lb) >= 0.5 * (regions.area(lb) or 1))
-
-
-def image_png(doc: pymupdf.Document, xref: int) -> bytes | None:
-    """An embedded image as PNG with correct colours: soft masks applied as alpha, CMYK, indexed
-    and ICC colour spaces converted to RGB; JPX decoded by MuPDF. None if it cannot be decoded."""
-    try:
-        info = doc.xref_get_key(xref, "Width"), doc.xref_get_key(xref, "Height")
-        w, h = (int(v[1]) if v[0] == "int" else 0 for v in info)
-        if w * h > MAX_IMAGE_PIXELS:
-            return None
-        pix = pymupdf.Pixmap(doc, xref)
-        smask = doc.xref_get_key(xref, "SMask")
-        if smask[0] == "xref":
-            mask = pymupdf.Pixmap(doc, int(smask[1].split()[0]))
-            if mask.width == pix.width and mask.height == pix.height:
-                pix = pymupdf.Pixmap(pix, mask)
-        if pix.colorspace is None:  # stencil mask alone
-            return None
-        if pix.colorspace.n not in (1, 3):
-            pix = pymupdf.Pixmap(pymupdf.csRGB, pix)
-        return pix.tobytes("png")
-    except (RuntimeError, ValueError):
-        return None

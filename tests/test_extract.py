@@ -38,8 +38,10 @@ def test_image_placed_twice_is_stored_once_and_keeps_its_colour(tmp_path, cfg):
     assert [f.kind for f in figs] == ["raster", "raster"]
     assert figs[0].png == figs[1].png  # same bytes -> one content-addressed file
     img = Image.open(io.BytesIO(figs[0].png)).convert("RGB")
-    assert img.size == (120, 90)  # the embedded image itself, not a re-render
-    assert img.getpixel((60, 10)) == (200, 30, 30)
+    # the placed image as the page shows it (180 x 135 pt): its own 120 x 90 px are below half
+    # the figure dpi, so it is rendered at 72 dpi, exactly its placed rect
+    assert img.size == (180, 135)
+    assert img.getpixel((90, 15)) == (200, 30, 30)
     assert figs[0].caption.startswith("Fig. 2.")
 
 
@@ -77,14 +79,15 @@ def test_cmyk_image_comes_out_in_correct_rgb(tmp_path, cfg):
     assert r > 200 and g < 60 and b < 60
 
 
-def test_image_with_alpha_mask_keeps_the_mask(tmp_path, cfg):
+def test_image_with_alpha_mask_is_composited_onto_white(tmp_path, cfg):
     pix = pymupdf.Pixmap(pymupdf.csRGB, pymupdf.IRect(0, 0, 80, 60), True)
     pix.set_rect(pix.irect, (0, 0, 255, 255))
-    pix.set_rect(pymupdf.IRect(0, 0, 40, 60), (0, 0, 255, 0))  # left half transparent
+    pix.set_rect(pymupdf.IRect(0, 0, 40, 60), (0, 0, 255, 0))  # left half transparent (its colour: blue)
     recs = records(_image_pdf(tmp_path, pix), cfg)
     img = Image.open(io.BytesIO(recs[0].figures[0].png))
-    assert img.mode == "RGBA"
-    assert img.getpixel((10, 30))[3] == 0 and img.getpixel((70, 30))[3] == 255
+    assert img.mode == "RGB"  # what the page shows: paper where the image is transparent
+    w, h = img.size
+    assert img.getpixel((w // 8, h // 2)) == (255, 255, 255) and img.getpixel((7 * w // 8, h // 2)) == (0, 0, 255)
 
 
 def test_tiny_and_repeated_images_are_decoration(tmp_path, cfg):

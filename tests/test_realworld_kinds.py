@@ -155,3 +155,145 @@ def test_ligatures_soft_hyphens_zero_width_and_full_width_text_is_stored_and_fou
     for query, page in (("efficient filter", 2), ("maintenance", 2), ("MX500", 3)):
         hits = app.retriever.retrieve(query, k=3, kinds=["text"], signals=["keyword"])
         assert hits and hits[0].page == page and hits[0].score > 0, query
+
+
+# ---- page geometry: every box, crop and render as the page is displayed -------------------------
+
+def pixels(png):
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), float)
+
+
+def blue_share(png):
+    a = pixels(png)
+    return float(((a[..., 2] > 180) & (a[..., 0] < 100)).mean())
+
+
+@pytest.mark.parametrize("rotation,crop", [(90, False), (180, False), (270, False), (90, True), (270, True), (0, True)])
+def test_rotated_and_cropped_pages_give_boxes_and_images_as_displayed(tmp_path, cfg, rotation, crop):
+    """Content placed so that it reads upright on screen: a title, a blue panel at a known place
+    of the displayed page, its caption below. Boxes, caption and stored images must follow."""
+    crop_box = pymupdf.Rect(30, 40, 582, 752)  # the displayed page is the CropBox, offset
+    probe = pymupdf.open().new_page(width=612, height=792)
+    if crop:
+        probe.set_cropbox(crop_box)
+    probe.set_rotation(rotation)
+    m = probe.derotation_matrix  # displayed -> unrotated, CropBox-relative
+    off = pymupdf.Point(crop_box.tl) if crop else pymupdf.Point(0, 0)
+    doc = pymupdf.open()
+    page = doc.new_page(width=612, height=792)  # drawn unrotated and uncropped, then turned and cropped
+    panel = pymupdf.Rect(300, 120, 500, 280)  # where the viewer shows it
+
+    def text(x, y, s, size):
+        page.insert_text(pymupdf.Point(x, y) * m + off, s, fontsize=size, rotate=rotation)
+
+    text(72, 60, "Quarterly results overview", 14)
+    text(72, 100, "Body text on the left side of the page.", 10)
+    page.draw_rect(panel * m + (off.x, off.y, off.x, off.y), color=(0, 0, 0), fill=(0.2, 0.4, 0.9))
+    text(300, 300, "Figure 1: Blue panel of the results.", 10)
+    if crop:
+        page.set_cropbox(crop_box)
+    page.set_rotation(rotation)
+    doc.save(tmp_path / "p.pdf")
+    # the reference: where a viewer shows the panel, from the page rendered at 72 dpi (one pixel a point)
+    pix = pymupdf.open(tmp_path / "p.pdf")[0].get_pixmap(dpi=72, alpha=False)
+    shown = np.frombuffer(pix.samples, np.uint8).reshape(pix.height, pix.width, 3)
+    ys, xs = np.nonzero((shown[..., 2] > 180) & (shown[..., 0] < 100))
+    assert all(abs(a - b) <= 2 for a, b in zip((xs.min(), ys.min(), xs.max() + 1, ys.max() + 1), panel))
+    [rec] = records(tmp_path / "p.pdf", cfg)
+    w, h = (612, 792) if not crop else (552, 712)
+    assert rec.size == ((h, w) if rotation in (90, 270) else (w, h))
+    [fig] = rec.figures
+    assert all(abs(a - b) <= 4 for a, b in zip(fig.bbox, panel)), fig.bbox
+    assert fig.caption == "Figure 1: Blue panel of the results."
+    assert blue_share(fig.png) > 0.8
+    body = [c for c in rec.chunks if "Body text" in c.text]
+    assert body and body[0].bbox[0] < fig.bbox[0] and body[0].bbox[1] < fig.bbox[1]  # above left, as displayed
+    page_img = Image.open(io.BytesIO(rec.png))
+    assert page_img.size == (round(rec.size[0]), round(rec.size[1]))  # page_dpi 72: one pixel a point
+
+
+@pytest.mark.parametrize("rotate", [90, 180, 270])
+def test_image_placed_rotated_is_stored_as_the_page_shows_it(tmp_path, cfg, rotate):
+    img = Image.new("RGB", (300, 200), "white")
+    img.paste((220, 0, 0), (0, 0, 120, 80))  # red in the stored top-left corner
+    img.paste((0, 0, 200), (200, 150, 300, 200))  # blue in the stored bottom-right corner
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    doc = pymupdf.open()
+    page = doc.new_page()
+    rect = pymupdf.Rect(150, 100, 350, 400) if rotate != 180 else pymupdf.Rect(100, 100, 400, 300)
+    page.insert_image(rect, stream=buf.getvalue(), rotate=rotate)
+    page.insert_text((150, 430), "Figure 1: The pump housing.", fontsize=10)
+    doc.save(tmp_path / "r.pdf")
+    [rec] = records(tmp_path / "r.pdf", cfg)
+    [fig] = rec.figures
+    # where the red block is on the page (independent of MuPDF): rotate the stored pixels as placed
+    shown = img.rotate(rotate, expand=True)  # PIL turns counter-clockwise, as PDF's rotate does
+    stored = Image.open(io.BytesIO(fig.png)).convert("RGB").resize(shown.size)
+    diff = np.abs(np.asarray(stored, float) - np.asarray(shown, float)).mean()
+    assert diff < 20, diff
+
+
+def _placed(tmp_path, pix=None, stream=None, after=None):
+    doc = pymupdf.open()
+    page = doc.new_page()
+    page.insert_text((72, 72), "A page with one image.")
+    page.insert_image(pymupdf.Rect(100, 100, 300, 250), pixmap=pix, stream=stream)
+    if after:
+        after(doc, page.get_images()[0][0])
+    doc.save(tmp_path / "img.pdf")
+    return tmp_path / "img.pdf"
+
+
+def test_transparent_line_art_reaches_the_models_as_dark_lines_on_white(tmp_path, cfg, app):
+    """A PNG with alpha whose transparent pixels are black (how drawing tools export line art):
+    the stored PNG, what CLIP embeds and what the vision model is sent look like the page."""
+    from PIL import ImageDraw
+
+    im = Image.new("RGBA", (400, 300), (0, 0, 0, 0))
+    ImageDraw.Draw(im).rectangle((40, 40, 360, 260), outline=(0, 0, 0, 255), width=6)
+    buf = io.BytesIO()
+    im.save(buf, "PNG")
+    pdf = _placed(tmp_path, stream=buf.getvalue())
+    [rec] = records(pdf, cfg)
+    grey = pixels(rec.figures[0].png).mean(axis=2)
+    assert (grey < 128).mean() < 0.2 and (grey < 128).mean() > 0.01  # thin dark lines on white
+    app.library.ingest([pdf])
+    [meta] = [m for _, _, metas in app.library.store.iter_items("visual") for m in metas if m["kind"] == "raster"]
+    stored = np.asarray(Image.open(app.library.images.path(meta["image"])).convert("L"), float)
+    assert (stored < 128).mean() < 0.2
+
+
+def test_decode_array_cmyk_and_stencil_mask_images_come_out_as_shown(tmp_path, cfg):
+    # an 8-bit grey image with /Decode [1 0]: a viewer shows it inverted (dark stays dark only if inverted twice)
+    g = pymupdf.Pixmap(pymupdf.csGRAY, pymupdf.IRect(0, 0, 80, 60), False)
+    g.set_rect(g.irect, (20,))  # stored nearly black
+    pdf = _placed(tmp_path, pix=g, after=lambda d, x: d.xref_set_key(x, "Decode", "[1 0]"))
+    [rec] = records(pdf, cfg)
+    assert pixels(rec.figures[0].png).mean() > 200  # shown nearly white
+    cmyk = pymupdf.Pixmap(pymupdf.csCMYK, pymupdf.IRect(0, 0, 80, 60), False)
+    cmyk.set_rect(cmyk.irect, (0, 255, 255, 0))  # pure red in CMYK
+    [rec] = records(_placed(tmp_path, pix=cmyk), cfg)
+    r, g_, b = pixels(rec.figures[0].png).mean(axis=(0, 1))
+    assert r > 200 and g_ < 60 and b < 60
+
+
+def test_huge_and_tiny_pages_render_within_the_pixel_budget(tmp_path, cfg):
+    doc = pymupdf.open()
+    big = doc.new_page(width=14400, height=14400)  # the largest page PDF allows (200 inches)
+    big.insert_text((720, 720), "Site plan of the whole campus.", fontsize=200)
+    big.draw_rect(pymupdf.Rect(2000, 2000, 9000, 9000), color=(0, 0, 0), fill=(0.2, 0.4, 0.9))
+    big.insert_text((2000, 9250), "Figure 1: The campus.", fontsize=200)
+    tiny = doc.new_page(width=20, height=10)  # a label-sized page
+    tiny.insert_text((1, 8), "tag", fontsize=6)
+    doc.save(tmp_path / "sizes.pdf")
+    recs = records(tmp_path / "sizes.pdf", cfg)
+    assert [r.warnings for r in recs] == [(), ()]
+    page_img = Image.open(io.BytesIO(recs[0].png))
+    assert page_img.width * page_img.height <= ingest.extract.MAX_RENDER_PIXELS and page_img.width >= 1000
+    [fig] = recs[0].figures
+    fig_img = Image.open(io.BytesIO(fig.png))
+    assert fig_img.width * fig_img.height <= ingest.extract.MAX_RENDER_PIXELS and blue_share(fig.png) > 0.8
+    assert fig.caption == "Figure 1: The campus."
+    assert Image.open(io.BytesIO(recs[1].png)).size == (20, 10)
+    assert "tag" in recs[1].chunks[0].text
