@@ -223,9 +223,9 @@ def _extract_page(doc, page, sha, cfg, skip, running, ocr_mode, render, xref_png
             warn("figure detection failed, no figures from this page", exc)
     blocks = text.drop_running(blocks, size[1], running)
     figs = []
-    for n, cand in enumerate(cands, 1):
+    captions = F.assign_captions([(c.bbox, c.kind) for c in cands], F.caption_blocks(lines, [c.bbox for c in cands]))
+    for n, (cand, caption) in enumerate(zip(cands, captions), 1):
         try:
-            caption = F.find_caption(cand.bbox, blocks)
             near = F.nearby_text(cand.bbox, blocks, caption)
             labels = cand.labels or (F.labels_inside(cand.bbox, lines) if source == "text" else "")
             png = b""

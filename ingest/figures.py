@@ -28,14 +28,50 @@ class Candidate:
 
 
 def page_lines(words: list[tuple]) -> list[tuple[str, BBox]]:
-    """Group PyMuPDF words (x0, y0, x1, y1, word, block, line, wno) into text lines."""
+    """Group PyMuPDF words (x0, y0, x1, y1, word, block, line, wno) into text lines. A line with
+    a wide gap (more than twice its height: two captions side by side, two columns) is split there."""
     lines: dict[tuple[int, int], list[tuple]] = {}
     for w in words:
         lines.setdefault((w[5], w[6]), []).append(w)
     out = []
     for ws in lines.values():
-        out.append((normalise_text(" ".join(w[4] for w in ws)), (min(w[0] for w in ws), min(w[1] for w in ws),
-                                                  max(w[2] for w in ws), max(w[3] for w in ws))))
+        parts = [[ws[0]]]
+        for prev, w in zip(ws, ws[1:]):
+            height = max(prev[3] - prev[1], w[3] - w[1], 1.0)
+            if regions.gap(prev[:4], w[:4]) > 2 * height:
+                parts.append([])
+            parts[-1].append(w)
+        for part in parts:
+            out.append((normalise_text(" ".join(w[4] for w in part)), (min(w[0] for w in part), min(w[1] for w in part),
+                                                                       max(w[2] for w in part), max(w[3] for w in part))))
+    return out
+
+
+def caption_blocks(lines: list[tuple[str, BBox]], figures: list[BBox] = ()) -> list[tuple[str, BBox]]:
+    """Captions as blocks: each line that starts like a caption, with the lines that continue
+    it (just below, overlapping it horizontally, not a caption, not inside one of ``figures``).
+
+    >>> caption_blocks([("Figure 1: A long caption", (100, 100, 300, 110)), ("that wraps.", (100, 112, 160, 122)),
+    ...                 ("Body text far below.", (100, 160, 300, 170))])
+    [('Figure 1: A long caption that wraps.', (100, 100, 300, 122))]
+    """
+    ordered = sorted(lines, key=lambda ln: (ln[1][1], ln[1][0]))
+    out = []
+    for i, (text, box) in enumerate(ordered):
+        if not is_caption(text):
+            continue
+        parts, cur, last = [text.strip()], box, box
+        for t, b in ordered[i + 1:]:
+            if b[1] < last[3] - 0.5 * (b[3] - b[1]):
+                continue  # level with the last line: beside it
+            if b[1] - last[3] > 0.8 * max(last[3] - last[1], 1.0):
+                break  # a paragraph gap: the caption ended
+            if (is_caption(t) or min(cur[2], b[2]) - max(cur[0], b[0]) <= 0.5 * min(cur[2] - cur[0], b[2] - b[0])
+                    or any(regions.intersection(f, b) >= 0.5 * (regions.area(b) or 1) for f in figures)):
+                break
+            parts.append(t.strip())
+            cur, last = regions.union(cur, b), b
+        out.append((" ".join(parts), cur))
     return out
 
 
@@ -113,6 +149,61 @@ def _merge_overlapping(cands: list[Candidate]) -> list[Candidate]:
     return cands
 
 
+PART_GAP = 30.0  # points: figure parts this close, with no body text between, are one figure
+BODY_LINE = 30  # characters: longer lines are body text (shorter ones are labels)
+
+
+def _aligned(a: BBox, b: BBox) -> bool:
+    """Side by side (sharing half the smaller height) or stacked (sharing half the smaller width)."""
+    oy = min(a[3], b[3]) - max(a[1], b[1])
+    ox = min(a[2], b[2]) - max(a[0], b[0])
+    return oy >= 0.5 * min(a[3] - a[1], b[3] - b[1]) or ox >= 0.5 * min(a[2] - a[0], b[2] - b[0])
+
+
+def merge_parts(cands: list[Candidate], lines: list[tuple[str, BBox]], gap: float = PART_GAP) -> list[Candidate]:
+    """One figure, one region: parts drawn apart (panels side by side, a drawing and its
+    dimension arrows, a row of small examples) join when they are within ``gap`` points and
+    aligned, no body text line lies between them, and they do not each have a caption of their
+    own. Tables never join. Captions are the page's text lines that start like one.
+
+    >>> a, b = Candidate((100, 100, 250, 200), "vector"), Candidate((270, 100, 420, 200), "vector")
+    >>> [c.bbox for c in merge_parts([a, b], [("Figure 1: Two panels.", (100, 210, 420, 220))])]
+    [(100, 100, 420, 200)]
+    >>> two = [("Figure 1: Left.", (100, 210, 240, 220)), ("Figure 2: Right.", (280, 210, 420, 220))]
+    >>> len(merge_parts([a, b], two))  # each has its own caption: two figures
+    2
+    """
+    caption_lines = caption_blocks(lines, [c.bbox for c in cands])
+    body = [lb for t, lb in lines if len(t.strip()) > BODY_LINE and not is_caption(t)]
+    cands = list(cands)
+    while True:
+        captions = assign_captions([(c.bbox, c.kind) for c in cands], caption_lines)
+        best = None
+        for i in range(len(cands)):
+            for j in range(i + 1, len(cands)):
+                a, b = cands[i], cands[j]
+                if "table" in (a.kind, b.kind) or (captions[i] and captions[j]):
+                    continue
+                d = regions.gap(a.bbox, b.bbox)
+                if d > gap or not _aligned(a.bbox, b.bbox):
+                    continue
+                u = regions.union(a.bbox, b.bbox)
+                if any(regions.intersection(u, lb) >= 0.5 * (regions.area(lb) or 1)
+                       and regions.intersection(a.bbox, lb) + regions.intersection(b.bbox, lb) < 0.5 * regions.area(lb)
+                       for lb in body):
+                    continue
+                if best is None or d < best[0]:
+                    best = (d, i, j)
+        if best is None:
+            return cands
+        _, i, j = best
+        a, b = cands[i], cands[j]
+        kind = a.kind if a.kind == b.kind else "raster" if "raster" in (a.kind, b.kind) else "vector"
+        cands[i] = Candidate(regions.union(a.bbox, b.bbox), kind, 0, " ".join(t for t in (a.labels, b.labels) if t),
+                             zoom=max(a.zoom, b.zoom))
+        del cands[j]
+
+
 MAX_TABLE_ITEMS = 3000  # pages with more drawing items than this are plots, not tables
 
 
@@ -162,7 +253,7 @@ def find_figures(page: pymupdf.Page, lines: list[tuple[str, BBox]], skip_xrefs: 
     typed = [(it[0], it[1]) for it in items]
     drawings = None  # fetched only when a region might be a table
     for box in regions.ink_regions(grid, JOIN_GAP):
-        grown = regions.grow_with_labels(box, lines)
+        grown = regions.grow_with_labels(box, [ln for ln in lines if not is_caption(ln[0])])
         reg = regions.describe(box, typed)
         if reg.images:
             # the images of the region decide its kind; a lone image keeps its xref
@@ -188,7 +279,7 @@ def find_figures(page: pymupdf.Page, lines: list[tuple[str, BBox]], skip_xrefs: 
             if regions.intersection(img_rect, grown) >= 0.9 * regions.area(grown):
                 xref, clip = img_xref, img_rect
         cands.append(Candidate(grown, kind, xref, zoom=zoom, clip=clip))
-    cands = _merge_overlapping(cands)
+    cands = merge_parts(_merge_overlapping(cands), lines)
     cands.sort(key=lambda c: (round(c.bbox[1] / 10), c.bbox[0]))
     return cands
 
@@ -208,37 +299,90 @@ def find_scanned_figures(gray: np.ndarray, lines: list[tuple[str, BBox]], size: 
         bw, bh = box[2] - box[0], box[3] - box[1]
         if bw < min_side or bh < min_side:
             continue
-        grown = regions.grow_with_labels(box, lines)
+        grown = regions.grow_with_labels(box, [ln for ln in lines if not is_caption(ln[0])])
         if (grown[2] - grown[0]) * (grown[3] - grown[1]) >= BACKGROUND * size[0] * size[1]:
             continue
         inside = [t for t, lb in lines if regions.intersection(grown, lb) >= 0.5 * (regions.area(lb) or 1)]
         cands.append(Candidate(grown, "raster", 0, " ".join(inside)))
-    return _merge_overlapping(cands)
+    cands = merge_parts(_merge_overlapping(cands), lines)
+    cands.sort(key=lambda c: (round(c.bbox[1] / 10), c.bbox[0]))
+    return cands
 
 
-def find_caption(box: BBox, blocks: list[tuple[str, BBox]], reach: float = 48.0) -> str:
-    """The caption block next to a figure: below it first, then above; it must start like
-    'Figure 3:', 'Fig. 3.', 'Table 2' and overlap the figure horizontally."""
-    below, above = [], []
-    for text, b in blocks:
-        slack = 0.25 * (box[2] - box[0])  # centred captions can be wider than the figure
-        if min(box[2] + slack, b[2]) - max(box[0] - slack, b[0]) <= 0 or not CAPTION.match(text):
+CAPTION_REACH = 48.0  # points between a figure and its caption, at most
+SIDE_PENALTY = 12.0  # points added for the less usual side (tables: below; figures: above)
+BESIDE_PENALTY = 24.0  # points added for a caption beside the figure rather than above/below
+
+
+def is_caption(text: str) -> bool:
+    """Does a line or block start like a caption? ``is_caption("Table 2: Masses") is True``."""
+    return bool(CAPTION.match(text))
+
+
+def _caption_cost(box: BBox, kind: str, b: BBox, reach: float) -> float | None:
+    """How far caption block ``b`` is from figure ``box``, with penalties for the less usual
+    side; None when it is not placed like this figure's caption."""
+    slack = 0.25 * (box[2] - box[0])  # centred captions can be wider than the figure
+    overlaps_x = min(box[2] + slack, b[2]) - max(box[0] - slack, b[0]) > 0
+    table = kind == "table"
+    if overlaps_x:
+        below = b[1] - box[3]
+        if 0 <= below <= reach or (b[1] >= box[1] + 0.8 * (box[3] - box[1]) and below <= reach):
+            return max(below, 0.0) + (SIDE_PENALTY if table else 0.0)
+        above = box[1] - b[3]
+        if 0 <= above <= reach:
+            return above + (0.0 if table else SIDE_PENALTY)
+    overlap_y = min(box[3], b[3]) - max(box[1], b[1])
+    if overlap_y >= 0.5 * (b[3] - b[1]):  # beside: left or right, level with the figure
+        side = max(b[0] - box[2], box[0] - b[2])
+        if 0 <= side <= reach:
+            return side + BESIDE_PENALTY
+    return None
+
+
+def assign_captions(figures: list[tuple[BBox, str]], blocks: list[tuple[str, BBox]],
+                    reach: float = CAPTION_REACH) -> list[str]:
+    """The caption of each figure ``(box, kind)``: a block starting like 'Figure 3:', 'Fig. 3.',
+    'Table 2' below, above or beside it. Globally nearest first, so each caption goes to one
+    figure at most and each figure gets one at most; tables prefer the caption above them,
+    figures the one below (two stacked tables each get the caption over them).
+
+    >>> tables = [((100, 110, 500, 182), "table"), ((100, 222, 500, 294), "table")]
+    >>> caps = [("Table 1: First batch.", (100, 92, 300, 102)), ("Table 2: Second batch.", (100, 204, 300, 214))]
+    >>> assign_captions(tables, caps)
+    ['Table 1: First batch.', 'Table 2: Second batch.']
+    >>> assign_captions([((100, 100, 300, 250), "vector"), ((320, 100, 500, 250), "vector")],
+    ...                 [("Figure 1: Both panels.", (150, 260, 450, 270))])
+    ['Figure 1: Both panels.', '']
+    """
+    pairs = []
+    for ci, (text, b) in enumerate(blocks):
+        if not is_caption(text):
             continue
-        if 0 <= b[1] - box[3] <= reach or (b[1] >= box[1] + 0.8 * (box[3] - box[1]) and b[1] - box[3] <= reach):
-            below.append((b[1] - box[3], text))
-        elif 0 <= box[1] - b[3] <= reach:
-            above.append((box[1] - b[3], text))
-    for side in (below, above):
-        if side:
-            return min(side)[1].strip()
-    return ""
+        for fi, (box, kind) in enumerate(figures):
+            cost = _caption_cost(box, kind, b, reach)
+            if cost is not None:
+                pairs.append((cost, fi, ci))
+    out = [""] * len(figures)
+    taken: set[int] = set()
+    for _, fi, ci in sorted(pairs):
+        if not out[fi] and ci not in taken:
+            out[fi] = blocks[ci][0].strip()
+            taken.add(ci)
+    return out
+
+
+def find_caption(box: BBox, blocks: list[tuple[str, BBox]], reach: float = CAPTION_REACH, kind: str = "vector") -> str:
+    """The caption of one figure alone (see ``assign_captions`` for a page's figures)."""
+    return assign_captions([(box, kind)], blocks, reach)[0]
 
 
 def nearby_text(box: BBox, blocks: list[tuple[str, BBox]], caption: str, reach: float = 72.0, limit: int = 400) -> str:
     """Text of the blocks just above and below (or beside) a figure, nearest first."""
     near = []
     for text, b in blocks:
-        if text == caption or regions.intersection(box, b) >= 0.5 * (regions.area(b) or 1):
+        same = caption and (text == caption or text.startswith(caption[:40]) or caption.startswith(text[:40]))
+        if same or regions.intersection(box, b) >= 0.5 * (regions.area(b) or 1):
             continue
         d = regions.gap(box, b)
         if d <= reach:

@@ -297,3 +297,101 @@ def test_huge_and_tiny_pages_render_within_the_pixel_budget(tmp_path, cfg):
     assert fig.caption == "Figure 1: The campus."
     assert Image.open(io.BytesIO(recs[1].png)).size == (20, 10)
     assert "tag" in recs[1].chunks[0].text
+
+
+# ---- captions ------------------------------------------------------------------------------------
+
+def ruled_table(page, y0, rows, label):
+    x0, x1, xm = 100, 500, 300
+    page.draw_line((x0, y0), (x1, y0), width=1)
+    for r in range(rows):
+        y = y0 + 18 * (r + 1)
+        page.insert_text((x0 + 5, y - 5), f"{label} sample {r + 1}", fontsize=9)
+        page.insert_text((xm + 5, y - 5), f"{(r + 1) * 3.5:.1f} kg", fontsize=9)
+        page.draw_line((x0, y), (x1, y), width=0.5 if r < rows - 1 else 1)
+    for x in (x0, xm, x1):
+        page.draw_line((x, y0), (x, y0 + 18 * rows), width=0.5)
+    return y0 + 18 * rows
+
+
+def test_each_caption_goes_to_one_figure_above_below_or_beside(tmp_path, cfg):
+    doc = pymupdf.open()
+    page = doc.new_page(width=612, height=792)
+    page.insert_text((100, 100), "Table 1: Masses of the first batch.", fontsize=10)
+    end = ruled_table(page, 110, 4, "First")
+    page.insert_text((100, end + 30), "Table 2: Masses of the second batch.", fontsize=10)
+    ruled_table(page, end + 40, 4, "Second")  # its caption sits 30 pt below table 1 and 10 pt above table 2
+    # a drawing with a short caption just under it (must not be pulled into the box)
+    page.draw_rect(pymupdf.Rect(100, 360, 260, 470), color=(0, 0, 0), fill=(0.2, 0.4, 0.9))
+    page.insert_text((100, 482), "Fig. 3. Pump.", fontsize=9)
+    # a drawing with its caption beside it, on the right
+    page.draw_circle((180, 600), 50, color=(0, 0, 0), fill=(0.9, 0.4, 0.2))
+    page.insert_text((250, 600), "Figure 4: Valve seen from above.", fontsize=9)
+    doc.save(tmp_path / "c.pdf")
+    figs = sorted(inspect_pdf(tmp_path / "c.pdf", cfg["ingest"])["figures"], key=lambda f: f["bbox"][1])
+    assert [(f["kind"], f["caption"]) for f in figs] == [
+        ("table", "Table 1: Masses of the first batch."), ("table", "Table 2: Masses of the second batch."),
+        ("vector", "Fig. 3. Pump."), ("vector", "Figure 4: Valve seen from above.")]
+    assert figs[2]["bbox"][3] <= 474  # the caption line (y 474-484) is not part of the figure's box
+    assert figs[3]["bbox"][2] < 250  # nor is the caption beside it (x from 250)
+
+
+# ---- one figure, one region -----------------------------------------------------------------------
+
+def test_parts_of_one_figure_are_one_region_with_its_caption(tmp_path, cfg):
+    doc = pymupdf.open()
+    # p.1: two panels side by side, 20 pt apart, one caption under both
+    page = doc.new_page()
+    page.insert_textbox(pymupdf.Rect(72, 60, 540, 110), "Body text before the figure. " * 5, fontsize=10)
+    page.draw_rect(pymupdf.Rect(100, 150, 280, 300), color=(0, 0, 0), fill=(0.2, 0.4, 0.9))
+    page.draw_rect(pymupdf.Rect(300, 150, 480, 300), color=(0, 0, 0), fill=(0.9, 0.4, 0.2))
+    page.insert_text((180, 320), "Figure 1: (a) before and (b) after the repair.", fontsize=10)
+    # p.2: a drawing and its dimension arrow 16 pt below it
+    page = doc.new_page()
+    page.draw_rect(pymupdf.Rect(150, 150, 450, 300), color=(0, 0, 0), width=2)
+    page.draw_line((150, 316), (450, 316), width=1)
+    for x, dx in ((150, 6), (450, -6)):
+        page.draw_polyline([(x + dx, 312), (x, 316), (x + dx, 320)], width=1)
+    page.insert_text((280, 330), "300 mm", fontsize=8)
+    page.insert_text((150, 350), "Figure 2: Housing with its width.", fontsize=10)
+    # p.3: a row of four small examples, 15 pt apart, one caption; then two figures with their own captions
+    page = doc.new_page()
+    for i in range(4):
+        x = 100 + i * 95
+        page.draw_circle((x + 40, 160), 35, color=(0, 0, 0), fill=(0.1 * i, 0.5, 0.5))
+    page.insert_text((100, 215), "Figure 3: Four marker styles.", fontsize=10)
+    page.draw_rect(pymupdf.Rect(100, 300, 280, 420), color=(0, 0, 0), fill=(0.3, 0.3, 0.8))
+    page.draw_rect(pymupdf.Rect(300, 300, 480, 420), color=(0, 0, 0), fill=(0.8, 0.3, 0.3))
+    page.insert_text((100, 435), "Figure 4: Left unit.", fontsize=10)
+    page.insert_text((300, 435), "Figure 5: Right unit.", fontsize=10)
+    doc.save(tmp_path / "parts.pdf")
+    figs = inspect_pdf(tmp_path / "parts.pdf", cfg["ingest"])["figures"]
+    got = [(f["page"], f["caption"], [round(v) for v in f["bbox"]]) for f in figs]
+    assert [(p, c) for p, c, _ in got] == [
+        (1, "Figure 1: (a) before and (b) after the repair."), (2, "Figure 2: Housing with its width."),
+        (3, "Figure 3: Four marker styles."), (3, "Figure 4: Left unit."), (3, "Figure 5: Right unit.")], got
+    box = {c[:8]: b for _, c, b in got}
+    assert box["Figure 1"][0] <= 102 and box["Figure 1"][2] >= 478  # both panels
+    assert box["Figure 2"][3] >= 318  # the drawing and its arrow
+    assert box["Figure 3"][0] <= 102 and box["Figure 3"][2] >= 418  # all four examples
+    assert box["Figure 4"][2] <= 290 and box["Figure 5"][0] >= 290
+
+
+def test_each_figure_of_a_scanned_page_is_its_own_region(tmp_path, cfg):
+    src = pymupdf.open()
+    page = src.new_page()
+    page.insert_text((72, 80), "Inspection report, scanned.", fontsize=14)
+    page.draw_rect(pymupdf.Rect(80, 150, 260, 300), color=(0, 0, 0), width=3)  # a tree on the left
+    page.draw_polyline([(170, 160), (100, 290), (240, 290), (170, 160)], color=(0, 0, 0), width=3)
+    page.draw_circle((430, 225), 70, color=(0, 0, 0), width=3)  # a wheel on the right
+    page.insert_text((72, 360), "Body text under both pictures describes the site.", fontsize=12)
+    pix = page.get_pixmap(dpi=150)
+    doc = pymupdf.open()
+    scan = doc.new_page(width=page.rect.width, height=page.rect.height)
+    scan.insert_image(scan.rect, stream=pix.tobytes("png"))
+    doc.save(tmp_path / "scan.pdf")
+    [rec] = records(tmp_path / "scan.pdf", cfg, render=False)
+    assert rec.scanned
+    boxes = sorted(f.bbox for f in rec.figures)
+    assert len(boxes) == 2, boxes
+    assert boxes[0][0] <= 82 and boxes[0][2] <= 270 and boxes[1][0] >= 350 and boxes[1][2] >= 498
