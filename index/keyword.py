@@ -303,9 +303,13 @@ class KeywordIndex:
             held = self.documents()
             if not held & docs:
                 return []
-            if not held <= docs:  # only when the index may hold a document not asked for
-                clauses.append((t.Occur.Must, t.Query.const_score_query(
-                    t.Query.term_set_query(schema, "doc_sha", sorted(docs)), 0.0)))
+            unwanted = held - docs  # the index holds nothing outside ``held``
+            if unwanted:  # filter by the shorter list: the documents asked for, or those not
+                if len(unwanted) < len(docs & held):
+                    clauses.append((t.Occur.MustNot, t.Query.term_set_query(schema, "doc_sha", sorted(unwanted))))
+                else:
+                    clauses.append((t.Occur.Must, t.Query.const_score_query(
+                        t.Query.term_set_query(schema, "doc_sha", sorted(docs & held)), 0.0)))
         if kinds is not None:
             clauses.append((t.Occur.Must, t.Query.const_score_query(
                 t.Query.term_set_query(schema, "kind", sorted(set(kinds))), 0.0)))
