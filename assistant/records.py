@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 
-FIGURE_KINDS = ("raster", "vector", "table")
+from index.records import FIGURE_KINDS
 
 
 @dataclass(frozen=True)

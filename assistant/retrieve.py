@@ -1,5 +1,5 @@
-"""Hybrid retrieval: CLIP text→image (and image→image), passage embeddings and BM25 keywords (a
-persistent Tantivy index, ``index.keyword``) over passages and figure texts, fused by weighted score fusion (``retrieval.fusion: score``) or weighted
+"""Hybrid retrieval: CLIP text→image (and image→image), passage embeddings and BM25 keywords over
+passages and figure texts, fused by weighted score fusion (``retrieval.fusion: score``) or weighted
 reciprocal rank fusion (``rrf``)."""
 
 from __future__ import annotations
@@ -8,12 +8,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from index.keyword import KeywordIndex
-from index.store import Match, Store, bbox_from_meta
+from index.records import KINDS, Filter, TextItem, VisualItem
+from index.store import Match, Store
 
-from .records import FIGURE_KINDS, Hit
+from .records import Hit
 
 SIGNALS = ("clip", "text", "keyword")
-ALL_KINDS = FIGURE_KINDS + ("page", "text")
+ALL_KINDS = KINDS
 
 
 def score_fusion(scored: dict[str, Sequence[tuple[str, float]]], weights: dict[str, float]) -> list[tuple[str, float]]:
@@ -68,25 +69,19 @@ class Retriever:
         self.keyword = keyword or KeywordIndex(self.data_dir / "keyword")
         self.sync_keyword = sync_keyword
 
-    def _keyword_matches(self, question: str, n: int, complete: list[str], shas: list[str],
-                         kinds: Sequence[str]) -> list[Match]:
-        """BM25 matches among the text items of documents ``shas`` that stand for ``kinds``,
-        with their stored records (Chroma's copy is the truth: a record it lacks is skipped)."""
+    def _keyword_matches(self, question: str, n: int, complete: list[str], flt: Filter) -> list[Match]:
+        """BM25 matches among the text items ``flt`` accepts (its documents and kinds), with their
+        stored records (Chroma's copy is the truth: a record it lacks is skipped)."""
         if self.sync_keyword and not self.keyword.covers(complete):
             self.sync_keyword()
-        wanted = [x for x in kinds if x != "page"]  # a text item is a passage or a figure's text
+        wanted = sorted((flt.kinds or set(ALL_KINDS)) - {"page"})  # a text item is a passage or a figure's text
         if not wanted:
             return []
         every = set(wanted) >= set(ALL_KINDS) - {"page"}
-        found = self.keyword.search(question, n, docs=shas, kinds=None if every else wanted)
-        records = {m.id: m for m in self.store.get_text([i for i, _ in found])}
-        allowed = set(shas)
-        out = []
-        for i, score in found:
-            m = records.get(i)
-            if m and m.metadata["doc_sha"] in allowed:
-                out.append(Match(i, score, m.metadata, m.document))
-        return out
+        found = self.keyword.search(question, n, docs=sorted(flt.documents or complete),
+                                    kinds=None if every else wanted)
+        records = {t.id: t for t in self.store.get_text([i for i, _ in found])}
+        return [Match(records[i], score) for i, score in found if i in records and flt.accepts(records[i])]
 
     def retrieve(self, question: str = "", k: int | None = None, kinds: Sequence[str] | None = None,
                  docs: Sequence[str] | None = None, labels: Sequence[str] | None = None, image=None,
@@ -103,71 +98,54 @@ class Retriever:
         if bad:
             raise ValueError(f"unknown kind(s) {sorted(bad)}; use {', '.join(ALL_KINDS)}")
         library = self.store.list_docs()
-        complete = [d["sha256"] for d in library]
-        shas = [d["sha256"] for d in library if not docs or d["doc"] in docs]
+        complete = [d.sha256 for d in library]
+        shas = frozenset(d.sha256 for d in library if not docs or d.doc in docs)
         if not shas:
             return []
         vis_kinds = [x for x in kinds if x != "text"]
-        vwhere = {"$and": [{"doc_sha": {"$in": shas}}, {"kind": {"$in": vis_kinds}}]}
-        if labels:
-            vwhere["$and"].append({"label": {"$in": list(labels)}})
-        allowed = set(shas)
-
-        def vkeep(meta: dict) -> bool:  # the same filter as vwhere, applied to results
-            return (meta["doc_sha"] in allowed and meta["kind"] in vis_kinds
-                    and (not labels or meta.get("label") in labels))
-
-        def tkeep(meta: dict) -> bool:
-            return meta["doc_sha"] in allowed
+        visual_filter = Filter.of(shas, vis_kinds, labels or None)
+        text_filter = Filter.of(shas, kinds)
         rankings: dict[str, list[str]] = {}
         scored: dict[str, list[tuple[str, float]]] = {}
-        units: dict[str, dict] = {}  # unit id -> metadata (+ document)
+        units: dict[str, VisualItem | TextItem | None] = {}  # unit id -> the item first seen for it
 
-        def take(signal: str, matches: list[tuple[str, dict, str | None, float]]) -> None:
+        def take(signal: str, matches: list[Match]) -> None:
             ranked, seen = [], set()
-            for unit, meta, doc, score in matches:
+            for m in matches:
+                unit = m.item.unit if isinstance(m.item, TextItem) else m.id  # a figure text stands for its figure
                 if unit in seen:
                     continue
                 seen.add(unit)
-                ranked.append((unit, score))
-                units.setdefault(unit, dict(meta, _doc=doc))
+                ranked.append((unit, m.score))
+                units.setdefault(unit, m.item)
             rankings[signal] = [u for u, _ in ranked]
             scored[signal] = ranked
 
         if vis_kinds and question and "clip" in signals:
             qv = self.clip.embed_texts([question])[0]
-            take("clip", [(m.id, m.metadata, m.document, m.score) for m in self.store.query_visual(qv, n, vwhere, vkeep)])
+            take("clip", self.store.query_visual(qv, n, visual_filter))
         if vis_kinds and image is not None:
             iv = self.clip.embed_images([image])[0]
-            take("image", [(m.id, m.metadata, m.document, m.score) for m in self.store.query_visual(iv, n, vwhere, vkeep)])
-        if question and ("text" in signals or "keyword" in signals):
-            def wanted(meta: dict) -> bool:
-                if meta["kind"] == "text":
-                    return "text" in kinds
-                return meta.get("source") in kinds
-
-            if "text" in signals:
-                tv = self.passages.embed([question])[0]
-                found = self.store.query_text(tv, 2 * n, {"doc_sha": {"$in": shas}}, tkeep)
-                take("text", [self._unit(m) for m in found if wanted(m.metadata)][:n])
-            if "keyword" in signals:
-                found = self._keyword_matches(question, n, complete, shas, kinds)
-                take("keyword", [self._unit(m) for m in found if wanted(m.metadata)])
+            take("image", self.store.query_visual(iv, n, visual_filter))
+        if question and "text" in signals:
+            tv = self.passages.embed([question])[0]
+            take("text", self.store.query_text(tv, n, text_filter))
+        if question and "keyword" in signals:
+            take("keyword", self._keyword_matches(question, n, complete, text_filter))
         weights = dict(rcfg["weights"])
         weights.setdefault("image", weights.get("clip", 1.0))
         if rcfg["fusion"] == "score":
             fused = score_fusion(scored, weights)
         else:
             fused = rrf(rankings, weights, rcfg["rrf_k"])
-        figure_units = [u for u, _ in fused if units[u].get("_figure_text")]
-        self._fill_figures(units, figure_units)
+        self._fill_figures(units, [u for u, _ in fused if isinstance(units[u], TextItem) and units[u].kind == "figure_text"])
         hits = []
         for unit, score in fused:
-            meta = units[unit]
-            if meta.get("_missing") or (labels and meta.get("label") not in labels):
+            item = units[unit]
+            if item is None or (labels and getattr(item, "label", "") not in labels):
                 continue
             ranks = {s: r.index(unit) + 1 for s, r in rankings.items() if unit in r}
-            hits.append(self._hit(unit, meta, score, ranks))
+            hits.append(self._hit(item, score, ranks))
             if len(hits) >= k:
                 break
         return hits
@@ -177,27 +155,23 @@ class Retriever:
         rel = self.store.page_image(doc, page)
         return str(self.data_dir / rel) if rel else None
 
-    @staticmethod
-    def _unit(m: Match) -> tuple[str, dict, str | None, float]:
-        """A text match stands for its unit: a chunk for itself, a figure text for its figure."""
-        if m.metadata["kind"] == "figure_text":
-            return m.metadata["unit"], {"_figure_text": True, **m.metadata}, m.document, m.score
-        return m.id, m.metadata, m.document, m.score
-
     def _fill_figures(self, units: dict, ids: list[str]) -> None:
         """Figures reached only through their text need their visual record (image, caption)."""
         if not ids:
             return
-        found = {m.id: m for m in self.store.get_visual(ids)}
+        found = {it.id: it for it in self.store.get_visual(ids)}
         for i in ids:
-            m = found.get(i)
-            units[i] = dict(m.metadata, _doc=m.document) if m else {"_missing": True}
+            units[i] = found.get(i)
 
-    def _hit(self, unit: str, meta: dict, score: float, ranks: dict) -> Hit:
-        kind = meta["kind"]
-        image = str(self.data_dir / meta["image"]) if meta.get("image") else None
-        text = meta.get("caption") or (meta.get("_doc") or "")
-        if kind == "page":
-            text = (meta.get("_doc") or "")[:300]
-        return Hit(unit, kind, meta["doc"], int(meta["page"]), bbox_from_meta(meta.get("bbox", "")), score, image,
-                   text, meta.get("caption", ""), int(meta.get("figure") or 0) or None, meta.get("label", ""), ranks)
+    def _hit(self, item: VisualItem | TextItem, score: float, ranks: dict) -> Hit:
+        if isinstance(item, TextItem):
+            return Hit(item.unit, "text", item.doc, item.page, _box(item.bbox), score, None, item.text, "", None, "",
+                       ranks)
+        image = str(self.data_dir / item.image) if item.image else None
+        text = item.text[:300] if item.kind == "page" else (item.caption or item.text)
+        return Hit(item.id, item.kind, item.doc, item.page, _box(item.bbox), score, image, text, item.caption,
+                   item.figure or None, item.label, ranks)
+
+
+def _box(bbox) -> list[float] | None:
+    return list(bbox) if bbox else None

@@ -160,6 +160,7 @@ def _dir_mb(path: Path) -> float:
 def stage_chroma(sizes: list[int], dim: int, queries: int) -> dict:
     import numpy as np
 
+    from index.records import Filter, VisualItem
     from index.store import Store
     import chromadb
     from chromadb.config import Settings
@@ -177,17 +178,13 @@ def stage_chroma(sizes: list[int], dim: int, queries: int) -> dict:
             n = min(batch, size - start)
             vecs = rng.standard_normal((n, dim), dtype=np.float32)
             vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
-            metas = [{"doc_sha": shas[(start + i) % 10], "kind": "vector", "doc": "d", "page": 1} for i in range(n)]
-            store.visual.add(ids=[f"f{start + i}" for i in range(n)], embeddings=vecs, metadatas=metas)
+            store.add_visual([VisualItem(f"f{start + i}", shas[(start + i) % 10], "d", 1, "vector", "")
+                              for i in range(n)], vecs)
             if (start + n) % 100_000 == 0:
                 print(f"chroma: {start + n:,}/{size:,} vectors stored, {time.perf_counter() - t0:.0f} s",
                       file=sys.stderr, flush=True)
         insert_s = time.perf_counter() - t0
-        where = {"$and": [{"doc_sha": {"$in": shas}}, {"kind": {"$in": ["vector", "raster", "page"]}}]}
-        allowed = set(shas)
-
-        def keep(m):
-            return m["doc_sha"] in allowed and m["kind"] in ("vector", "raster", "page")
+        flt = Filter.of(shas, ["vector", "raster", "page"])
         lat_ours, lat_raw = [], []
         q = rng.standard_normal((queries, dim), dtype=np.float32)
         for v in q:  # raw Chroma: the anchor
@@ -196,7 +193,7 @@ def stage_chroma(sizes: list[int], dim: int, queries: int) -> dict:
             lat_raw.append((time.perf_counter() - t0) * 1000)
         for v in q:  # as mmrag queries: filtered to complete documents and kinds, metadata included
             t0 = time.perf_counter()
-            store.query_visual(v, 50, where, keep)
+            store.query_visual(v, 50, flt)
             lat_ours.append((time.perf_counter() - t0) * 1000)
         rows.append({"vectors": size, "dim": dim, "insert_s": round(insert_s, 1),
                      "raw_query_ms_p50": pct(lat_raw, 0.5), "raw_query_ms_p95": pct(lat_raw, 0.95),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .records import FIGURE_KINDS, Filter
 from .store import Store
 
 
@@ -36,10 +37,8 @@ def group_similar(vecs: np.ndarray, threshold: float) -> list[list[int]]:
 
 
 def near_duplicates(store: Store, threshold: float = 0.95) -> list[list[dict]]:
-    shas = [d["sha256"] for d in store.list_docs()]
-    if not shas:
-        return []
-    ids, vecs, metas = store.visual_embeddings({"$and": [{"doc_sha": {"$in": shas}},
-                                                         {"kind": {"$in": ["raster", "vector", "table"]}}]})
-    return [[{"id": ids[i], "doc": metas[i]["doc"], "page": metas[i]["page"], "image": metas[i]["image"]}
+    """Groups of figures (of complete documents) at least ``threshold`` cosine-similar; each
+    member as {id, doc, page, image (path under data_dir)}."""
+    items, vecs = store.visual_vectors(Filter.of((d.sha256 for d in store.list_docs()), FIGURE_KINDS))
+    return [[{"id": items[i].id, "doc": items[i].doc, "page": items[i].page, "image": items[i].image}
              for i in g] for g in group_similar(vecs, threshold)]

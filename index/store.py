@@ -1,33 +1,41 @@
 """Chroma store: a CLIP-space collection (figures, pages), a passage collection (text chunks and
 figure texts) and a small registry of documents. Local (PersistentClient) or server (HttpClient),
-one code path. Every collection records the model that filled it; opening it with another
-model is refused (ModelMismatch) until ``mmrag reindex``."""
+one code path. It takes and returns the typed records of ``index.records``; no caller sees
+Chroma. Every vector collection records the model that filled it; a vector query or write with
+another model is refused (ModelMismatch) until ``mmrag reindex``. Collections are opened on first
+use, and reads that need no vectors (listing, removing) never ask which model is configured, so
+they work without the model's weights."""
 
 from __future__ import annotations
 
-import json
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .errors import ModelMismatch
+from .records import (DocRecord, Filter, TextItem, VisualItem, doc_from_chroma, doc_to_meta, text_from_chroma,
+                      visual_from_chroma)
 from .settings import DEFAULT_EF_SEARCH, ChromaSettings
 
 VISUAL = "mmrag_visual"
 TEXT = "mmrag_text"
 DOCS = "mmrag_docs"
+NAMES = {"visual": VISUAL, "text": TEXT}
 BATCH = 1000
+_FROM = {"visual": visual_from_chroma, "text": text_from_chroma}
 
 
 @dataclass(frozen=True)
 class Match:
-    id: str
+    item: VisualItem | TextItem
     score: float  # cosine similarity
-    metadata: dict
-    document: str | None = None
+
+    @property
+    def id(self) -> str:
+        return self.item.id
 
 
 def make_client(chroma: ChromaSettings, data_dir: str | Path):
@@ -45,139 +53,234 @@ def make_client(chroma: ChromaSettings, data_dir: str | Path):
 
 
 class Store:
-    def __init__(self, client, visual_identity: str, text_identity: str, check: bool = True,
-                 ef_search: int = DEFAULT_EF_SEARCH):
+    """``visual_identity`` / ``text_identity``: the configured models' identities, or functions
+    that compute them (called only when a vector collection is first used). ``check=False`` skips
+    the model guard (``mmrag reindex``). ``ef_search``: HNSW search breadth, applied to existing
+    collections too."""
+
+    def __init__(self, client, visual_identity: str | Callable[[], str], text_identity: str | Callable[[], str],
+                 check: bool = True, ef_search: int = DEFAULT_EF_SEARCH):
         self.client = client
+        self.check = check
         self.ef_search = ef_search
+        self._identity = {"visual": visual_identity, "text": text_identity}
+        self._checked: dict[str, object] = {}  # which -> collection opened for vectors (model checked)
         self._resume_swaps()
-        self.visual = self._collection(VISUAL, visual_identity, check)
-        self.text = self._collection(TEXT, text_identity, check)
         self.docs = client.get_or_create_collection(DOCS, embedding_function=None)
 
-    def _collection(self, name: str, identity: str, check: bool):
+    # ---- collections -------------------------------------------------------------------------
+    def identity(self, which: str) -> str:
+        value = self._identity[which]
+        return value() if callable(value) else value
+
+    def _vectors(self, which: str):
+        """The collection for vector work: created if missing, its model checked."""
+        col = self._checked.get(which)
+        if col is not None:
+            return col
+        name, identity = NAMES[which], self.identity(which)
         col = self.client.get_or_create_collection(
             name, metadata={"mmrag:model": identity}, configuration=self._hnsw(), embedding_function=None)
         if (col.configuration_json.get("hnsw") or {}).get("ef_search") != self.ef_search:
             col.modify(configuration={"hnsw": {"ef_search": self.ef_search}})  # an index made before
         stored = (col.metadata or {}).get("mmrag:model")
-        if check and stored != identity and col.count() > 0:
-            raise ModelMismatch(
-                f"the index collection '{name}' was filled with {stored} but the config now asks for "
-                f"{identity}; mixing models gives meaningless results. Run `mmrag reindex` to re-embed "
-                f"the stored images and texts with the configured model, or restore the old model in config.yaml.")
+        if stored != identity and self.check:
+            if col.count() > 0:
+                raise ModelMismatch(
+                    f"the index collection '{name}' was filled with {stored} but the config now asks for "
+                    f"{identity}; mixing models gives meaningless results. Run `mmrag reindex` to re-embed "
+                    f"the stored images and texts with the configured model, or restore the old model in config.yaml.")
+            col.modify(metadata={**(col.metadata or {}), "mmrag:model": identity})  # empty: now it is ours
+        self._checked[which] = col
         return col
+
+    def _plain(self, which: str):
+        """The collection for reads and deletes that need no model, or None when there is none yet."""
+        from chromadb.errors import NotFoundError
+
+        if which in self._checked:
+            return self._checked[which]
+        try:
+            return self.client.get_collection(NAMES[which], embedding_function=None)
+        except NotFoundError:
+            return None
+
+    @property
+    def visual(self):
+        """The raw visual collection (benchmarks compare against it); prefer the methods."""
+        return self._vectors("visual")
+
+    @property
+    def text(self):
+        return self._vectors("text")
+
+    def check_models(self) -> None:
+        """Raise ModelMismatch now if either vector collection was filled with another model."""
+        self._vectors("visual")
+        self._vectors("text")
 
     def _hnsw(self) -> dict:
         # ef_search >= the collection size makes HNSW search exhaustive: exact, repeatable results
         return {"hnsw": {"space": "cosine", "ef_search": self.ef_search}}
 
-    # ---- document registry -------------------------------------------------------------
-    def set_doc(self, sha: str, **meta) -> None:
-        old = self.get_doc(sha) or {}
-        old.update(meta)
+    # ---- document registry -------------------------------------------------------------------
+    def set_doc(self, sha: str, **fields) -> None:
+        """Create or update a document's registry record with DocRecord fields."""
+        got = self.docs.get(ids=[sha], include=["metadatas"])
+        old = dict(got["metadatas"][0]) if got["ids"] else {}
+        old.update(doc_to_meta(fields))
         self.docs.upsert(ids=[sha], embeddings=[[1.0]], metadatas=[old])
 
-    def get_doc(self, sha: str) -> dict | None:
+    def get_doc(self, sha: str) -> DocRecord | None:
         got = self.docs.get(ids=[sha], include=["metadatas"])
-        return dict(got["metadatas"][0]) if got["ids"] else None
+        return doc_from_chroma(sha, got["metadatas"][0]) if got["ids"] else None
 
-    def list_docs(self, status: str | None = "complete") -> list[dict]:
+    def list_docs(self, status: str | None = "complete") -> list[DocRecord]:
+        """Documents by name; ``status=None`` lists pending ones too."""
         got = self.docs.get(include=["metadatas"], where={"status": status} if status else None)
-        return sorted((dict(m, sha256=i) for i, m in zip(got["ids"], got["metadatas"])), key=lambda d: d["doc"])
+        return sorted((doc_from_chroma(i, m) for i, m in zip(got["ids"], got["metadatas"])), key=lambda d: d.doc)
 
     def delete_doc(self, sha: str) -> None:
         """Remove a document's items, then its record (so a crash midway leaves a record to retry)."""
-        for col in (self.visual, self.text):
-            col.delete(where={"doc_sha": sha})
+        for which in NAMES:
+            col = self._plain(which)
+            if col is not None:
+                col.delete(where={"doc_sha": sha})
         self.docs.delete(ids=[sha])
 
-    # ---- items -------------------------------------------------------------------------
+    # ---- writing -----------------------------------------------------------------------------
     @staticmethod
-    def add_to(col, ids: list[str], vectors: np.ndarray, metadatas: list[dict], documents: list[str] | None):
-        for i in range(0, len(ids), BATCH):
-            col.upsert(ids=ids[i:i + BATCH], embeddings=vectors[i:i + BATCH].tolist(),
-                       metadatas=metadatas[i:i + BATCH],
-                       documents=documents[i:i + BATCH] if documents else None)
+    def add_to(col, items: Sequence[VisualItem | TextItem], vectors: np.ndarray) -> None:
+        """Upsert items with their vectors (row i of ``vectors`` is item i) into a collection."""
+        rows = [it.to_chroma() for it in items]
+        for i in range(0, len(rows), BATCH):
+            ids, metas, docs = zip(*rows[i:i + BATCH])
+            col.upsert(ids=list(ids), embeddings=vectors[i:i + BATCH].tolist(), metadatas=list(metas),
+                       documents=list(docs))
 
-    def add_visual(self, ids, vectors, metadatas, documents=None) -> None:
-        self.add_to(self.visual, ids, vectors, metadatas, documents)
+    def add_visual(self, items: Sequence[VisualItem], vectors: np.ndarray) -> None:
+        self.add_to(self._vectors("visual"), items, vectors)
 
-    def add_text(self, ids, vectors, metadatas, documents) -> None:
-        self.add_to(self.text, ids, vectors, metadatas, documents)
+    def add_text(self, items: Sequence[TextItem], vectors: np.ndarray) -> None:
+        self.add_to(self._vectors("text"), items, vectors)
 
+    # ---- vector queries ----------------------------------------------------------------------
     @staticmethod
-    def _query(col, vector: np.ndarray, n: int, where: dict | None) -> list[Match]:
+    def _query(col, which: str, vector: np.ndarray, n: int, where: dict | None) -> list[Match]:
         if n <= 0:
             return []
         # an ndarray, not a list: Chroma validates a list float by float (4 vs 7 ms per query at 20k)
         got = col.query(query_embeddings=[np.asarray(vector, np.float32)], n_results=n, where=where,
                         include=["metadatas", "distances", "documents"])
-        return [Match(i, 1.0 - float(d), dict(m), doc) for i, d, m, doc in
+        make = _FROM[which]
+        return [Match(make(i, m, doc), 1.0 - float(d)) for i, d, m, doc in
                 zip(got["ids"][0], got["distances"][0], got["metadatas"][0], got["documents"][0])]
 
-    def _filtered(self, col, vector, n: int, where: dict | None, keep) -> list[Match]:
-        """Top ``n`` matches that ``keep(metadata)`` accepts. Chroma's ``where`` pre-filter scans
+    def _nearest(self, which: str, vector, n: int, flt: Filter | None) -> list[Match]:
+        """Top ``n`` items the filter accepts, nearest first. Chroma's ``where`` pre-filter scans
         metadata (851 ms vs 10 ms unfiltered at 100k vectors, docs/BENCHMARKS.md), and the filter
         rarely excludes anything, so: the unfiltered nearest n, filtered here; then the nearest 3n
         when some were dropped (fetching metadata is most of a query's cost, so no oversampling up
         front); the exact filtered query only when fewer than n survive that and the collection
         has more to give."""
-        if keep is None:
-            return self._query(col, vector, n, where)
+        col = self._vectors(which)
+        if flt is None:
+            return self._query(col, which, vector, n, None)
+        if flt.nothing(which):
+            return []
         for size in (n, 3 * n):
-            got = self._query(col, vector, size, None)
-            kept = [m for m in got if keep(m.metadata)]
+            got = self._query(col, which, vector, size, None)
+            kept = [m for m in got if flt.accepts(m.item)]
             if len(kept) >= n or len(got) < size:
                 return kept[:n]
-        return self._query(col, vector, n, where)
+        return self._query(col, which, vector, n, flt.where(which))
 
-    def query_visual(self, vector, n: int, where: dict | None = None, keep=None) -> list[Match]:
-        return self._filtered(self.visual, vector, n, where, keep)
+    def query_visual(self, vector, n: int, flt: Filter | None = None) -> list[Match]:
+        """The ``n`` figures/pages nearest to a CLIP vector that ``flt`` accepts, nearest first."""
+        return self._nearest("visual", vector, n, flt)
 
-    def query_text(self, vector, n: int, where: dict | None = None, keep=None) -> list[Match]:
-        return self._filtered(self.text, vector, n, where, keep)
+    def query_text(self, vector, n: int, flt: Filter | None = None) -> list[Match]:
+        """The ``n`` passages nearest to a passage vector that ``flt`` accepts, nearest first."""
+        return self._nearest("text", vector, n, flt)
 
-    def get_visual(self, ids: list[str]) -> list[Match]:
-        got = self.visual.get(ids=ids, include=["metadatas", "documents"])
-        return [Match(i, 1.0, dict(m), d) for i, m, d in zip(got["ids"], got["metadatas"], got["documents"])]
+    # ---- reads -------------------------------------------------------------------------------
+    def _get(self, which: str, flt: Filter | None, include: list[str], ids: list[str] | None = None):
+        col = self._plain(which)
+        if col is None or (flt is not None and flt.nothing(which)):
+            return None
+        return col.get(ids=ids, where=flt.where(which) if flt else None, include=include)
 
-    def get_text(self, ids: list[str]) -> list[Match]:
-        """Stored text items by id (score 1.0), those found, in no particular order."""
-        if not ids:
+    def get_visual(self, ids: list[str]) -> list[VisualItem]:
+        """The stored figures/pages with these ids (missing ones left out)."""
+        got = self._get("visual", None, ["metadatas", "documents"], ids) if ids else None
+        if not got:
             return []
-        got = self.text.get(ids=ids, include=["metadatas", "documents"])
-        return [Match(i, 1.0, dict(m), d) for i, m, d in zip(got["ids"], got["metadatas"], got["documents"])]
+        return [visual_from_chroma(i, m, d) for i, m, d in zip(got["ids"], got["metadatas"], got["documents"])]
+
+    def visual_items(self, flt: Filter | None = None) -> list[VisualItem]:
+        got = self._get("visual", flt, ["metadatas", "documents"])
+        if not got:
+            return []
+        return [visual_from_chroma(i, m, d) for i, m, d in zip(got["ids"], got["metadatas"], got["documents"])]
+
+    def visual_vectors(self, flt: Filter | None = None) -> tuple[list[VisualItem], np.ndarray]:
+        """Figures/pages with their CLIP vectors (row i belongs to item i)."""
+        got = self._get("visual", flt, ["metadatas", "embeddings"])
+        if not got or not len(got["ids"]):
+            return [], np.zeros((0, 0), np.float32)
+        items = [visual_from_chroma(i, m, None) for i, m in zip(got["ids"], got["metadatas"])]
+        return items, np.asarray(got["embeddings"], np.float32)
+
+    def text_items(self, flt: Filter | None = None) -> list[TextItem]:
+        got = self._get("text", flt, ["metadatas", "documents"])
+        if not got:
+            return []
+        return [text_from_chroma(i, m, d) for i, m, d in zip(got["ids"], got["metadatas"], got["documents"])]
+
+    def count(self, which: str) -> int:
+        col = self._plain(which)
+        return col.count() if col is not None else 0
+
+    def get_text(self, ids: list[str]) -> list[TextItem]:
+        """The stored passages with these ids (missing ones left out), in no particular order."""
+        got = self._get("text", None, ["metadatas", "documents"], ids) if ids else None
+        if not got:
+            return []
+        return [text_from_chroma(i, m, d) for i, m, d in zip(got["ids"], got["metadatas"], got["documents"])]
 
     def page_image(self, doc: str, page: int) -> str | None:
-        """Relative image path of a stored page render."""
-        got = self.visual.get(where={"$and": [{"doc": doc}, {"page": page}, {"kind": "page"}]},
-                              include=["metadatas"], limit=1)
-        return got["metadatas"][0]["image"] if got["ids"] else None
+        """Image path (relative to data_dir) of the stored render of page ``page`` of the document
+        named ``doc``."""
+        col = self._plain("visual")
+        if col is None:
+            return None
+        got = col.get(where={"$and": [{"doc": doc}, {"page": page}, {"kind": "page"}]}, include=["metadatas"], limit=1)
+        return visual_from_chroma(got["ids"][0], got["metadatas"][0], None).image if got["ids"] else None
 
-    def visual_embeddings(self, where: dict | None = None) -> tuple[list[str], np.ndarray, list[dict]]:
-        got = self.visual.get(where=where, include=["embeddings", "metadatas"])
-        emb = np.asarray(got["embeddings"], np.float32) if len(got["ids"]) else np.zeros((0, 0), np.float32)
-        return got["ids"], emb, [dict(m) for m in got["metadatas"]]
-
-    def update_visual_metadata(self, ids: list[str], metadatas: list[dict]) -> None:
-        for i in range(0, len(ids), BATCH):
-            self.visual.update(ids=ids[i:i + BATCH], metadatas=metadatas[i:i + BATCH])
-
-    def all_text(self, where: dict | None = None) -> tuple[list[str], list[str], list[dict]]:
-        got = self.text.get(where=where, include=["documents", "metadatas"])
-        return got["ids"], got["documents"], [dict(m) for m in got["metadatas"]]
-
-    def iter_items(self, which: str) -> Iterable[tuple[list[str], list[str], list[dict]]]:
-        col = self.visual if which == "visual" else self.text
-        total, offset = col.count(), 0
+    def iter_items(self, which: str) -> Iterable[list[VisualItem | TextItem]]:
+        """Every stored item of ``visual`` or ``text``, in batches."""
+        col = self._plain(which)
+        total, offset = (col.count() if col is not None else 0), 0
         while offset < total:
             got = col.get(include=["documents", "metadatas"], limit=BATCH, offset=offset)
-            yield got["ids"], got["documents"], [dict(m) for m in got["metadatas"]]
+            yield [_FROM[which](i, m, d) for i, m, d in zip(got["ids"], got["metadatas"], got["documents"])]
             offset += BATCH
 
+    def image_paths(self) -> set[str]:
+        """Every image file (relative path) a stored item refers to."""
+        col = self._plain("visual")
+        total, offset, refs = (col.count() if col is not None else 0), 0, set()
+        while offset < total:
+            got = col.get(include=["metadatas"], limit=BATCH, offset=offset)
+            refs.update(m.get("image", "") for m in got["metadatas"])
+            offset += BATCH
+        return refs
+
+    # ---- reindex -----------------------------------------------------------------------------
     def start_replacement(self, which: str, identity: str):
-        """An empty collection for a new model, filled beside the live one (see ``finish_replacement``)."""
-        name = (VISUAL if which == "visual" else TEXT) + "_next"
+        """An empty collection for a new model, filled (``add_to``) beside the live one (see
+        ``finish_replacement``)."""
+        name = NAMES[which] + "_next"
         try:
             self.client.delete_collection(name)
         except Exception:
@@ -189,8 +292,8 @@ class Store:
         """Mark the filled collection complete, then swap it in. A crash before the mark leaves the
         old index untouched; a crash after it is completed by the next open (``_resume_swaps``)."""
         new.modify(metadata={**(new.metadata or {}), "mmrag:complete": True})
-        self._swap(VISUAL if which == "visual" else TEXT)
-        setattr(self, which, self.client.get_collection(VISUAL if which == "visual" else TEXT, embedding_function=None))
+        self._swap(NAMES[which])
+        self._checked.pop(which, None)
 
     def _swap(self, name: str) -> None:
         nxt = self.client.get_collection(name + "_next", embedding_function=None)
@@ -210,14 +313,6 @@ class Store:
                     self._swap(name)
                 else:
                     self.client.delete_collection(name + "_next")
-
-
-def bbox_meta(bbox) -> str:
-    return json.dumps([round(float(v), 1) for v in bbox]) if bbox else ""
-
-
-def bbox_from_meta(value: str):
-    return json.loads(value) if value else None
 
 
 def now() -> float:

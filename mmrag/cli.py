@@ -150,7 +150,7 @@ def _query_image(app, args):
         found = app.library.store.get_visual([args.like])
         if not found:
             raise MMRagError(f"--like: no stored figure or page with id {args.like}")
-        return load_image(app.library.images.path(found[0].metadata["image"]))
+        return load_image(app.library.images.path(found[0].image))
     return None
 
 

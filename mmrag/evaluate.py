@@ -9,6 +9,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from index.records import FIGURE_KINDS, Filter
+
 from . import metrics as M
 
 ABLATION = {"clip": ("clip",), "text": ("text",), "keyword": ("keyword",), "text+keyword": ("text", "keyword"),
@@ -72,14 +74,11 @@ def score_retrieval(app, queries: list[dict], run_out: Path | None) -> dict:
 
     scale = 72.0 / float(app.cfg["ingest"]["page_dpi"])
     pages, page_area = {}, {}  # (doc, page) -> scanned; (doc, page) -> area in points²
-    for _, _, metas in lib.store.iter_items("visual"):
-        for m in metas:
-            if m["kind"] != "page":
-                continue
-            pages[(m["doc"], m["page"])] = bool(m.get("scanned"))
-            if m.get("image"):
-                with Image.open(lib.images.path(m["image"])) as im:  # reads the header only
-                    page_area[(m["doc"], m["page"])] = im.width * scale * im.height * scale
+    for item in lib.store.visual_items(Filter(kinds=frozenset({"page"}))):
+        pages[(item.doc, item.page)] = item.scanned
+        if item.image:
+            with Image.open(lib.images.path(item.image)) as im:  # reads the header only
+                page_area[(item.doc, item.page)] = im.width * scale * im.height * scale
     per_signal: dict[str, dict[str, list]] = {}
     rows = []
     latencies = []
@@ -137,10 +136,11 @@ def _figure_kind(app, q: dict) -> str | None:
 
 
 def _figures_on(app, doc: str, page: int) -> list[dict]:
-    got = app.library.store.visual.get(where={"$and": [{"doc": doc}, {"page": page}]}, include=["metadatas"])
-    from index.store import bbox_from_meta
-
-    return [{"kind": m["kind"], "bbox": bbox_from_meta(m["bbox"])} for m in got["metadatas"] if m["kind"] != "page"]
+    """The figures extracted on page ``page`` of the document named ``doc``."""
+    store = app.library.store
+    shas = [d.sha256 for d in store.list_docs() if d.doc == doc]
+    items = store.visual_items(Filter.of(shas, FIGURE_KINDS, page=page))
+    return [{"kind": it.kind, "bbox": list(it.bbox)} for it in items]
 
 
 def score_extraction(app, queries: list[dict]) -> dict:

@@ -21,7 +21,7 @@ import os
 import time
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +29,8 @@ import numpy as np
 from index.embedders import ImageTextEmbedder, PassageEmbedder, load_image
 from index.images import ImageStore
 from index.keyword import KeywordIndex
-from index.store import Store, bbox_meta, now
+from index.records import DocRecord, TextItem, VisualItem
+from index.store import Store, now
 from ingest.extract import extract_pages, file_sha256, open_pdf
 from ingest.records import PageRecord
 
@@ -105,32 +106,31 @@ class Library:
         self.keyword.rollback()
         pending = self.store.list_docs(status="pending")
         for doc in pending:
-            self.keyword.delete_doc(doc["sha256"])
+            self.keyword.delete_doc(doc.sha256)
         self.keyword.commit()
         for doc in pending:
-            log.warning("removing the half-ingested %s (interrupted earlier); ingest it again", doc["doc"])
-            self.store.delete_doc(doc["sha256"])
+            log.warning("removing the half-ingested %s (interrupted earlier); ingest it again", doc.doc)
+            self.store.delete_doc(doc.sha256)
         if pending or (self.data_dir / "images").exists() and self._has_stray_files():
             self.images.sweep(self.referenced_images())
-        complete = [d["sha256"] for d in self.store.list_docs()]
+        complete = [d.sha256 for d in self.store.list_docs()]
         if not self.keyword.covers(complete):
             self.rebuild_keyword(complete)
-        return [d["doc"] for d in pending]
+        return [d.doc for d in pending]
 
     def rebuild_keyword(self, complete: list[str] | None = None) -> int:
         """Rebuild the keyword index from the texts stored for complete documents; returns
         their number."""
-        keep = set(complete if complete is not None else (d["sha256"] for d in self.store.list_docs()))
-        total = self.store.text.count()
+        keep = set(complete if complete is not None else (d.sha256 for d in self.store.list_docs()))
+        total = self.store.count("text")
         if total:
             log.warning("building the keyword index from %d stored texts (once, or after it was changed by hand)",
                         total)
 
         def batches():
-            for ids, docs, metas in self.store.iter_items("text"):
-                rows = [(i, d or "", m) for i, d, m in zip(ids, docs, metas) if m.get("doc_sha") in keep]
-                yield ([r[0] for r in rows], [r[1] for r in rows], [r[2]["doc_sha"] for r in rows],
-                       [keyword_kind(r[2]) for r in rows])
+            for items in self.store.iter_items("text"):
+                rows = [t for t in items if t.doc_sha in keep]
+                yield [t.id for t in rows], [t.text for t in rows], [t.doc_sha for t in rows], [t.stands_for for t in rows]
 
         def progress(done: int) -> None:
             if done % 100_000 < 1000:
@@ -142,10 +142,7 @@ class Library:
         return any(p.suffix.startswith(".tmp") for p in (self.data_dir / "images").glob("*/*"))
 
     def referenced_images(self) -> set[str]:
-        refs: set[str] = set()
-        for _, _, metas in self.store.iter_items("visual"):
-            refs.update(m.get("image", "") for m in metas)
-        return refs
+        return self.store.image_paths()
 
     # ---- ingest -------------------------------------------------------------------------------
     def ingest(self, paths: Iterable[str | os.PathLike], progress: Progress | None = None,
@@ -156,6 +153,7 @@ class Library:
         paths = list(paths)
         results = []
         with self.writing():
+            self.store.check_models()  # a model mismatch stops the whole batch (before any file)
             for i, path in enumerate(paths):
                 name = names[i] if names else Path(path).name
                 try:
@@ -175,11 +173,11 @@ class Library:
         try:
             sha = file_sha256(path)
             existing = self.store.get_doc(sha)
-            if existing and existing.get("status") == "complete":
-                same = "" if existing["doc"] == name else f" as {existing['doc']}"
+            if existing and existing.status == "complete":
+                same = "" if existing.doc == name else f" as {existing.doc}"
                 return IngestResult(name, "unchanged", f"{name}: already ingested{same}, nothing to do", sha,
-                                    existing["pages"], existing["figures"], existing["chunks"])
-            older = [d for d in self.store.list_docs() if d["doc"] == name]
+                                    existing.pages, existing.figures, existing.chunks)
+            older = [d for d in self.store.list_docs() if d.doc == name]
             progress.file(name, index, total, doc.page_count)
             self.store.set_doc(sha, doc=name, status="pending", started=now(), pages=doc.page_count,
                                figures=0, chunks=0)
@@ -194,7 +192,7 @@ class Library:
             self.store.set_doc(sha, status="complete", ingested_at=now(),
                                figures=counts["figures"], chunks=counts["chunks"])
             for old in older:  # a changed file replaces its old version, once the new one is complete
-                self._delete(old["sha256"])
+                self._delete(old.sha256)
             if older:
                 self.images.sweep(self.referenced_images())
             lost = tuple(counts["warnings"])  # stored, but not all of it: say what is missing
@@ -210,8 +208,8 @@ class Library:
     def _write_pages(self, doc, sha: str, name: str, progress: Progress) -> dict:
         icfg = self.cfg["ingest"]
         deadline = time.monotonic() + float(icfg["file_timeout_s"])
-        visual: list[tuple[str, bytes, dict, str]] = []
-        texts: list[tuple[str, str, dict]] = []
+        visual: list[tuple[VisualItem, bytes]] = []
+        texts: list[TextItem] = []
         counts = {"figures": 0, "chunks": 0}
         warnings: list[str] = []
         for rec in extract_pages(doc, sha, icfg, render=True, progress=progress.page):
@@ -226,44 +224,47 @@ class Library:
         return dict(counts, warnings=warnings)
 
     def _collect(self, rec: PageRecord, name: str, visual: list, texts: list, counts: dict) -> None:
-        base = {"doc_sha": rec.doc_sha, "doc": name, "page": rec.page}
+        origin = {"doc_sha": rec.doc_sha, "doc": name, "page": rec.page}
         for fig in rec.figures:
             if not fig.png:
                 continue
-            meta = dict(base, kind=fig.kind, bbox=bbox_meta(fig.bbox), caption=fig.caption[:500],
-                        figure=fig.number, image=self.images.put(fig.png), label="")
-            visual.append((fig.id, fig.png, meta, fig.text[:2000]))
+            item = VisualItem(fig.id, kind=fig.kind, image=self.images.put(fig.png), bbox=fig.bbox,
+                              caption=fig.caption[:500], figure=fig.number, text=fig.text[:2000], **origin)
+            visual.append((item, fig.png))
             # two passages stand for the figure: its caption with the surrounding text, and its
             # caption with the words inside it (labels, OCR), so noisy OCR cannot drown the context
-            fmeta = dict(base, kind="figure_text", unit=fig.id, bbox=bbox_meta(fig.bbox), source=fig.kind)
             for prefix, body in (("t", fig.nearby_text), ("l", fig.ocr_text)):
                 passage = "\n".join(t for t in (fig.caption, body) if t)
                 if passage and (body or prefix == "t"):
-                    texts.append((prefix + fig.id, passage, fmeta))
+                    texts.append(TextItem(prefix + fig.id, kind="figure_text", unit=fig.id, text=passage,
+                                          bbox=fig.bbox, source=fig.kind, **origin))
             counts["figures"] += 1
         if rec.png:
-            meta = dict(base, kind="page", bbox="", caption="", figure=0,
-                        image=self.images.put(rec.png), label="", scanned=rec.scanned)
             page_text = " ".join(c.text for c in rec.chunks)[:2000]
-            visual.append((rec.id, rec.png, meta, page_text))
+            visual.append((VisualItem(rec.id, kind="page", image=self.images.put(rec.png), scanned=rec.scanned,
+                                      text=page_text, **origin), rec.png))
         for chunk in rec.chunks:
-            texts.append((chunk.id, chunk.text, dict(base, kind="text", unit=chunk.id, bbox=bbox_meta(chunk.bbox),
-                                                      source=chunk.source)))
+            texts.append(TextItem(chunk.id, kind="text", unit=chunk.id, text=chunk.text, bbox=chunk.bbox,
+                                  source=chunk.source, **origin))
             counts["chunks"] += 1
 
     def _flush(self, visual: list, texts: list) -> None:
         if visual:
-            vecs = self.clip.embed_images([load_image(png) for _, png, _, _ in visual])
-            labels = self.zero_shot(vecs)
-            metas = [dict(m, label=lab if m["kind"] != "page" else "") for (_, _, m, _), lab in zip(visual, labels)]
-            self.store.add_visual([v[0] for v in visual], vecs, metas, [v[3] for v in visual])
+            vecs = self.clip.embed_images([load_image(png) for _, png in visual])
+            items = self._labelled([it for it, _ in visual], vecs)
+            self.store.add_visual(items, vecs)
             visual.clear()
         if texts:
-            vecs = self.passages.embed([t[1] for t in texts])
-            self.store.add_text([t[0] for t in texts], vecs, [t[2] for t in texts], [t[1] for t in texts])
-            self.keyword.add([t[0] for t in texts], [t[1] for t in texts], [t[2]["doc_sha"] for t in texts],
-                             [keyword_kind(t[2]) for t in texts])
+            vecs = self.passages.embed([t.text for t in texts])
+            self.store.add_text(texts, vecs)
+            self.keyword.add([t.id for t in texts], [t.text for t in texts], [t.doc_sha for t in texts],
+                             [t.stands_for for t in texts])
             texts.clear()
+
+    def _labelled(self, items: list[VisualItem], vecs: np.ndarray) -> list[VisualItem]:
+        """Figures get their zero-shot label; pages none."""
+        labels = self.zero_shot(vecs)
+        return [replace(it, label=lab if it.kind != "page" else "") for it, lab in zip(items, labels)]
 
     # ---- zero-shot labels -------------------------------------------------------------------
     @property
@@ -280,18 +281,18 @@ class Library:
 
     # ---- library ------------------------------------------------------------------------------
     def list(self) -> list[dict]:
-        return [{"doc": d["doc"], "sha256": d["sha256"], "pages": d["pages"], "figures": d["figures"],
-                 "chunks": d["chunks"], "ingested_at": d.get("ingested_at")} for d in self.store.list_docs()]
+        """Complete documents by name: doc, sha256, pages, figures, chunks, ingested_at (unix time)."""
+        return [_doc_dict(d) for d in self.store.list_docs()]
 
     def find(self, doc: str) -> dict:
         """A complete document by file name or by (a prefix of, at least 8 hex of) its sha256."""
         docs = self.store.list_docs()
-        hits = [d for d in docs if d["doc"] == doc] or [d for d in docs if len(doc) >= 8 and d["sha256"].startswith(doc)]
+        hits = [d for d in docs if d.doc == doc] or [d for d in docs if len(doc) >= 8 and d.sha256.startswith(doc)]
         if not hits:
             raise NotFound(f"no ingested document named {doc!r}; `mmrag list` shows what is there")
         if len(hits) > 1:
             raise MMRagError(f"{doc!r} matches several documents; give its sha256 instead")
-        return hits[0]
+        return _doc_dict(hits[0])
 
     def remove(self, doc: str) -> dict:
         with self.writing():
@@ -316,15 +317,14 @@ class Library:
                 identity = self.clip.identity if which == "visual" else self.passages.identity
                 new = self.store.start_replacement(which, identity)
                 count = 0
-                for ids, docs, metas in self.store.iter_items(which):
+                for items in self.store.iter_items(which):
                     if which == "visual":
-                        vecs = self._embed_stored_images(metas)
-                        labels = self.zero_shot(vecs)
-                        metas = [dict(m, label=lab if m["kind"] != "page" else "") for m, lab in zip(metas, labels)]
+                        vecs = self._embed_stored_images(items)
+                        items = self._labelled(items, vecs)
                     else:
-                        vecs = self.passages.embed(docs)
-                    Store.add_to(new, ids, vecs, metas, docs)
-                    count += len(ids)
+                        vecs = self.passages.embed([t.text for t in items])
+                    Store.add_to(new, items, vecs)
+                    count += len(items)
                     if progress:
                         progress(which, count, 0)
                 self.store.finish_replacement(which, new)
@@ -332,11 +332,9 @@ class Library:
             done["keyword"] = self.rebuild_keyword()  # the same texts, with the current analyzer
         return done
 
-    def _embed_stored_images(self, metas: list[dict]) -> np.ndarray:
-        return self.clip.embed_images([load_image(self.images.path(m["image"])) for m in metas])
+    def _embed_stored_images(self, items: list[VisualItem]) -> np.ndarray:
+        return self.clip.embed_images([load_image(self.images.path(it.image)) for it in items])
 
 
-def keyword_kind(meta: dict) -> str:
-    """What a stored text stands for, as the keyword index filters it: ``text`` for a passage,
-    the figure's kind (raster, vector, table) for a figure's text."""
-    return "text" if meta["kind"] == "text" else meta.get("source", "")
+def _doc_dict(d: DocRecord) -> dict:
+    return {k: v for k, v in asdict(d).items() if k in ("doc", "sha256", "pages", "figures", "chunks", "ingested_at")}

@@ -23,8 +23,8 @@ def snapshot(app):
     """Everything a user could see of the index: documents, item ids, image files, and what the
     keyword index holds (its item ids and documents), which must be the stored texts exactly."""
     lib = app.library
-    visual = sorted(i for ids, _, _ in lib.store.iter_items("visual") for i in ids)
-    text = sorted(i for ids, _, _ in lib.store.iter_items("text") for i in ids)
+    visual = sorted(it.id for batch in lib.store.iter_items("visual") for it in batch)
+    text = sorted(it.id for batch in lib.store.iter_items("text") for it in batch)
     files = sorted(str(p.relative_to(lib.data_dir)) for p in (lib.data_dir / "images").glob("*/*"))
     docs = [(d["doc"], d["sha256"], d["pages"], d["figures"], d["chunks"]) for d in lib.list()]
     keyword = sorted(lib.keyword.ids())
@@ -111,8 +111,12 @@ def test_the_model_guard_refuses_another_model_and_reindex_fixes_it(cfg, clip, p
     other_cfg, other_ckpt = write_tiny_clip(tmp_path / "other", seed=1)
     other = ClipEmbedder(str(other_cfg), str(other_ckpt), "cpu")
     assert other.identity != clip.identity  # same architecture, other weights: another checkpoint hash
+    mismatched = build(cfg, clip=other, passages=passages)
+    assert [d["doc"] for d in mismatched.library.list()] == ["m.pdf"]  # listing needs no model
     with pytest.raises(ModelMismatch, match="mmrag reindex"):
-        build(cfg, clip=other, passages=passages)
+        mismatched.retriever.retrieve("parser renderer", k=3)
+    with pytest.raises(ModelMismatch, match="mmrag reindex"):
+        mismatched.library.ingest([pdfgen.figure_doc(tmp_path / "n.pdf", pages=1)])
     fixed = build(cfg, clip=other, passages=passages, check=False)
     done = fixed.library.reindex()
     assert done["visual"] == len(before["visual"]) and done["text"] == len(before["text"])
@@ -236,6 +240,10 @@ def test_real_debian_pdf_ingests(app):
 
 
 def test_interrupted_reindex_keeps_or_completes_the_index(cfg, clip, passages, tmp_path):
+    import numpy as np
+
+    from index.embedders import load_image
+    from index.records import VisualItem
     from index.store import Store
 
     app = build(cfg, clip=clip, passages=passages)
@@ -244,17 +252,16 @@ def test_interrupted_reindex_keeps_or_completes_the_index(cfg, clip, passages, t
     store = app.library.store
     # crash while filling: the half-filled replacement is dropped, the live index untouched
     half = store.start_replacement("visual", "other-model|64")
-    Store.add_to(half, ["x"], __import__("numpy").ones((1, 64), "float32"), [{"doc_sha": "s", "kind": "page"}], None)
+    Store.add_to(half, [VisualItem("x", "s", "m.pdf", 1, "page", "images/none.png")], np.ones((1, 64), "float32"))
     reopened = build(cfg, clip=clip, passages=passages)
     assert snapshot(reopened) == before
     names = {c.name for c in reopened.library.store.client.list_collections()}
     assert "mmrag_visual_next" not in names
     # crash after the replacement was marked complete: the next open finishes the swap
     new = store.start_replacement("visual", clip.identity)
-    ids, docs, metas = zip(*[(i, d, m) for b in store.iter_items("visual") for i, d, m in zip(*b)])
-    vecs = clip.embed_images([__import__("index.embedders", fromlist=["x"]).load_image(
-        app.library.images.path(m["image"])) for m in metas])
-    Store.add_to(new, list(ids), vecs, list(metas), list(docs))
+    items = [it for batch in store.iter_items("visual") for it in batch]
+    vecs = clip.embed_images([load_image(app.library.images.path(it.image)) for it in items])
+    Store.add_to(new, items, vecs)
     new.modify(metadata={**new.metadata, "mmrag:complete": True})
     reopened = build(cfg, clip=clip, passages=passages)
     assert snapshot(reopened) == before

@@ -1,15 +1,34 @@
-"""Filtered nearest-neighbour queries on a real Chroma collection against brute force: whatever
-path the store takes (no oversampling, 3x oversampling, Chroma's where filter), the answer is the
-nearest n items the filter accepts."""
+"""The store on a real Chroma collection: filtered nearest-neighbour queries against brute force
+(whatever path the store takes: no oversampling, 3x oversampling, Chroma's where filter, the
+answer is the nearest n items the filter accepts), a Filter's Chroma ``where`` against its Python
+check, and records round-tripping through Chroma metadata."""
+
+import itertools
 
 import chromadb
 import numpy as np
 import pytest
 from chromadb.config import Settings
 
+from index.records import KINDS, Filter, TextItem, VisualItem
 from index.store import Store
 
 DIM = 16
+
+
+def visual(i: int) -> VisualItem:
+    # every third item is a page render; 15 items belong to a rare document
+    kind = "page" if i % 3 == 0 else ("vector", "raster", "table")[i % 3 - 1 + (i % 7 == 0)]
+    return VisualItem(f"v{i}", "rare" if i % 40 == 0 else "common", "d.pdf", i % 5 + 1, kind, f"images/{i}.png",
+                      None if kind == "page" else (1.0, 2.0, 3.5, 4.3), label="" if kind == "page" else
+                      ("chart", "diagram")[i % 2], figure=0 if kind == "page" else i % 3, scanned=kind == "page" and i % 2 == 0)
+
+
+def text(i: int) -> TextItem:
+    figure_text = i % 4 == 0
+    return TextItem(f"t{i}", ("a", "b", "c")[i % 3], "d.pdf", i % 5 + 1, "figure_text" if figure_text else "text",
+                    f"f-{i // 4}" if figure_text else f"t{i}", f"passage {i}", (0.0, 1.0, 2.0, 3.0),
+                    ("raster", "vector", "table")[i % 3] if figure_text else ("text", "ocr")[i % 2])
 
 
 @pytest.fixture(scope="module")
@@ -17,40 +36,67 @@ def filled(tmp_path_factory):
     rng = np.random.default_rng(7)
     vecs = rng.standard_normal((600, DIM)).astype(np.float32)
     vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
-    # every third item is a page render; 15 items belong to a rare document
-    metas = [{"doc_sha": "rare" if i % 40 == 0 else "common", "kind": "page" if i % 3 == 0 else "vector"}
-             for i in range(len(vecs))]
+    items = [visual(i) for i in range(len(vecs))]
     client = chromadb.PersistentClient(path=str(tmp_path_factory.mktemp("chroma")),
                                        settings=Settings(anonymized_telemetry=False))
     store = Store(client, f"test|{DIM}", "test-text|8")
-    store.add_visual([f"v{i}" for i in range(len(vecs))], vecs, metas)
-    return store, vecs, metas, rng.standard_normal((20, DIM)).astype(np.float32)
+    store.add_visual(items, vecs)
+    texts = [text(i) for i in range(120)]
+    store.add_text(texts, rng.standard_normal((len(texts), 8)).astype(np.float32))
+    return store, vecs, items, texts, rng.standard_normal((20, DIM)).astype(np.float32)
 
 
-def brute_force(vecs, metas, q, n, keep):
+def brute_force(vecs, items, q, n, keep):
     order = np.argsort(-(vecs @ (q / np.linalg.norm(q))), kind="stable")
-    return [f"v{i}" for i in order if keep(metas[i])][:n]
+    return [f"v{i}" for i in order if keep(items[i])][:n]
 
 
-@pytest.mark.parametrize("name, keep, where", [
-    ("everything", lambda m: True, None),
-    ("drops a third", lambda m: m["kind"] != "page", {"kind": {"$ne": "page"}}),
-    ("rare document", lambda m: m["doc_sha"] == "rare", {"doc_sha": "rare"}),
+@pytest.mark.parametrize("name, flt", [
+    ("everything", None),
+    ("drops a third", Filter.of(kinds=["vector", "raster", "table"])),
+    ("rare document", Filter.of(documents=["rare"])),
+    ("labels", Filter.of(kinds=["vector"], labels=["chart"])),
 ])
-def test_filtered_query_is_the_nearest_accepted_items(filled, name, keep, where):
-    store, vecs, metas, queries = filled
+def test_filtered_query_is_the_nearest_accepted_items(filled, name, flt):
+    store, vecs, items, _, queries = filled
+    keep = flt.accepts if flt else (lambda it: True)
     for q in queries:
-        got = store.query_visual(q, 10, where, keep)
-        assert [m.id for m in got] == brute_force(vecs, metas, q, 10, keep), name
-        assert all(keep(m.metadata) for m in got)
+        got = store.query_visual(q, 10, flt)
+        assert [m.id for m in got] == brute_force(vecs, items, q, 10, keep), name
+        assert all(keep(m.item) for m in got)
         assert [m.score for m in got] == sorted((m.score for m in got), reverse=True)
+
+
+FILTERS = [Filter()] + [Filter.of(docs, kinds, labels, page) for docs, kinds, labels, page in itertools.product(
+    (None, ["rare"], ["a", "c"], []), (None, ["page"], ["text"], ["vector", "table"], ["raster", "text", "page"]),
+    (None, ["chart"]), (None, 2))]
+
+
+def test_where_and_accepts_are_the_same_filter(filled):
+    """Every filter, as Chroma's where and as the Python check, picks the same items."""
+    store, _, items, texts, _ = filled
+    for flt in FILTERS:
+        want_visual = sorted(it.id for it in items if flt.accepts(it))
+        assert sorted(it.id for it in store.visual_items(flt)) == want_visual, flt
+        want_text = sorted(it.id for it in texts if flt.accepts(it))
+        assert sorted(it.id for it in store.text_items(flt)) == want_text, flt
+    assert any(store.text_items(f) for f in FILTERS if f.kinds == {"raster", "text", "page"})  # not all empty
+
+
+def test_records_come_back_as_they_were_stored(filled):
+    store, _, items, texts, _ = filled
+    assert store.get_visual([items[0].id, items[1].id, "nope"]) == [items[0], items[1]]
+    by_id = {t.id: t for t in store.text_items()}
+    assert [by_id[t.id] for t in texts] == texts
+    assert {t.stands_for for t in texts} == set(KINDS) - {"page"}
 
 
 def test_a_query_on_an_empty_store_finds_nothing(tmp_path):
     client = chromadb.PersistentClient(path=str(tmp_path), settings=Settings(anonymized_telemetry=False))
     store = Store(client, f"test|{DIM}", "test-text|8")
-    assert store.query_visual(np.ones(DIM, np.float32), 5, None, lambda m: True) == []
+    assert store.query_visual(np.ones(DIM, np.float32), 5, Filter()) == []
     assert store.query_text(np.ones(8, np.float32), 5) == []
+    assert store.visual_items() == [] and store.list_docs() == []
 
 
 def test_search_is_exact_up_to_ef_search_items_even_on_an_index_made_before(tmp_path):
@@ -70,12 +116,12 @@ def test_search_is_exact_up_to_ef_search_items_even_on_an_index_made_before(tmp_
         client = chromadb.PersistentClient(path=str(tmp_path), settings=Settings(anonymized_telemetry=False))
         return Store(client, "test|128", "test-text|8", **kw)
 
-    nearest = [brute_force(vecs, [{}] * len(vecs), q, 50, lambda m: True) for q in queries]
+    nearest = [brute_force(vecs, [None] * len(vecs), q, 50, lambda it: True) for q in queries]
 
     def exact_answers(store):
         return sum([m.id for m in store.query_visual(q, 50)] == want for q, want in zip(queries, nearest))
 
     old = open_store(ef_search=10)
-    old.add_visual([f"v{i}" for i in range(len(vecs))], vecs, [{"kind": "vector"}] * len(vecs))
+    old.add_visual([VisualItem(f"v{i}", "s", "d.pdf", 1, "vector", "") for i in range(len(vecs))], vecs)
     assert exact_answers(old) < len(queries)  # the narrow search really is approximate here
     assert exact_answers(open_store()) == len(queries)
