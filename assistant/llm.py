@@ -22,9 +22,7 @@ def _litellm():
 class LiteLLM:
     def __init__(self, cfg: dict):
         self.cfg = cfg
-        self.model = cfg.get("model")
-        if self.model:
-            _litellm()  # a slow import (seconds): pay it at start-up, not in the first answer
+        self.model = cfg.get("model")  # litellm itself is imported on the first call (seconds)
 
     @property
     def configured(self) -> bool:

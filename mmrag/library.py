@@ -31,7 +31,6 @@ from index.images import ImageStore
 from index.keyword import KeywordIndex
 from index.records import DocRecord, TextItem, VisualItem
 from index.store import Store, now
-from ingest.extract import extract_pages, file_sha256, open_pdf
 from ingest.records import PageRecord
 
 from .errors import USER_ERRORS, BadDocument, MMRagError, NotFound
@@ -166,6 +165,8 @@ class Library:
         return results
 
     def _ingest_one(self, path: Path, name: str, index: int, total: int, progress: Progress) -> IngestResult:
+        from ingest.extract import file_sha256, open_pdf  # PyMuPDF: imported by the commands that read PDFs
+
         max_mb = float(self.cfg["ingest"]["max_file_mb"])
         if path.is_file() and path.stat().st_size > max_mb * 1e6:
             raise BadDocument(f"{name}: larger than ingest.max_file_mb ({max_mb:g} MB)")
@@ -206,6 +207,8 @@ class Library:
             doc.close()
 
     def _write_pages(self, doc, sha: str, name: str, progress: Progress) -> dict:
+        from ingest.extract import extract_pages
+
         icfg = self.cfg["ingest"]
         deadline = time.monotonic() + float(icfg["file_timeout_s"])
         visual: list[tuple[VisualItem, bytes]] = []

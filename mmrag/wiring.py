@@ -1,5 +1,6 @@
 """The one place that builds the real embedders, store, library and assistant from config.
-Tests call the same function, passing tiny real models where they want."""
+Tests call the same function, passing tiny real models where they want. Building loads no
+model: each loads on its first use."""
 
 from __future__ import annotations
 
@@ -43,8 +44,10 @@ def build(cfg: dict, clip=None, passages=None, client=None, llm=None, check: boo
     typed = validate_config(cfg)
     clip = clip or build_clip(typed.clip)
     passages = passages or build_passages(typed.text_embedder, typed.clip.device)
-    store = Store(client or make_client(typed.chroma, typed.data_dir), clip.identity, passages.identity,
-                  check=check, ef_search=typed.chroma.ef_search)
+    # the identities are asked for on the first vector query or write: listing and removing
+    # documents never compute them (no checkpoint hash, no weights needed)
+    store = Store(client or make_client(typed.chroma, typed.data_dir), lambda: clip.identity,
+                  lambda: passages.identity, check=check, ef_search=typed.chroma.ef_search)
     keyword = KeywordIndex(Path(typed.data_dir) / "keyword")  # local even when Chroma is a server
     library = Library(cfg, store, clip, passages, keyword)
     retriever = Retriever(store, clip, passages, cfg, cfg["data_dir"], keyword, library.sync_keyword)

@@ -93,6 +93,26 @@ def test_inspect_json_shape_on_a_real_pdf(tmp_path):
 def test_missing_clip_weights_stop_with_the_fix(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({"data_dir": str(tmp_path / "d"), "clip": {"pretrained": str(tmp_path / "w.pt")}}))
-    out = mmrag("--config", config, "list")
+    out = mmrag("--config", config, "ingest", pdfgen.figure_doc(tmp_path / "a.pdf", pages=1))
     assert out.returncode == 2
     assert out.stderr.count("\n") == 1 and "set clip.pretrained in config.yaml" in out.stderr
+
+
+def test_list_and_remove_work_with_the_clip_checkpoint_gone(write_config, tiny_clip_files, tmp_path):
+    """Listing and removing need no model: with the configured checkpoint deleted they still
+    work; a search names the missing file and the fix."""
+    import shutil
+
+    ckpt = tmp_path / "clip.pt"
+    shutil.copy(tiny_clip_files[1], ckpt)
+    config = write_config(clip={"pretrained": str(ckpt)})
+    assert mmrag("--config", config, "ingest", "--quiet", pdfgen.figure_doc(tmp_path / "a.pdf", pages=2),
+                 pdfgen.figure_doc(tmp_path / "b.pdf", pages=1)).returncode == 0
+    ckpt.unlink()
+    out = mmrag("--config", config, "list", "--json")
+    assert out.returncode == 0, out.stderr
+    assert [(d["doc"], d["pages"]) for d in json.loads(out.stdout)] == [("a.pdf", 2), ("b.pdf", 1)]
+    out = mmrag("--config", config, "search", "a figure")
+    assert out.returncode == 2 and "set clip.pretrained in config.yaml" in out.stderr and str(ckpt) in out.stderr
+    assert mmrag("--config", config, "remove", "a.pdf").returncode == 0
+    assert [d["doc"] for d in json.loads(mmrag("--config", config, "list", "--json").stdout)] == ["b.pdf"]

@@ -129,10 +129,14 @@ def test_missing_weights_give_one_clear_error(tmp_path):
     from index.embedders import ClipEmbedder
     from mmrag.errors import WeightsUnavailable
 
+    missing = ClipEmbedder("ViT-B-32", str(tmp_path / "nope.safetensors"), "cpu")  # loads nothing yet
     with pytest.raises(WeightsUnavailable, match="clip.pretrained.*local file"):
-        ClipEmbedder("ViT-B-32", str(tmp_path / "nope.safetensors"), "cpu")
+        missing.identity
+    with pytest.raises(WeightsUnavailable, match="clip.pretrained.*local file"):
+        missing.embed_texts(["a chart"])
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    out = subprocess.run([sys.executable, "-c", "from index.embedders import ClipEmbedder as C; C('ViT-B-32', 'laion2b_s34b_b79k', 'cpu')"],
+    out = subprocess.run([sys.executable, "-c", "from index.embedders import ClipEmbedder as C; "
+                          "C('ViT-B-32', 'laion2b_s34b_b79k', 'cpu').embed_texts(['a chart'])"],
                          cwd=ROOT, env=env, capture_output=True, text=True)
     assert out.returncode != 0 and "set clip.pretrained in config.yaml" in out.stderr
 
