@@ -12,6 +12,8 @@ from pathlib import Path
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from index.records import FIGURE_KINDS  # noqa: E402
+
 from .config import load_config  # noqa: E402
 from .errors import USER_ERRORS, MMRagError  # noqa: E402
 from .progress import BarProgress  # noqa: E402
@@ -135,7 +137,7 @@ def _print_hits(hits, as_json: bool) -> None:
 def _filters(args) -> dict:
     kinds = None
     if args.kind:
-        kinds = {"figure": ["raster", "vector", "table"]}.get(args.kind, [args.kind])
+        kinds = {"figure": list(FIGURE_KINDS)}.get(args.kind, [args.kind])
     return {"kinds": kinds, "docs": args.doc or None, "labels": args.label or None}
 
 
