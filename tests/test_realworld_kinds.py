@@ -62,7 +62,7 @@ def test_same_base_name_in_two_folders_is_two_documents_and_same_bytes_are_store
     files = _pdfs([str(tmp_path / "reports")])
     results = app.library.ingest([f for f, _ in files], names=[n for _, n in files])
     assert {r.name: r.status for r in results}["2024/report.pdf"] == "replaced"
-    texts = sorted(d for ids, docs, _ in app.library.store.iter_items("text") for d in docs)
+    texts = sorted(t.text for batch in app.library.store.iter_items("text") for t in batch)
     assert texts == ["Annual report 2023: the frame is copper.", "Annual report 2024, revised: the frame is steel."]
 
 
@@ -126,7 +126,7 @@ def test_an_item_that_fails_is_left_out_with_a_warning_and_the_page_is_kept(app,
     assert res.warnings == ("page 2: figure 1: OCR could not read it, stored without its inner text "
                             "(cannot read this image)",)
     assert "partial" in res.message and "page 2: figure 1" in res.message
-    kinds = sorted(m["kind"] for _, _, metas in app.library.store.iter_items("visual") for m in metas)
+    kinds = sorted(it.kind for batch in app.library.store.iter_items("visual") for it in batch)
     assert kinds == ["page", "page", "raster", "raster"]
 
 
