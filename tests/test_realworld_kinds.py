@@ -259,8 +259,8 @@ def test_transparent_line_art_reaches_the_models_as_dark_lines_on_white(tmp_path
     grey = pixels(rec.figures[0].png).mean(axis=2)
     assert (grey < 128).mean() < 0.2 and (grey < 128).mean() > 0.01  # thin dark lines on white
     app.library.ingest([pdf])
-    [meta] = [m for _, _, metas in app.library.store.iter_items("visual") for m in metas if m["kind"] == "raster"]
-    stored = np.asarray(Image.open(app.library.images.path(meta["image"])).convert("L"), float)
+    [item] = [it for batch in app.library.store.iter_items("visual") for it in batch if it.kind == "raster"]
+    stored = np.asarray(Image.open(app.library.images.path(item.image)).convert("L"), float)
     assert (stored < 128).mean() < 0.2
 
 
