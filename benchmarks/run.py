@@ -463,7 +463,7 @@ def main() -> None:
     p.add_argument("--stage", nargs="+", help=argparse.SUPPRESS)
     p.add_argument("--corpus", default=str(ROOT.parent / "shared" / "eval-dev"))
     p.add_argument("--out", default=str(ROOT / "bench-out"))
-    p.add_argument("--only", default="extract,embed,chroma,retrieval")
+    p.add_argument("--only", default="extract,embed,chroma,retrieval,keyword")
     p.add_argument("--modes", default="text,figures,renders,ocr,pymupdf4llm", help="extract modes")
     p.add_argument("--sizes", default="10000,100000,1000000")
     p.add_argument("--clip-model", default="ViT-B-32")
