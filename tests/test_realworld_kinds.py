@@ -395,3 +395,47 @@ def test_each_figure_of_a_scanned_page_is_its_own_region(tmp_path, cfg):
     boxes = sorted(f.bbox for f in rec.figures)
     assert len(boxes) == 2, boxes
     assert boxes[0][0] <= 82 and boxes[0][2] <= 270 and boxes[1][0] >= 350 and boxes[1][2] >= 498
+
+
+def raw_image_pdf(path, image_dict: str, data: bytes, fill: str = ""):
+    """A page with one image XObject written by hand (what PyMuPDF's insert_image never writes:
+    16-bit samples, an indexed palette, a stencil mask), placed at (100, 100, 300, 250)."""
+    doc = pymupdf.open()
+    page = doc.new_page()
+    page.insert_text((72, 72), "A page with one hand-made image.")
+    xref = doc.get_new_xref()
+    doc.update_object(xref, f"<< /Type /XObject /Subtype /Image {image_dict} /Length 0 >>")
+    doc.update_stream(xref, data)
+    kind, res = doc.xref_get_key(page.xref, "Resources")
+    if kind == "xref":
+        doc.xref_set_key(int(res.split()[0]), "XObject", f"<< /Im1 {xref} 0 R >>")
+    else:
+        doc.xref_set_key(page.xref, "Resources/XObject", f"<< /Im1 {xref} 0 R >>")
+    cont = page.get_contents()[0]
+    doc.update_stream(cont, doc.xref_stream(cont) + f"\nq {fill} 200 0 0 150 100 542 cm /Im1 Do Q\n".encode())
+    doc.save(path)
+    return path
+
+
+def halves(png):
+    a = pixels(png)
+    w = a.shape[1]
+    return a[:, : w // 3].mean(axis=(0, 1)), a[:, 2 * w // 3:].mean(axis=(0, 1))
+
+
+def test_sixteen_bit_indexed_and_stencil_mask_images_come_out_as_shown(tmp_path, cfg):
+    # 16-bit grey, 8 x 2 px: left half white (0xFFFF), right half black
+    row = b"\xff\xff" * 4 + b"\x00\x00" * 4
+    pdf = raw_image_pdf(tmp_path / "g16.pdf", "/Width 8 /Height 2 /BitsPerComponent 16 /ColorSpace /DeviceGray", row * 2)
+    left, right = halves(records(pdf, cfg)[0].figures[0].png)
+    assert left.min() > 240 and right.max() < 15
+    # indexed: a two-colour palette (red, blue), left half index 0, right half index 1
+    pdf = raw_image_pdf(tmp_path / "idx.pdf", "/Width 8 /Height 2 /BitsPerComponent 8 "
+                        "/ColorSpace [/Indexed /DeviceRGB 1 <C81E1E0000C8>]", (b"\x00" * 4 + b"\x01" * 4) * 2)
+    left, right = halves(records(pdf, cfg)[0].figures[0].png)
+    assert abs(left - (200, 30, 30)).max() < 10 and abs(right - (0, 0, 200)).max() < 10
+    # a stencil mask painted green where its bit is 0 (/Decode [0 1]); elsewhere the paper shows
+    pdf = raw_image_pdf(tmp_path / "mask.pdf", "/Width 8 /Height 2 /BitsPerComponent 1 /ImageMask true "
+                        "/Decode [0 1]", b"\x0f\x0f", fill="0 0.6 0 rg")
+    left, right = halves(records(pdf, cfg)[0].figures[0].png)
+    assert abs(left - (0, 153, 0)).max() < 10 and right.min() > 240
