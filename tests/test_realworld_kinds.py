@@ -397,7 +397,7 @@ def test_each_figure_of_a_scanned_page_is_its_own_region(tmp_path, cfg):
     assert boxes[0][0] <= 82 and boxes[0][2] <= 270 and boxes[1][0] >= 350 and boxes[1][2] >= 498
 
 
-def raw_image_pdf(path, image_dict: str, data: bytes, fill: str = ""):
+def raw_image_pdf(path, image_dict: str, data: bytes, fill: str = "", place: str = "200 0 0 150 100 542"):
     """A page with one image XObject written by hand (what PyMuPDF's insert_image never writes:
     16-bit samples, an indexed palette, a stencil mask), placed at (100, 100, 300, 250)."""
     doc = pymupdf.open()
@@ -412,7 +412,7 @@ def raw_image_pdf(path, image_dict: str, data: bytes, fill: str = ""):
     else:
         doc.xref_set_key(page.xref, "Resources/XObject", f"<< /Im1 {xref} 0 R >>")
     cont = page.get_contents()[0]
-    doc.update_stream(cont, doc.xref_stream(cont) + f"\nq {fill} 200 0 0 150 100 542 cm /Im1 Do Q\n".encode())
+    doc.update_stream(cont, doc.xref_stream(cont) + f"\nq {fill} {place} cm /Im1 Do Q\n".encode())
     doc.save(path)
     return path
 
@@ -439,3 +439,12 @@ def test_sixteen_bit_indexed_and_stencil_mask_images_come_out_as_shown(tmp_path,
                         "/Decode [0 1]", b"\x0f\x0f", fill="0 0.6 0 rg")
     left, right = halves(records(pdf, cfg)[0].figures[0].png)
     assert abs(left - (0, 153, 0)).max() < 10 and right.min() > 240
+
+
+def test_image_placed_flipped_is_stored_as_the_page_shows_it(tmp_path, cfg):
+    """Left half red, right half blue in the stored pixels; the placement matrix mirrors it."""
+    data = (b"\x00" * 4 + b"\x01" * 4) * 2
+    cs = "/Width 8 /Height 2 /BitsPerComponent 8 /ColorSpace [/Indexed /DeviceRGB 1 <C81E1E0000C8>]"
+    pdf = raw_image_pdf(tmp_path / "flip.pdf", cs, data, place="-200 0 0 150 300 542")  # mirrored left-right
+    left, right = halves(records(pdf, cfg)[0].figures[0].png)
+    assert abs(left - (0, 0, 200)).max() < 10 and abs(right - (200, 30, 30)).max() < 10
