@@ -120,7 +120,7 @@ class DocRecord:
 
     sha256: str
     doc: str  # display name
-    status: str  # pending | complete
+    status: str  # pending | complete | removing (being deleted: hidden, finished by the next writer)
     pages: int = 0
     figures: int = 0
     chunks: int = 0

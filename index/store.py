@@ -8,6 +8,7 @@ they work without the model's weights."""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -52,21 +53,87 @@ def make_client(chroma: ChromaSettings, data_dir: str | Path):
                                settings=settings)
 
 
+def fresh_local_client(client):
+    """A new embedded client on the same path with its own caches. The embedded Chroma keeps
+    HNSW indexes in memory and never sees another process's writes; a new system reads the files
+    again. The old system is dropped from Chroma's shared cache, not stopped (clients that still
+    name the path move to the new one)."""
+    import chromadb
+    from chromadb.api.shared_system_client import SharedSystemClient
+
+    settings = client.get_settings()
+    SharedSystemClient._identifier_to_system.pop(client._identifier, None)
+    SharedSystemClient._identifier_to_refcount.pop(client._identifier, None)
+    return chromadb.PersistentClient(path=settings.persist_directory, settings=settings)
+
+
 class Store:
     """``visual_identity`` / ``text_identity``: the configured models' identities, or functions
     that compute them (called only when a vector collection is first used). ``check=False`` skips
     the model guard (``mmrag reindex``). ``ef_search``: HNSW search breadth, applied to existing
-    collections too."""
+    collections too.
+
+    ``generation``: a small file every writer bumps (``bump``) when it takes the write lock and
+    after each committed change (ingest, remove, reindex swap); when another process moved it,
+    the next read re-opens the collections (``refresh``, on a fresh client for the embedded mode),
+    so each process sees the others' writes and a reindex's swap without a restart. None: no
+    other process writes (no check)."""
 
     def __init__(self, client, visual_identity: str | Callable[[], str], text_identity: str | Callable[[], str],
-                 check: bool = True, ef_search: int = DEFAULT_EF_SEARCH):
+                 check: bool = True, ef_search: int = DEFAULT_EF_SEARCH,
+                 generation: str | os.PathLike | None = None):
         self.client = client
         self.check = check
         self.ef_search = ef_search
         self._identity = {"visual": visual_identity, "text": text_identity}
         self._checked: dict[str, object] = {}  # which -> collection opened for vectors (model checked)
+        self.generation_file = Path(generation) if generation else None
+        self._seen = self._stamp()
         self._resume_swaps()
         self.docs = client.get_or_create_collection(DOCS, embedding_function=None)
+
+    # ---- several processes, one library ------------------------------------------------------
+    def _stamp(self):
+        if self.generation_file is None:
+            return None
+        try:
+            st = os.stat(self.generation_file)
+            return st.st_ino, st.st_mtime_ns, st.st_size
+        except FileNotFoundError:
+            return None
+
+    def refresh(self) -> bool:
+        """Re-open the collections if another process committed a change since we last looked
+        (the generation file moved). One stat when nothing changed. Returns whether it re-opened."""
+        stamp = self._stamp()
+        if stamp == self._seen:
+            return False
+        if self.client.get_settings().is_persistent:
+            self.client = fresh_local_client(self.client)
+        self._seen = stamp
+        self._checked = {}
+        for attempt in range(50):  # a reindex in another process may be between delete and rename
+            try:
+                self.docs = self.client.get_collection(DOCS, embedding_function=None)
+                return True
+            except Exception:
+                if attempt == 49:
+                    raise
+                time.sleep(0.1)
+        return True
+
+    def bump(self) -> None:
+        """Tell other processes the index changed (called by the writer, under its lock)."""
+        if self.generation_file is None:
+            return
+        try:
+            n = int(self.generation_file.read_text() or 0)
+        except (FileNotFoundError, ValueError):
+            n = 0
+        tmp = self.generation_file.with_name(f".{self.generation_file.name}.{os.getpid()}")
+        tmp.write_text(str(n + 1))
+        os.replace(tmp, self.generation_file)
+        self._seen = self._stamp()
 
     # ---- collections -------------------------------------------------------------------------
     def identity(self, which: str) -> str:
@@ -75,6 +142,7 @@ class Store:
 
     def _vectors(self, which: str):
         """The collection for vector work: created if missing, its model checked."""
+        self.refresh()
         col = self._checked.get(which)
         if col is not None:
             return col
@@ -98,6 +166,7 @@ class Store:
         """The collection for reads and deletes that need no model, or None when there is none yet."""
         from chromadb.errors import NotFoundError
 
+        self.refresh()
         if which in self._checked:
             return self._checked[which]
         try:
@@ -126,27 +195,48 @@ class Store:
     # ---- document registry -------------------------------------------------------------------
     def set_doc(self, sha: str, **fields) -> None:
         """Create or update a document's registry record with DocRecord fields."""
+        self.refresh()
         got = self.docs.get(ids=[sha], include=["metadatas"])
         old = dict(got["metadatas"][0]) if got["ids"] else {}
         old.update(doc_to_meta(fields))
         self.docs.upsert(ids=[sha], embeddings=[[1.0]], metadatas=[old])
 
     def get_doc(self, sha: str) -> DocRecord | None:
+        self.refresh()
         got = self.docs.get(ids=[sha], include=["metadatas"])
         return doc_from_chroma(sha, got["metadatas"][0]) if got["ids"] else None
 
     def list_docs(self, status: str | None = "complete") -> list[DocRecord]:
         """Documents by name; ``status=None`` lists pending ones too."""
+        self.refresh()
         got = self.docs.get(include=["metadatas"], where={"status": status} if status else None)
         return sorted((doc_from_chroma(i, m) for i, m in zip(got["ids"], got["metadatas"])), key=lambda d: d.doc)
 
-    def delete_doc(self, sha: str) -> None:
-        """Remove a document's items, then its record (so a crash midway leaves a record to retry)."""
+    def set_docs(self, changes: dict[str, dict]) -> None:
+        """Update several registry records (DocRecord fields) in one write, one Chroma upsert: a
+        replacement flips the new version to complete and the old one to removing together."""
+        self.refresh()
+        shas = list(changes)
+        got = self.docs.get(ids=shas, include=["metadatas"])
+        old = {i: dict(m) for i, m in zip(got["ids"], got["metadatas"])}
+        metas = [{**old.get(sha, {}), **doc_to_meta(changes[sha])} for sha in shas]
+        self.docs.upsert(ids=shas, embeddings=[[1.0]] * len(shas), metadatas=metas)
+
+    def delete_items(self, sha: str) -> None:
+        """Remove a document's items; its record stays (a crash midway leaves it to retry)."""
         for which in NAMES:
             col = self._plain(which)
             if col is not None:
                 col.delete(where={"doc_sha": sha})
-        self.docs.delete(ids=[sha])
+
+    def delete_records(self, shas: Sequence[str]) -> None:
+        if shas:
+            self.docs.delete(ids=list(shas))
+
+    def delete_doc(self, sha: str) -> None:
+        """Remove a document's items, then its record (so a crash midway leaves a record to retry)."""
+        self.delete_items(sha)
+        self.delete_records([sha])
 
     # ---- writing -----------------------------------------------------------------------------
     @staticmethod
@@ -173,8 +263,10 @@ class Store:
         got = col.query(query_embeddings=[np.asarray(vector, np.float32)], n_results=n, where=where,
                         include=["metadatas", "distances", "documents"])
         make = _FROM[which]
+        # an item another process deleted may linger without metadata in a stale in-memory index
+        # until the next refresh: leave it out rather than fail
         return [Match(make(i, m, doc), 1.0 - float(d)) for i, d, m, doc in
-                zip(got["ids"][0], got["distances"][0], got["metadatas"][0], got["documents"][0])]
+                zip(got["ids"][0], got["distances"][0], got["metadatas"][0], got["documents"][0]) if m is not None]
 
     def _nearest(self, which: str, vector, n: int, flt: Filter | None) -> list[Match]:
         """Top ``n`` items the filter accepts, nearest first. Chroma's ``where`` pre-filter scans

@@ -4,7 +4,13 @@ to ``index`` (embedders, Chroma, image files); neither of those knows the other.
 Crash safety: a document is registered as ``pending`` before any of its items is written and
 becomes ``complete`` only after the last one; searches only see complete documents. A pending
 document found later (the process was killed) is removed with its items and orphan images, so the
-next run ingests it again from scratch. One writer at a time (a lock file in the data dir).
+next run ingests it again from scratch. Deletes go the same way: a document being removed is first
+marked ``removing`` (hidden from list and search), then its keyword terms, items, images and
+finally its record go; a writer finding a ``removing`` document finishes the job. A replacement
+flips the new version to ``complete`` and the old one to ``removing`` in one write, so exactly one
+of them is visible at any moment. One writer at a time (a lock file in the data dir); the writer
+bumps DATA_DIR/generation when it takes the lock and after each committed change, so other
+processes re-open the index (``Store.refresh``).
 
 The keyword index (``index.keyword``, on disk in ``data_dir/keyword``) follows the same rule: a
 document's terms are committed just before the document becomes complete, removed before its
@@ -79,9 +85,12 @@ class Library:
         with open(self.data_dir / "write.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
+                self.store.refresh()  # another process may have written since we last looked
+                self.store.bump()  # readers re-open even if this writer is killed before its last bump
                 self.recover()
                 yield
             finally:
+                self.store.bump()
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
     def sync_keyword(self) -> bool:
@@ -94,28 +103,43 @@ class Library:
             except BlockingIOError:
                 return False
             try:
-                self.recover()
+                if self.recover():
+                    self.store.bump()
                 return True
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
     def recover(self) -> list[str]:
-        """Remove what an interrupted ingest left (pending documents, their keyword terms,
-        orphan images), then rebuild the keyword index if it does not match the store."""
+        """Finish what an interrupted writer left: documents half ingested (``pending``) or half
+        removed (``removing``) lose their keyword terms, items, images and record; stray image
+        files are swept; then the keyword index is rebuilt if it does not match the store.
+        Returns the names of the documents it finished off."""
         self.keyword.rollback()
         pending = self.store.list_docs(status="pending")
-        for doc in pending:
-            self.keyword.delete_doc(doc.sha256)
-        self.keyword.commit()
+        removing = self.store.list_docs(status="removing")
         for doc in pending:
             log.warning("removing the half-ingested %s (interrupted earlier); ingest it again", doc.doc)
-            self.store.delete_doc(doc.sha256)
-        if pending or (self.data_dir / "images").exists() and self._has_stray_files():
+        for doc in removing:
+            log.warning("finishing the interrupted removal of %s", doc.doc)
+        if pending or removing:
+            self._purge([d.sha256 for d in pending + removing])
+        elif (self.data_dir / "images").exists() and self._has_stray_files():
             self.images.sweep(self.referenced_images())
         complete = [d.sha256 for d in self.store.list_docs()]
         if not self.keyword.covers(complete):
             self.rebuild_keyword(complete)
-        return [d.doc for d in pending]
+        return [d.doc for d in pending + removing]
+
+    def _purge(self, shas: list[str]) -> None:
+        """Keyword terms, items, unreferenced images, then the records: a crash at any point
+        leaves the records (pending or removing) for ``recover`` to finish the job."""
+        for sha in shas:
+            self.keyword.delete_doc(sha)
+        self.keyword.commit()
+        for sha in shas:
+            self.store.delete_items(sha)
+        self.images.sweep(self.referenced_images())
+        self.store.delete_records(shas)
 
     def rebuild_keyword(self, complete: list[str] | None = None) -> int:
         """Rebuild the keyword index from the texts stored for complete documents; returns
@@ -187,15 +211,16 @@ class Library:
                 self.keyword.commit([sha])  # its terms, just before the document is complete
             except BaseException:  # roll back what this file wrote; a kill -9 is cleaned by recover()
                 self.keyword.rollback()
-                self.store.delete_doc(sha)
-                self.images.sweep(self.referenced_images())
+                self._purge([sha])
                 raise
-            self.store.set_doc(sha, status="complete", ingested_at=now(),
-                               figures=counts["figures"], chunks=counts["chunks"])
-            for old in older:  # a changed file replaces its old version, once the new one is complete
-                self._delete(old.sha256)
+            # one write: the new version complete and the old one removing (a changed file
+            # replaces its old version once the new one is whole), then the old one goes
+            self.store.set_docs({sha: dict(status="complete", ingested_at=now(), figures=counts["figures"],
+                                           chunks=counts["chunks"]),
+                                 **{old.sha256: {"status": "removing"} for old in older}})
             if older:
-                self.images.sweep(self.referenced_images())
+                self._purge([old.sha256 for old in older])
+            self.store.bump()
             lost = tuple(counts["warnings"])  # stored, but not all of it: say what is missing
             status = "partial" if lost else "replaced" if older else "added"
             msg = (f"{name}: {status}{' (replaced the older version)' if lost and older else ''}, {doc.page_count} "
@@ -300,16 +325,9 @@ class Library:
     def remove(self, doc: str) -> dict:
         with self.writing():
             found = self.find(doc)
-            self._delete(found["sha256"])
-            self.images.sweep(self.referenced_images())
+            self.store.set_doc(found["sha256"], status="removing")  # hidden from now on
+            self._purge([found["sha256"]])
         return found
-
-    def _delete(self, sha: str) -> None:
-        """A document's keyword terms, then its items and record (a crash between the two leaves
-        a complete document the keyword index lacks: the next check rebuilds the index)."""
-        self.keyword.delete_doc(sha)
-        self.keyword.commit()
-        self.store.delete_doc(sha)
 
     def reindex(self, progress: Callable[[str, int, int], None] | None = None) -> dict:
         """Re-embed every stored image and text with the configured models, without the PDFs.

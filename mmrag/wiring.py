@@ -47,7 +47,8 @@ def build(cfg: dict, clip=None, passages=None, client=None, llm=None, check: boo
     # the identities are asked for on the first vector query or write: listing and removing
     # documents never compute them (no checkpoint hash, no weights needed)
     store = Store(client or make_client(typed.chroma, typed.data_dir), lambda: clip.identity,
-                  lambda: passages.identity, check=check, ef_search=typed.chroma.ef_search)
+                  lambda: passages.identity, check=check, ef_search=typed.chroma.ef_search,
+                  generation=Path(typed.data_dir) / "generation")
     keyword = KeywordIndex(Path(typed.data_dir) / "keyword")  # local even when Chroma is a server
     library = Library(cfg, store, clip, passages, keyword)
     retriever = Retriever(store, clip, passages, cfg, cfg["data_dir"], keyword, library.sync_keyword)

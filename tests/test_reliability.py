@@ -1,0 +1,185 @@
+"""Reliability: deletes and replacements that survive kill -9, several processes on one library,
+missing files and storage faults, bounded work. Real CLI subprocesses on real PDFs, real Chroma."""
+
+import fcntl
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mmrag.wiring import build
+from tests import pdfgen
+from tests.conftest import ROOT
+
+
+def cli(config, *args, **kw):
+    return [sys.executable, "-m", "mmrag", "--config", str(config), *args]
+
+
+def run_cli(config, *args, check=True, env=None):
+    out = subprocess.run(cli(config, *args), cwd=ROOT, capture_output=True, text=True, env=env)
+    if check:
+        assert out.returncode == 0, out.stderr[-2000:]
+    return out
+
+
+def on_disk(data_dir: Path) -> dict:
+    """What is in the index files right now, read by a fresh Chroma client (no cached state):
+    every document record with its status and how many items of it each collection holds."""
+    import chromadb
+    from chromadb.api.shared_system_client import SharedSystemClient
+    from chromadb.config import Settings
+
+    path = str(data_dir / "chroma")
+    SharedSystemClient._identifier_to_system.pop(path, None)
+    SharedSystemClient._identifier_to_refcount.pop(path, None)
+    client = chromadb.PersistentClient(path=path, settings=Settings(anonymized_telemetry=False))
+    docs = client.get_collection("mmrag_docs").get(include=["metadatas"])
+    out = {}
+    for sha, meta in zip(docs["ids"], docs["metadatas"]):
+        counts = tuple(len(client.get_collection(c).get(where={"doc_sha": sha}, include=[])["ids"])
+                       for c in ("mmrag_visual", "mmrag_text"))
+        out[sha] = {"doc": meta["doc"], "status": meta["status"], "items": counts}
+    return out
+
+
+def wait_for_lock(proc, data_dir: Path) -> None:
+    """Return once ``proc`` holds the library's write lock (or has exited)."""
+    lock_path = data_dir / "write.lock"
+    while proc.poll() is None:
+        if lock_path.exists():
+            with open(lock_path) as f:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    fcntl.flock(f, fcntl.LOCK_UN)
+                except BlockingIOError:
+                    break  # the writer holds it
+        time.sleep(0.005)
+
+
+def kill_while_writing(proc, data_dir: Path, delay: float) -> str:
+    """Wait until ``proc`` holds the library's write lock, then kill -9 it ``delay`` s later.
+    Returns 'killed' or 'finished' (it was done before the kill)."""
+    wait_for_lock(proc, data_dir)
+    time.sleep(delay)
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return "killed"
+    proc.wait()
+    return "finished"
+
+
+def test_kill_9_during_remove_and_replacement_leaves_whole_or_gone(make_cfg, write_config, clip, passages,
+                                                                  tmp_path):
+    """Repeated kill -9 at random moments of a replacement (a changed file ingested again) and
+    of `remove`: afterwards `doc.pdf` is visible whole (all its items) or not at all, never twice,
+    and a final ingest brings it back."""
+    rng = random.Random(18)
+    (tmp_path / "v1").mkdir()
+    (tmp_path / "v2").mkdir()
+    v1 = pdfgen.figure_doc(tmp_path / "v1" / "doc.pdf", pages=8)
+    v2 = pdfgen.figure_doc(tmp_path / "v2" / "doc.pdf", pages=10)
+    # the whole versions: item counts of each in a clean library
+    ref = build(make_cfg(data_dir=tmp_path / "ref"), clip=clip, passages=passages)
+    ref.library.ingest([v1])
+    ref.library.ingest([v2])  # replaces v1
+    whole = {}
+    assert len(on_disk(tmp_path / "ref")) == 1
+    ref2 = build(make_cfg(data_dir=tmp_path / "ref1"), clip=clip, passages=passages)
+    ref2.library.ingest([v1])
+    for info in (on_disk(tmp_path / "ref"), on_disk(tmp_path / "ref1")):
+        for sha, d in info.items():
+            whole[sha] = d["items"]
+    assert len(whole) == 2
+
+    data = tmp_path / "crashy"
+    config = write_config(data_dir=data)
+    doc = tmp_path / "doc.pdf"
+    doc.write_bytes(v1.read_bytes())
+    proc = subprocess.Popen(cli(config, "ingest", "--quiet", str(doc)), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_lock(proc, data)
+    t0 = time.monotonic()  # the lock is held from here: how long an ingest writes
+    proc.wait()
+    window = time.monotonic() - t0
+    assert proc.returncode == 0
+
+    def check() -> str | None:
+        """The visible state is whole or gone; returns the visible sha (None when gone)."""
+        state = on_disk(data)
+        visible = [(sha, d) for sha, d in state.items() if d["status"] == "complete"]
+        assert len(visible) <= 1, state  # never two versions at once
+        for sha, d in visible:
+            assert d["items"] == whole[sha], f"a visible document lost items: {state}"
+        return visible[0][0] if visible else None
+
+    outcomes = []
+    for cycle in range(3):  # replacements: ingest the other version, kill at a random moment
+        current = check()
+        other = v2 if current == file_sha(v1) else v1
+        doc.write_bytes(other.read_bytes())
+        proc = subprocess.Popen(cli(config, "ingest", "--quiet", str(doc)), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        outcomes.append(kill_while_writing(proc, data, rng.uniform(0.2, 1.0) * window))
+        check()
+    lib = build(make_cfg(data_dir=data), clip=clip, passages=passages).library
+    for cycle in range(3):  # removals
+        if check() is None:
+            lib.ingest([doc])
+            assert check() is not None
+        proc = subprocess.Popen(cli(config, "remove", "doc.pdf"), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        outcomes.append(kill_while_writing(proc, data, rng.uniform(0.0, 0.6)))
+        check()
+    assert "killed" in outcomes
+    # a final ingest finishes whatever was interrupted and brings the current file back whole
+    out = run_cli(config, "ingest", "--quiet", "--json", str(doc))
+    [res] = json.loads(out.stdout)
+    assert res["status"] in ("added", "replaced", "unchanged")
+    state = on_disk(data)
+    assert [d["status"] for d in state.values()] == ["complete"]
+    assert check() == file_sha(doc)
+    listed = json.loads(run_cli(config, "list", "--json").stdout)
+    assert [d["doc"] for d in listed] == ["doc.pdf"]
+    final = build(make_cfg(data_dir=data), clip=clip, passages=passages).library
+    files = {str(p.relative_to(data)) for p in (data / "images").glob("*/*")}
+    assert files == final.referenced_images()  # no orphan images, none missing
+    print(f"kill cycles: {outcomes}")
+
+
+def file_sha(path: Path) -> str:
+    from ingest.extract import file_sha256
+
+    return file_sha256(path)
+
+
+def test_a_running_app_sees_other_processes_remove_ingest_and_reindex(make_cfg, write_config, clip, passages,
+                                                                       tmp_path):
+    """One App object (what `mmrag serve` holds) keeps answering correctly while CLI processes
+    remove, ingest and reindex on the same data dir."""
+    data = tmp_path / "shared"
+    app = build(make_cfg(data_dir=data), clip=clip, passages=passages)
+    a = pdfgen.figure_doc(tmp_path / "a.pdf", pages=2)
+    b = pdfgen.figure_doc(tmp_path / "b.pdf", pages=1)
+    c = pdfgen.figure_doc(tmp_path / "c.pdf", pages=3)
+    app.library.ingest([a, b])
+    assert {h.doc for h in app.retriever.retrieve("parser renderer", k=10)} == {"a.pdf", "b.pdf"}
+    config = write_config(data_dir=data)
+    run_cli(config, "remove", "a.pdf")
+    assert [d["doc"] for d in app.library.list()] == ["b.pdf"]
+    assert {h.doc for h in app.retriever.retrieve("parser renderer", k=10)} == {"b.pdf"}
+    run_cli(config, "ingest", "--quiet", str(c))
+    assert [d["doc"] for d in app.library.list()] == ["b.pdf", "c.pdf"]
+    assert {h.doc for h in app.retriever.retrieve("parser renderer", k=20)} == {"b.pdf", "c.pdf"}
+    run_cli(config, "reindex")  # swaps in new collections
+    hits = app.retriever.retrieve("parser renderer", k=20)
+    assert {h.doc for h in hits} == {"b.pdf", "c.pdf"}
+    assert app.assistant.ask("parser renderer").citations
+    # and this process's own writes still work, and the CLI sees them
+    app.library.remove("b.pdf")
+    listed = json.loads(run_cli(config, "list", "--json").stdout)
+    assert [d["doc"] for d in listed] == ["c.pdf"]
