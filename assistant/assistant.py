@@ -3,20 +3,27 @@ model failure: the sources still come back, with one line saying what failed."""
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from .llm import LiteLLM, LLMError
 from .prompt import build_messages
 from .records import Answer, Hit, citations_for
 from .retrieve import Retriever
 
+log = logging.getLogger(__name__)
+
 
 class Assistant:
-    def __init__(self, retriever: Retriever, llm: LiteLLM, cfg: dict):
+    def __init__(self, retriever: Retriever, llm: LiteLLM, cfg: dict,
+                 after_answer: Callable[[list[Hit]], object] | None = None):
+        """``after_answer(hits)`` runs once the answer is out (on-demand figure descriptions);
+        it must not block and its failures are only logged."""
         self.retriever = retriever
         self.llm = llm
         self.cfg = cfg
+        self.after_answer = after_answer
 
     def stream(self, question: str, history: list[dict] | None = None, image=None, **filters) -> Iterator[tuple[str, object]]:
         """Events: ("hits", list[Hit]) once, ("token", str) many, ("answer", Answer) last."""
@@ -48,6 +55,11 @@ class Assistant:
         if error and not text:
             text = fallback_text(hits)
         timings["total_ms"] = (time.perf_counter() - t0) * 1000
+        if self.after_answer:  # started once the answer is complete (callers may stop reading at it)
+            try:
+                self.after_answer(hits)
+            except Exception:
+                log.exception("after-answer work failed")
         yield "answer", Answer(text, citations_for(hits, text), hits, error, note, timings)
 
     def ask(self, question: str, history: list[dict] | None = None, image=None, **filters) -> Answer:

@@ -22,6 +22,7 @@ class Hit:
     figure: int | None = None  # figure number on its page
     label: str = ""  # zero-shot label
     signals: dict = field(default_factory=dict)  # signal -> rank that contributed
+    description: str = ""  # figures: what the vision model saw in it ("" until described)
 
     @property
     def is_figure(self) -> bool:
@@ -36,7 +37,8 @@ class Hit:
     def to_json(self) -> dict:
         """The shape ``mmrag search --json`` prints."""
         return {"doc": self.doc, "page": self.page, "kind": self.kind, "bbox": self.bbox,
-                "score": round(self.score, 6), "image": self.image, "text": self.text}
+                "score": round(self.score, 6), "image": self.image, "text": self.text,
+                "description": self.description}
 
 
 _KEY_SWAP = str.maketrans({"[": "(", "]": ")", '"': "'", "<": "‹", ">": "›", "&": "+"})
@@ -62,10 +64,11 @@ class Citation:
     figure: str | None  # figure id, None for passages and pages
     image: str | None
     score: float
+    description: str = ""  # figures: the vision model's description ("" until described)
 
     def to_json(self) -> dict:
         return {"doc": self.doc, "page": self.page, "figure": self.figure, "image": self.image,
-                "score": round(self.score, 6), "key": self.key}
+                "score": round(self.score, 6), "key": self.key, "description": self.description}
 
 
 @dataclass
@@ -91,7 +94,7 @@ def citations_for(hits: list[Hit], answer_text: str | None = None) -> list[Citat
         if h.key in seen:
             continue
         seen.add(h.key)
-        out.append(Citation(h.key, h.doc, h.page, h.id if h.is_figure else None, h.image, h.score))
+        out.append(Citation(h.key, h.doc, h.page, h.id if h.is_figure else None, h.image, h.score, h.description))
     return out
 
 

@@ -5,6 +5,7 @@ reciprocal rank fusion (``rrf``)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from index.keyword import KeywordIndex
@@ -148,7 +149,15 @@ class Retriever:
             hits.append(self._hit(item, score, ranks))
             if len(hits) >= k:
                 break
-        return hits
+        return self._describe(hits)
+
+    def _describe(self, hits: list[Hit]) -> list[Hit]:
+        """Figure hits carry their description (the figure's ``df-`` passage), when it has one."""
+        ids = ["d" + h.id for h in hits if h.is_figure]
+        if not ids:
+            return hits
+        text = {t.id: t.text for t in self.store.get_text(ids)}
+        return [replace(h, description=text.get("d" + h.id) or "") if h.is_figure else h for h in hits]
 
     def page_image(self, doc: str, page: int) -> str | None:
         """The stored render of a page (for showing a figure in its page)."""

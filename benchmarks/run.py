@@ -7,7 +7,11 @@ Stages (each in its own process, so peak RSS is the stage's own):
   embed     CLIP image embedding img/s: the ingest pipeline (PNG bytes -> vectors) vs a bare batched open_clip
             forward vs one image at a time; text-query encode latency p50/p95
   chroma    Chroma query latency p50/p95 at 10k/100k/1M stored vectors, index size on disk
-  retrieval retrieval latency p50/p95 (no LLM) and question -> first streamed token against a local server
+  retrieval retrieval latency p50/p95 (no LLM) and question -> first streamed token against a local server;
+            then figure descriptions (`mmrag describe` on every figure) against the same local server:
+            descriptions per minute with describe.concurrency calls in flight, and their cost in tokens as the
+            responses' usage reports it (the test server's usage is made up: ~700 in, 20 out; a real VLM
+            reports its own)
   keyword   keyword search on a synthetic library (Zipf vocabulary, 50-150 words per chunk, 100 chunks
             per document) at --keyword-sizes chunks: build, adding 1,000 chunks, query p50/p95 (all
             documents, one document, all but one), peak RSS, size on disk — the Tantivy index beside
@@ -404,6 +408,7 @@ def stage_retrieval(corpus: Path, config: str | None, docs: list[str]) -> dict:
     queries = [json.loads(line) for line in (corpus / "queries.jsonl").read_text().splitlines() if line.strip()]
     with LLMServer() as server:
         cfg["llm"].update(model="openai/bench", api_base=server.api_base, vision=True)
+        cfg["describe"]["mode"] = "off"  # described apart below, not inside the ingest timing
         app = build(cfg)
         pdfs = [corpus / "pdfs" / d for d in docs] if docs else sorted((corpus / "pdfs").glob("*.pdf"))
         t0 = time.perf_counter()
@@ -419,12 +424,24 @@ def stage_retrieval(corpus: Path, config: str | None, docs: list[str]) -> dict:
             answer = app.assistant.ask(q["query"])
             first.append(answer.timings.get("first_token_ms", float("nan")))
             total.append(answer.timings["total_ms"])
+        figs = app.describing.undescribed()
+        t0 = time.perf_counter()
+        stats = app.describing.describe(figs)
+        describe_s = time.perf_counter() - t0
     pages = sum(d["pages"] for d in app.library.list())
+    n = stats.described or 1
     return {"docs": [p.name for p in pdfs], "pages": pages, "ingest_s": round(ingest_s, 1),
             "ingest_pages_per_s": round(pages / ingest_s, 2), "clip": app.library.clip.identity,
             "retrieval_ms_p50": pct(lat, 0.5), "retrieval_ms_p95": pct(lat, 0.95),
             "first_token_ms_p50": pct(first, 0.5), "first_token_ms_p95": pct(first, 0.95),
-            "answer_ms_p50": pct(total, 0.5), "peak_rss_mb": peak_rss_mb()}
+            "answer_ms_p50": pct(total, 0.5),
+            "describe": {"figures": len(figs), "described": stats.described, "reused": stats.reused,
+                         "failed": stats.failed, "seconds": round(describe_s, 1),
+                         "descriptions_per_min": round(60 * stats.described / describe_s, 1) if describe_s else 0.0,
+                         "concurrency": cfg["describe"]["concurrency"],
+                         "prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.completion_tokens,
+                         "tokens_per_description": round((stats.prompt_tokens + stats.completion_tokens) / n, 1)},
+            "peak_rss_mb": peak_rss_mb()}
 
 
 # ---- driver ------------------------------------------------------------------------------------

@@ -176,7 +176,7 @@ def cmd_ask(args) -> int:
         elif kind == "answer":
             answer = value
     if args.json:
-        print(json.dumps(answer.to_json(), indent=2))
+        print(json.dumps(answer.to_json(), indent=2), flush=True)
     else:
         if answer.error:
             print(answer.text)
@@ -186,7 +186,46 @@ def cmd_ask(args) -> int:
             print(f"note: {answer.note}")
         for c in answer.citations:
             print(f"  {c.key} score {c.score:.4f}" + (f"  {c.image}" if c.image else ""))
+        sys.stdout.flush()
+    app.describing.wait(timeout=float(app.cfg["describe"]["timeout_s"]) + 5)  # on-demand descriptions
     return 0
+
+
+def cmd_describe(args) -> int:
+    app = _app(args)
+    d = app.describing
+    if not d.enabled:
+        raise MMRagError("no describing model configured: set describe.model (or llm.model) in config.yaml")
+    if args.docs:
+        for doc in args.docs:
+            app.library.find(doc)  # a one-line error for a name that is not there
+    figs = d.undescribed(args.docs or None)
+    bar = None
+    if sys.stderr.isatty() and not args.quiet and figs:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(figs), desc=f"describing figures with {d.describer.model}", unit="fig", file=sys.stderr)
+
+    def progress(done, total):
+        if bar:
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+    try:
+        stats = d.describe(figs, progress=progress, limit=args.limit)
+    finally:
+        if bar:
+            bar.close()
+    left = len(d.undescribed(args.docs or None))
+    if args.json:
+        print(json.dumps(dict(stats.to_json(), undescribed=left), indent=2))
+    else:
+        print(f"described {stats.described} figures ({stats.reused} already described elsewhere), "
+              f"{stats.failed} failed, {left} not described yet; "
+              f"tokens: {stats.prompt_tokens} in, {stats.completion_tokens} out")
+        for e in stats.errors[:3]:
+            print(f"  {e}", file=sys.stderr)
+    return 1 if stats.failed and not stats.described and not stats.reused else 0
 
 
 def cmd_reindex(args) -> int:
@@ -269,6 +308,11 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--image", help="search by an image file")
         sp.add_argument("--like", help="search by a stored figure or page id ('more like this')")
         sp.add_argument("--json", action="store_true")
+    sp = add("describe", cmd_describe, "describe figures with the vision model (those not described yet)")
+    sp.add_argument("docs", nargs="*", help="only these documents (names or sha256s); default: all")
+    sp.add_argument("--limit", type=int, default=None, help="ask the model for at most this many figures")
+    sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    sp.add_argument("--json", action="store_true")
     add("reindex", cmd_reindex, "re-embed stored images and texts with the configured models")
     sp = add("duplicates", cmd_duplicates, "groups of near-duplicate figures")
     sp.add_argument("--threshold", type=float, default=0.95)

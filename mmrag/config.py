@@ -70,6 +70,23 @@ class LLMSettings(Section):
     history_tokens: int = Field(3000, ge=0)
 
 
+class DescribeSettings(Section):
+    """Figure descriptions by a vision model (see README "Figure descriptions")."""
+
+    # ingest: every figure as it is ingested; on_demand: the top figure hits of a question, after
+    # the answer; off: never (``mmrag describe`` still works). Nothing happens without a model.
+    mode: Literal["ingest", "on_demand", "off"] = "on_demand"
+    model: str | None = None  # default: llm.model (and then llm.api_base, llm.api_key_env)
+    api_base: str | None = None  # used only when describe.model is set
+    api_key_env: str | None = None  # used only when describe.model is set
+    max_per_file: int = Field(200, ge=0)  # ingest mode: figures described per file at most
+    concurrency: int = Field(4, gt=0)  # describing calls in flight at once
+    timeout_s: float = Field(60, gt=0)  # per call; a call that takes longer is given up (retried later)
+    on_demand_figures: int = Field(3, ge=0)  # on_demand: top figure hits described after an answer
+    image_max_side: int = Field(1024, gt=0)  # pixels; the figure is scaled down before sending
+    max_tokens: int = Field(400, gt=0)  # length limit of one description
+
+
 class UISettings(Section):
     host: str = "127.0.0.1"
     port: int = Field(7860, ge=0, le=65535)
@@ -87,6 +104,7 @@ class Config(Section):
     chroma: ChromaSettings = Field(default_factory=ChromaSettings)
     retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings)
     llm: LLMSettings = Field(default_factory=LLMSettings)
+    describe: DescribeSettings = Field(default_factory=DescribeSettings)
     ui: UISettings = Field(default_factory=UISettings)
 
 

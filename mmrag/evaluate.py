@@ -45,6 +45,8 @@ def run_eval(cfg: dict, corpus: Path, queries_path: Path | None = None, run_out:
     if not reuse and app is None:
         tmp = tempfile.TemporaryDirectory(prefix="mmrag-eval-")
         cfg = dict(cfg, data_dir=tmp.name, chroma=dict(cfg["chroma"], mode="local", path=None))
+    # descriptions are scored apart: retrieval without them first, then with them (below)
+    cfg = dict(cfg, describe=dict(cfg["describe"], mode="off"))
     try:
         app = app or build(cfg)
         t0 = time.perf_counter()
@@ -60,6 +62,14 @@ def run_eval(cfg: dict, corpus: Path, queries_path: Path | None = None, run_out:
         failed = [r.message for r in results if r.status == "failed"]
         report = {"corpus": str(corpus), "queries": len(queries), "ingest_s": round(ingest_s, 1),
                   "failed": failed, "clip_model": app.library.clip.identity}
+        describing = getattr(app, "describing", None)
+        if describing is not None and describing.enabled:
+            without = score_retrieval(app, queries, None)
+            report["without_descriptions"] = {k: without[k] for k in ("page", "figure", "by_kind")}
+            t0 = time.perf_counter()
+            stats = describing.describe(describing.undescribed())
+            report["descriptions"] = dict(stats.to_json(), model=describing.describer.model,
+                                          seconds=round(time.perf_counter() - t0, 1))
         report.update(score_retrieval(app, queries, run_out))
         report["extraction"] = score_extraction(app, queries)
         return report
@@ -173,6 +183,13 @@ def format_report(r: dict) -> str:
         for name, m in r["by_kind"].items():
             if m[level]["n"]:
                 out.append(row(name, m[level]))
+    if "without_descriptions" in r:
+        d = r["descriptions"]
+        out.append(f"figure descriptions by {d['model']}: {d['described']} new, {d['reused']} stored, {d['failed']} "
+                   f"failed in {d['seconds']} s; tokens {d['prompt_tokens']} in, {d['completion_tokens']} out")
+        for level in ("page", "figure"):
+            out.append(row(f"{level} without", r["without_descriptions"][level]))
+            out.append(row(f"{level} with", r[level]))
     out.append("ablation (signals fused)")
     for name, m in r["ablation"].items():
         out.append(row(f"page {name}", m["page"]))

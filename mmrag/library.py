@@ -35,7 +35,7 @@ import numpy as np
 from index.embedders import ImageTextEmbedder, PassageEmbedder, load_image
 from index.images import ImageStore
 from index.keyword import KeywordIndex
-from index.records import DocRecord, TextItem, VisualItem
+from index.records import FIGURE_KINDS, DocRecord, Filter, TextItem, VisualItem
 from index.store import Store, now
 from ingest.records import PageRecord
 
@@ -65,6 +65,9 @@ class Progress:
 
     def page(self, done: int) -> None: ...
 
+    def described(self, done: int, total: int) -> None:
+        """Figure descriptions done of total (``describe.mode: ingest`` and ``mmrag describe``)."""
+
 
 class Library:
     def __init__(self, cfg: dict, store: Store, clip: ImageTextEmbedder, passages: PassageEmbedder,
@@ -78,6 +81,10 @@ class Library:
         self.images = ImageStore(self.data_dir)
         self.keyword = keyword or KeywordIndex(self.data_dir / "keyword")
         self._label_vecs: np.ndarray | None = None
+        self.describing = None  # mmrag.describing.Describing, set by wiring (figure descriptions)
+        self._describe_run = None  # this ingest's describing run (describe.mode: ingest)
+        self._to_describe: list = []  # (figure, future) submitted during this ingest
+        self._file_described = 0
 
     # ---- locking and recovery ---------------------------------------------------------------
     @contextmanager
@@ -177,16 +184,121 @@ class Library:
         results = []
         with self.writing():
             self.store.check_models()  # a model mismatch stops the whole batch (before any file)
-            for i, path in enumerate(paths):
-                name = names[i] if names else Path(path).name
-                try:
-                    results.append(self._ingest_one(Path(path), name, i, len(paths), progress))
-                except USER_ERRORS as exc:
-                    results.append(IngestResult(name, "failed", str(exc)))
-                except Exception as exc:  # an unexpected library error must not stop the batch
-                    log.exception("ingesting %s failed", name)
-                    results.append(IngestResult(name, "failed", f"{name}: unexpected error: {exc}"))
+            self._start_describing()
+            try:
+                for i, path in enumerate(paths):
+                    name = names[i] if names else Path(path).name
+                    self._file_described = 0
+                    try:
+                        results.append(self._ingest_one(Path(path), name, i, len(paths), progress))
+                    except USER_ERRORS as exc:
+                        results.append(IngestResult(name, "failed", str(exc)))
+                    except Exception as exc:  # an unexpected library error must not stop the batch
+                        log.exception("ingesting %s failed", name)
+                        results.append(IngestResult(name, "failed", f"{name}: unexpected error: {exc}"))
+                    self._store_descriptions(wait=False)
+            finally:
+                self._finish_describing(progress)
         return results
+
+    # ---- figure descriptions while ingesting (describe.mode: ingest) ------------------------------
+    def _start_describing(self) -> None:
+        d = self.describing
+        self._describe_run = d.start_run() if d is not None and d.mode == "ingest" else None
+        self._to_describe = []
+
+    def _submit_description(self, fig, item: VisualItem) -> None:
+        """Ask for a figure's description in the background (its image file is already stored)."""
+        run = self._describe_run
+        if run is None or self._file_described >= int(self.cfg["describe"]["max_per_file"]):
+            return
+        from .describing import FigureToDescribe
+
+        self._file_described += 1
+        todo = FigureToDescribe.of(item, context=fig.nearby_text or fig.ocr_text)
+        try:
+            known = self.describing.known([todo]).get(todo.image_sha)
+        except Exception as exc:  # descriptions never fail an ingest
+            log.warning("figure descriptions unavailable: %s", exc)
+            known = None
+        if known:
+            self._to_describe.append((todo, known.text))
+        elif not run.stopped:
+            self._to_describe.append((todo, run.submit(todo)))
+
+    def _store_descriptions(self, wait: bool, progress: Progress | None = None) -> None:
+        """Write the finished descriptions as passages (documents that completed); ``wait`` for the rest."""
+        if not self._to_describe:
+            return
+        total = len(self._to_describe)
+        ready, left = [], []
+        done = 0
+        for todo, got in self._to_describe:
+            if not isinstance(got, str):
+                if not got.done() and not wait:
+                    left.append((todo, got))
+                    continue
+                try:
+                    got = got.result()
+                except Exception:  # pragma: no cover - _Run catches model failures itself
+                    got = None
+                got = got.text if got else None
+            done += 1
+            if progress:
+                progress.described(done, total)
+            if got:
+                ready.append((todo, got))
+        try:
+            self.describing.write_passages(ready, locked=True)
+        except Exception as exc:  # descriptions never fail an ingest: they are kept and written later
+            log.warning("could not store figure descriptions: %s", exc)
+        self._to_describe = left
+
+    def _finish_describing(self, progress: Progress) -> None:
+        if self._describe_run is None:
+            return
+        try:
+            self._store_descriptions(wait=True, progress=progress)
+        finally:
+            self._describe_run.close()
+            self._describe_run = None
+            self._to_describe = []
+
+    def figures_to_describe(self, docs=None, ids: list[str] | None = None) -> list:
+        """Stored figures of complete documents (``docs``: names or sha256s, None: all; ``ids``:
+        only these figures) as FigureToDescribe, in document, page and figure order."""
+        from .describing import FigureToDescribe
+
+        library = self.store.list_docs()
+        if docs is not None:
+            docs = set(docs)
+            library = [d for d in library if d.doc in docs or d.sha256 in docs]
+        flt = Filter.of([d.sha256 for d in library], FIGURE_KINDS)
+        items = self.store.get_visual(ids) if ids is not None else self.store.visual_items(flt)
+        out = [FigureToDescribe.of(it) for it in items if flt.accepts(it)]
+        return sorted(out, key=lambda f: (f.doc, f.passage["page"], f.id))
+
+    def described_figures(self, ids: list[str]) -> set[str]:
+        """Those of these figure ids that have a description passage."""
+        found: set[str] = set()
+        for i in range(0, len(ids), 1000):
+            found.update(t.unit for t in self.store.get_text(["d" + x for x in ids[i:i + 1000]]))
+        return found
+
+    def add_figure_passages(self, passages: list[TextItem]) -> int:
+        """Embed and store figure passages of documents that are complete (one removed meanwhile
+        gets none; one already there is not added twice). Returns how many were stored."""
+        complete = {d.sha256 for d in self.store.list_docs()}
+        have = {t.id for t in self.store.get_text([p.id for p in passages])}
+        passages = [p for p in passages if p.doc_sha in complete and p.id not in have]
+        if not passages:
+            return 0
+        vecs = self.passages.embed([t.text for t in passages])
+        self.store.add_text(passages, vecs)
+        self.keyword.add([t.id for t in passages], [t.text for t in passages], [t.doc_sha for t in passages],
+                         [t.stands_for for t in passages])
+        self.keyword.commit()
+        return len(passages)
 
     def _ingest_one(self, path: Path, name: str, index: int, total: int, progress: Progress) -> IngestResult:
         from ingest.extract import file_sha256, open_pdf  # PyMuPDF: imported by the commands that read PDFs
@@ -260,7 +372,9 @@ class Library:
                               caption=fig.caption[:500], figure=fig.number, text=fig.text[:2000], **origin)
             visual.append((item, fig.png))
             # two passages stand for the figure: its caption with the surrounding text, and its
-            # caption with the words inside it (labels, OCR), so noisy OCR cannot drown the context
+            # caption with the words inside it (labels, OCR), so noisy OCR cannot drown the context;
+            # a third, its description by the vision model, comes when that is ready (describing.py)
+            self._submit_description(fig, item)
             for prefix, body in (("t", fig.nearby_text), ("l", fig.ocr_text)):
                 passage = "\n".join(t for t in (fig.caption, body) if t)
                 if passage and (body or prefix == "t"):

@@ -26,6 +26,24 @@ class BarProgress:
             self.bar.n = done
             self.bar.refresh()
 
+    def described(self, done, total):
+        """Figure descriptions: a bar of its own (it follows the files' bars)."""
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        if getattr(self, "_dbar", None) is None:
+            if self.bar:
+                self.bar.close()
+                self.bar = None
+            self._dbar = tqdm(total=total, desc="describing figures", unit="fig", file=sys.stderr, leave=True)
+        self._dbar.total = total
+        self._dbar.n = done
+        self._dbar.refresh()
+
     def close(self):
         if self.bar:
             self.bar.close()
+        if getattr(self, "_dbar", None) is not None:
+            self._dbar.close()
+            self._dbar = None

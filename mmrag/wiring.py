@@ -16,6 +16,7 @@ from index.settings import ClipSettings, TextEmbedderSettings
 from index.store import Store, make_client
 
 from .config import validate_config
+from .describing import Describing
 from .library import Library
 
 
@@ -24,6 +25,7 @@ class App:
     cfg: dict
     library: Library
     assistant: Assistant
+    describing: Describing
 
     @property
     def retriever(self) -> Retriever:
@@ -51,6 +53,7 @@ def build(cfg: dict, clip=None, passages=None, client=None, llm=None, check: boo
                   generation=Path(typed.data_dir) / "generation")
     keyword = KeywordIndex(Path(typed.data_dir) / "keyword")  # local even when Chroma is a server
     library = Library(cfg, store, clip, passages, keyword)
+    library.describing = describing = Describing(cfg, library)
     retriever = Retriever(store, clip, passages, cfg, cfg["data_dir"], keyword, library.sync_keyword)
-    assistant = Assistant(retriever, llm or LiteLLM(cfg["llm"]), cfg)
-    return App(cfg, library, assistant)
+    assistant = Assistant(retriever, llm or LiteLLM(cfg["llm"]), cfg, after_answer=describing.after_answer)
+    return App(cfg, library, assistant, describing)

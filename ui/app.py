@@ -71,6 +71,15 @@ def _gallery(hits) -> list[tuple[str, str]]:
     return [(h.image, f"{h.key} {h.caption or h.label or h.kind}".strip()) for h in hits if h.image and h.kind != "text"]
 
 
+def figure_md(h) -> str:
+    """What the UI shows beside a selected figure: key, caption, place, label and its description
+    by the vision model (when it has one)."""
+    md = f"**{h.key}** {h.caption}\n\n{h.doc} p.{h.page}" + (f" · {h.label}" if h.label else "")
+    if h.description:
+        md += f"\n\n**Description** (vision model): {h.description}"
+    return md
+
+
 def _sources_md(answer) -> str:
     lines = []
     if answer.error:
@@ -139,8 +148,7 @@ def build_ui(app) -> gr.Blocks:
             return None, None, ""
         h = shown[evt.index]
         page = app.retriever.page_image(h.doc, h.page)
-        caption = f"**{h.key}** {h.caption}\n\n{h.doc} p.{h.page}" + (f" · {h.label}" if h.label else "")
-        return h.image, page, caption
+        return h.image, page, figure_md(h)
 
     def ingest_panel(files, progress=gr.Progress()):
         paths = [f if isinstance(f, str) else f.name for f in (files or [])]
