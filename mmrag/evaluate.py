@@ -65,7 +65,7 @@ def run_eval(cfg: dict, corpus: Path, queries_path: Path | None = None, run_out:
         describing = getattr(app, "describing", None)
         if describing is not None and describing.enabled:
             without = score_retrieval(app, queries, None)
-            report["without_descriptions"] = {k: without[k] for k in ("page", "figure", "by_kind")}
+            report["without_descriptions"] = {k: without[k] for k in ("page", "figure", "by_kind", "ablation")}
             t0 = time.perf_counter()
             stats = describing.describe(describing.undescribed())
             report["descriptions"] = dict(stats.to_json(), model=describing.describer.model,
