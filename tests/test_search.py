@@ -51,7 +51,7 @@ def test_labelled_answer_is_in_the_top_5(corpus_config, q):
     if q["bbox"]:
         assert any(M.figure_flags(results, q))
     for r in results:
-        assert set(r) == {"doc", "page", "kind", "bbox", "score", "image", "text"}
+        assert set(r) == {"doc", "page", "kind", "bbox", "score", "image", "text", "description"}
         assert r["kind"] in ("vector", "raster", "table", "page", "text")
     assert [r["score"] for r in results] == sorted((r["score"] for r in results), reverse=True)
 
