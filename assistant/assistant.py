@@ -39,7 +39,7 @@ class Assistant:
             return
         vision = self.llm.supports_vision() if self.llm.configured else False
         note = None if vision or not self.llm.configured else \
-            f"{self.llm.model} has no vision support: it was given the figures' captions and text, not the images"
+            f"{self.llm.model} has no vision support: it was given the figures' captions, text and descriptions, not the images"
         error, parts = None, []
         try:
             messages = build_messages(question or "Find material like the attached image.", hits, history or [],

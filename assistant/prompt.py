@@ -81,6 +81,8 @@ def build_messages(question: str, hits: list[Hit], history: list[dict], cfg: dic
         body = h.caption or h.text
         if not vision and h.text and h.text != body:
             body = f"{body}\n{h.text}"
+        if h.description:  # what a vision model saw in it: for a text-only model, instead of the image
+            body = f"{body}\nDescription (by a vision model): {h.description}"
         lines.append(f"<source key=\"{h.key}\" kind=\"{h.kind}\">\n{quote(body) or '(no caption)'}\n</source>")
     parts: list[dict] = [{"type": "text", "text": "\n".join(lines)}]
     if vision:

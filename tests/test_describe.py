@@ -139,8 +139,12 @@ def test_on_demand_describes_the_hits_of_a_question_after_answering_it(make_cfg,
     from ui.app import figure_md
 
     assert described.description in figure_md(described)  # shown beside the figure in the UI
-    app.assistant.ask("the diagram where the parser feeds the renderer")  # its hits are described now
+    app.assistant.llm.cfg["vision"] = False  # a text-only model answers from the descriptions
+    again = app.assistant.ask("the diagram where the parser feeds the renderer")
     app.describing.wait()
+    assert server.images() == [] and "no vision support" in again.note
+    assert f"Description (by a vision model): {described.description}" in LLMServer.prompt_text(
+        server.requests[-1]["body"])
     assert len(server.describes) == asked or all(r["reply"] for r in server.describes[asked:])
 
 
