@@ -4,6 +4,7 @@ reciprocal rank fusion (``rrf``)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -13,6 +14,8 @@ from index.records import KINDS, Filter, TextItem, VisualItem
 from index.store import Match, Store
 
 from .records import Hit
+
+log = logging.getLogger(__name__)
 
 SIGNALS = ("clip", "text", "keyword")
 ALL_KINDS = KINDS
@@ -144,6 +147,11 @@ class Retriever:
         for unit, score in fused:
             item = units[unit]
             if item is None or (labels and getattr(item, "label", "") not in labels):
+                continue
+            if isinstance(item, VisualItem) and item.image and not (self.data_dir / item.image).is_file():
+                # deleted by hand, or a disk restored without it: skip the item, keep answering
+                log.warning("skipping %s p.%s %s: its image file %s is missing (`mmrag doctor --repair` drops "
+                            "such items)", item.doc, item.page, item.kind, item.image)
                 continue
             ranks = {s: r.index(unit) + 1 for s, r in rankings.items() if unit in r}
             hits.append(self._hit(item, score, ranks))

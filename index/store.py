@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ModelMismatch
+from .errors import ModelMismatch, StorageFault, explain_storage_error
 from .records import (DocRecord, Filter, TextItem, VisualItem, doc_from_chroma, doc_to_meta, text_from_chroma,
                       visual_from_chroma)
 from .settings import DEFAULT_EF_SEARCH, ChromaSettings
@@ -46,9 +46,29 @@ def make_client(chroma: ChromaSettings, data_dir: str | Path):
 
     settings = Settings(anonymized_telemetry=False)
     if chroma.mode == "local":
-        path = chroma.path or str(Path(data_dir) / "chroma")
-        Path(path).mkdir(parents=True, exist_ok=True)
-        return chromadb.PersistentClient(path=path, settings=settings)
+        path = Path(chroma.path or Path(data_dir) / "chroma")
+        db = path / "chroma.sqlite3"
+        if db.exists() and db.stat().st_size == 0:  # Chroma would silently start an empty library in it
+            images = sum(1 for _ in (Path(data_dir) / "images").glob("*/*"))
+            raise StorageFault(f"the index database {db} is empty (0 bytes) while {images} image file(s) remain: it "
+                               f"was emptied or truncated. Restore {path} from a backup, or move {path} and "
+                               f"{Path(data_dir) / 'images'} away and ingest the PDFs again", "emptied")
+        if path.exists() and not os.access(path, os.W_OK):
+            return _read_only_snapshot(path, settings, explain_storage_error(OSError(30, "Read-only file system"),
+                                                                             data_dir))
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            return chromadb.PersistentClient(path=str(path), settings=settings)
+        except Exception as exc:
+            fault = explain_storage_error(exc, data_dir)
+            if fault is None:
+                raise
+            if fault.kind == "full":  # Chroma writes as it opens: read a copy elsewhere, refuse writes
+                try:
+                    return _read_only_snapshot(path, settings, fault)
+                except Exception:
+                    pass
+            raise fault from None
     return chromadb.HttpClient(host=chroma.host, port=chroma.port, ssl=chroma.ssl, headers=dict(chroma.headers),
                                settings=settings)
 
@@ -65,6 +85,28 @@ def fresh_local_client(client):
     SharedSystemClient._identifier_to_system.pop(client._identifier, None)
     SharedSystemClient._identifier_to_refcount.pop(client._identifier, None)
     return chromadb.PersistentClient(path=settings.persist_directory, settings=settings)
+
+
+def _read_only_snapshot(path: Path, settings, why: StorageFault):
+    """An index that cannot be written (data dir on a read-only mount or without write
+    permission, or its disk full): embedded Chroma cannot open a database it may not write, so
+    reads go to a private copy of it in a temporary folder (deleted at exit). The client carries
+    ``why`` as ``mmrag_read_only``; the store refuses writes with it (``Store.read_only``)."""
+    import atexit
+    import logging
+    import shutil
+    import tempfile
+
+    import chromadb
+
+    logging.getLogger(__name__).warning("%s cannot be written (%s): reading a snapshot copy of the index; "
+                                        "changes are refused", path, why.kind)
+    tmp = Path(tempfile.mkdtemp(prefix="mmrag-readonly-"))
+    atexit.register(shutil.rmtree, tmp, True)
+    shutil.copytree(path, tmp / "chroma")
+    client = chromadb.PersistentClient(path=str(tmp / "chroma"), settings=settings)
+    client.mmrag_read_only = why
+    return client
 
 
 class Store:
@@ -88,6 +130,8 @@ class Store:
         self._identity = {"visual": visual_identity, "text": text_identity}
         self._checked: dict[str, object] = {}  # which -> collection opened for vectors (model checked)
         self.generation_file = Path(generation) if generation else None
+        # a StorageFault when the index can only be read (a snapshot of a read-only or full one)
+        self.read_only: StorageFault | None = getattr(client, "mmrag_read_only", None)
         self._seen = self._stamp()
         self._resume_swaps()
         self.docs = client.get_or_create_collection(DOCS, embedding_function=None)
@@ -106,7 +150,7 @@ class Store:
         """Re-open the collections if another process committed a change since we last looked
         (the generation file moved). One stat when nothing changed. Returns whether it re-opened."""
         stamp = self._stamp()
-        if stamp == self._seen:
+        if stamp == self._seen or self.read_only:
             return False
         if self.client.get_settings().is_persistent:
             self.client = fresh_local_client(self.client)
@@ -228,6 +272,13 @@ class Store:
             col = self._plain(which)
             if col is not None:
                 col.delete(where={"doc_sha": sha})
+
+    def delete_visual(self, ids: Sequence[str]) -> None:
+        """Remove figures/pages by id (``mmrag doctor --repair`` drops those whose image is gone)."""
+        col = self._plain("visual")
+        if col is not None and ids:
+            for i in range(0, len(ids), BATCH):
+                col.delete(ids=list(ids[i:i + BATCH]))
 
     def delete_records(self, shas: Sequence[str]) -> None:
         if shas:

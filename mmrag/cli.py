@@ -21,10 +21,15 @@ from .progress import BarProgress  # noqa: E402
 log = logging.getLogger("mmrag")
 
 
+_DATA_DIR = ["the data dir"]  # named in storage-fault messages once the config is read
+
+
 def _app(args, check=True):
     from .wiring import build
 
-    return build(load_config(args.config), check=check)
+    cfg = load_config(args.config)
+    _DATA_DIR[0] = cfg["data_dir"]
+    return build(cfg, check=check)
 
 
 def _pdfs(paths: list[str]) -> list[tuple[Path, str]]:
@@ -232,7 +237,25 @@ def cmd_reindex(args) -> int:
     app = _app(args, check=False)
     done = app.library.reindex()
     print(f"re-embedded {done.get('visual', 0)} images and {done.get('text', 0)} texts")
+    if done.get("missing_images"):
+        print(f"dropped {done['missing_images']} figure(s)/page(s) whose image file is missing; ingest their PDFs "
+              "again to get them back", file=sys.stderr)
     return 0
+
+
+def cmd_doctor(args) -> int:
+    app = _app(args, check=False)
+    lines = app.library.doctor(repair=args.repair)
+    for line in lines:
+        print(line)
+    if not lines:
+        print("the library is consistent")
+    elif args.repair:
+        print(f"repaired: {len(lines)} finding(s) fixed (items whose image was gone were dropped; ingest their "
+              "PDFs again to get them back)")
+    else:
+        print("run `mmrag doctor --repair` to fix these")
+    return 1 if lines and not args.repair else 0
 
 
 def cmd_duplicates(args) -> int:
@@ -314,6 +337,8 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     sp.add_argument("--json", action="store_true")
     add("reindex", cmd_reindex, "re-embed stored images and texts with the configured models")
+    sp = add("doctor", cmd_doctor, "check the library (interrupted work, missing or stray image files)")
+    sp.add_argument("--repair", action="store_true", help="fix what it finds")
     sp = add("duplicates", cmd_duplicates, "groups of near-duplicate figures")
     sp.add_argument("--threshold", type=float, default=0.95)
     sp.add_argument("--json", action="store_true")
@@ -330,8 +355,20 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _interrupt_on_sigterm() -> None:
+    """SIGTERM (a service stop, `kill`) behaves like Ctrl-C: the ingest in progress rolls back
+    what it wrote and the command says so, instead of dying silently."""
+    import signal
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    _interrupt_on_sigterm()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -339,8 +376,17 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # a full disk, a read-only or damaged index: one line, not a traceback
+        from index.errors import explain_storage_error
+
+        fault = explain_storage_error(exc, _DATA_DIR[0])
+        if fault is None:
+            raise
+        print(f"error: {fault}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted: nothing of the file in progress was kept; run the command again to finish",
+              file=sys.stderr)
         return 130
 
 

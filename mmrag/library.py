@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from index.embedders import ImageTextEmbedder, PassageEmbedder, load_image
+from index.errors import explain_storage_error
 from index.images import ImageStore
 from index.keyword import KeywordIndex
 from index.records import FIGURE_KINDS, DocRecord, Filter, TextItem, VisualItem
@@ -89,7 +90,13 @@ class Library:
     # ---- locking and recovery ---------------------------------------------------------------
     @contextmanager
     def writing(self):
-        with open(self.data_dir / "write.lock", "w") as lock:
+        if self.store.read_only:  # a snapshot of an index on a read-only or full disk
+            raise self.store.read_only
+        try:
+            lock = open(self.data_dir / "write.lock", "w")
+        except OSError as exc:  # a read-only data dir: say so, in one line
+            raise explain_storage_error(exc, self.data_dir) or exc from None
+        with lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 self.store.refresh()  # another process may have written since we last looked
@@ -104,7 +111,13 @@ class Library:
         """What a search calls before using the keyword index: when no writer is busy, recover
         and bring the keyword index in line with the store (False, and nothing done, while a
         writer holds the lock: it does the same when it starts, and keeps the index in line)."""
-        with open(self.data_dir / "write.lock", "w") as lock:
+        if self.store.read_only:
+            return False
+        try:
+            lock = open(self.data_dir / "write.lock", "w")
+        except OSError:  # a read-only data dir: search what is there
+            return False
+        with lock:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -194,6 +207,10 @@ class Library:
                     except USER_ERRORS as exc:
                         results.append(IngestResult(name, "failed", str(exc)))
                     except Exception as exc:  # an unexpected library error must not stop the batch
+                        fault = explain_storage_error(exc, self.data_dir)
+                        if fault is not None:  # the disk, not the file: the next files would fail the same way
+                            results.append(IngestResult(name, "failed", f"{name}: {fault}"))
+                            raise fault from None
                         log.exception("ingesting %s failed", name)
                         results.append(IngestResult(name, "failed", f"{name}: unexpected error: {exc}"))
                     self._store_descriptions(wait=False)
@@ -454,6 +471,15 @@ class Library:
                 count = 0
                 for items in self.store.iter_items(which):
                     if which == "visual":
+                        kept = [it for it in items if self.images.path(it.image).is_file()]
+                        for it in items:
+                            if not self.images.path(it.image).is_file():
+                                log.warning("dropping %s p.%s %s: its image file %s is missing", it.doc, it.page,
+                                            it.kind, it.image)
+                        done["missing_images"] = done.get("missing_images", 0) + len(items) - len(kept)
+                        items = kept
+                        if not items:
+                            continue
                         vecs = self._embed_stored_images(items)
                         items = self._labelled(items, vecs)
                     else:
@@ -466,6 +492,32 @@ class Library:
                 done[which] = count
             done["keyword"] = self.rebuild_keyword()  # the same texts, with the current analyzer
         return done
+
+    def doctor(self, repair: bool = False) -> list[str]:
+        """Check the library: documents left half ingested or half removed, figures/pages whose
+        image file is missing, image files no item refers to. Returns one line per finding (empty:
+        all well). ``repair``: finish interrupted work, drop the items whose image is gone (their
+        documents stay, without those figures; ingest the PDF again to get them back), delete
+        unreferenced image files."""
+        lines = []
+        for status in ("pending", "removing"):
+            for d in self.store.list_docs(status=status):
+                lines.append(f"{d.doc}: {status} (being changed now, or left by an interrupted command)")
+        missing = [it for items in self.store.iter_items("visual") for it in items
+                   if not self.images.path(it.image).is_file()]
+        for it in missing:
+            lines.append(f"{it.doc} p.{it.page} {it.kind} ({it.id}): image file {it.image} is missing")
+        referenced = self.referenced_images()
+        base = self.data_dir / "images"
+        orphans = [p for p in base.glob("*/*") if str(p.relative_to(self.data_dir)) not in referenced] \
+            if base.exists() else []
+        if orphans:
+            lines.append(f"{len(orphans)} image file(s) in {base} belong to no stored item")
+        if repair and lines:
+            with self.writing():  # recover() finishes pending/removing documents
+                self.store.delete_visual([it.id for it in missing])
+                self.images.sweep(self.referenced_images())
+        return lines
 
     def _embed_stored_images(self, items: list[VisualItem]) -> np.ndarray:
         return self.clip.embed_images([load_image(self.images.path(it.image)) for it in items])

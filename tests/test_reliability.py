@@ -183,3 +183,112 @@ def test_a_running_app_sees_other_processes_remove_ingest_and_reindex(make_cfg, 
     app.library.remove("b.pdf")
     listed = json.loads(run_cli(config, "list", "--json").stdout)
     assert [d["doc"] for d in listed] == ["c.pdf"]
+
+
+def test_sigterm_mid_ingest_rolls_back_like_ctrl_c(write_config, tmp_path):
+    data = tmp_path / "data"
+    config = write_config(data_dir=data)
+    pdf = pdfgen.figure_doc(tmp_path / "long.pdf", pages=30)
+    proc = subprocess.Popen(cli(config, "ingest", "--quiet", str(pdf)), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    wait_for_lock(proc, data)
+    time.sleep(1.5)
+    assert proc.poll() is None, "the ingest finished before the signal: make the document longer"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted: nothing of the file in progress was kept" in err, err[-2000:]
+    assert on_disk(data) == {}  # rolled back by the process itself, not left for the next writer
+    assert not list((data / "images").glob("*/*"))
+
+
+def test_a_missing_image_file_skips_that_item_and_doctor_repairs(make_cfg, clip, passages, tmp_path):
+    """An image file deleted by hand: search, ask (vision model over real HTTP) and reindex go on
+    without that item; `doctor` reports it and `doctor --repair` drops it."""
+    from tests.llm_server import LLMServer
+
+    with LLMServer() as server:
+        cfg = make_cfg(llm={"model": "openai/test-vlm", "api_base": server.api_base, "vision": True,
+                            "timeout_s": 5, "max_images": 8})
+        app = build(cfg, clip=clip, passages=passages)
+        app.library.ingest([pdfgen.figure_doc(tmp_path / "m.pdf", pages=3)])
+        assert app.library.doctor() == []
+        before = app.retriever.retrieve("parser renderer", k=20)
+        figures = [h for h in before if h.image and h.kind != "page"]
+        gone = figures[0]
+        Path(gone.image).unlink()
+        after = app.retriever.retrieve("parser renderer", k=20)
+        assert after and all(h.image is None or Path(h.image).is_file() for h in after)
+        assert gone.id not in {h.id for h in after}
+        answer = app.assistant.ask("what does the parser feed?")
+        assert answer.error is None and answer.citations and server.images()
+        report = app.library.doctor()
+        assert report and all("is missing" in line for line in report)
+        assert Path(gone.image).name in report[0]
+        done = app.library.reindex()  # goes on, and drops what it cannot re-embed
+        assert done["missing_images"] == len(report) and done["visual"] > 0
+        assert app.library.doctor() == []
+        # doctor --repair does the same without a reindex
+        page = next(h for h in after if h.kind == "page")
+        Path(page.image).unlink()
+        assert app.library.doctor()
+        app.library.doctor(repair=True)
+        assert app.library.doctor() == []
+        assert app.retriever.retrieve("parser renderer", k=5)
+
+
+def _mount(*args):
+    out = subprocess.run(["mount", *args], capture_output=True, text=True)
+    if out.returncode != 0:
+        pytest.fail(f"this test makes real storage faults with mount (needs root): {out.stderr.strip()}")
+
+
+def test_storage_faults_are_one_line_and_reads_go_on(make_cfg, write_config, clip, passages, tmp_path):
+    """Real faults: a damaged and an emptied index database, the data dir on a read-only bind
+    mount (root ignores chmod), and a full disk (a 2 MB tmpfs). Each gets one line saying what is
+    wrong and what to do; read-only and full still list and search; nothing half-written shows."""
+    import shutil
+
+    good = tmp_path / "good"
+    app = build(make_cfg(data_dir=good), clip=clip, passages=passages)
+    app.library.ingest([pdfgen.figure_doc(tmp_path / "m.pdf", pages=1)])
+
+    def variant(name):
+        shutil.copytree(good, tmp_path / name)
+        return write_config(data_dir=tmp_path / name).rename(tmp_path / f"{name}.yaml")
+
+    def one_line(out, *words):
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+        [line] = [x for x in out.stderr.splitlines() if x.startswith("error: ")]
+        assert all(w in line for w in words), line
+
+    damaged = variant("damaged")
+    (tmp_path / "damaged" / "chroma" / "chroma.sqlite3").write_bytes(os.urandom(64 * 1024))
+    one_line(run_cli(damaged, "list", check=False), "is damaged", "restore", "from a backup")
+    emptied = variant("emptied")
+    (tmp_path / "emptied" / "chroma" / "chroma.sqlite3").write_bytes(b"")
+    one_line(run_cli(emptied, "list", check=False), "is empty (0 bytes)", "image file(s) remain", "Restore")
+
+    ro_config = write_config(data_dir=tmp_path / "ro").rename(tmp_path / "ro.yaml")
+    (tmp_path / "ro").mkdir()
+    _mount("--bind", str(good), str(tmp_path / "ro"))
+    try:
+        _mount("-o", "remount,ro,bind", str(tmp_path / "ro"))
+        found = json.loads(run_cli(ro_config, "search", "parser renderer", "--json").stdout)
+        assert found and found[0]["doc"] == "m.pdf"
+        one_line(run_cli(ro_config, "remove", "m.pdf", check=False), "is read-only", "need write access")
+    finally:
+        subprocess.run(["umount", str(tmp_path / "ro")], check=True)
+
+    full = tmp_path / "full"
+    full.mkdir()
+    _mount("-t", "tmpfs", "-o", "size=2m", "tmpfs", str(full))
+    try:
+        shutil.copytree(good, full / "data")
+        config = write_config(data_dir=full / "data").rename(tmp_path / "full.yaml")
+        big = pdfgen.figure_doc(tmp_path / "big.pdf", pages=40)
+        out = run_cli(config, "ingest", "--quiet", str(big), check=False)
+        one_line(out, "is full", "free some space")
+        found = json.loads(run_cli(config, "search", "parser renderer", "--json").stdout)
+        assert {h["doc"] for h in found} == {"m.pdf"}  # reads go on; the half-written big.pdf is not shown
+    finally:
+        subprocess.run(["umount", str(full)], check=True)

@@ -53,9 +53,15 @@ def test_gradio_client_ingests_and_asks(served, tmp_path):
 
     app, url = served
     client = Client(url, verbose=False)
+    import uuid
+
+    from gradio.utils import get_upload_folder
+
     bad = tmp_path / "notes.txt"
-    bad.write_text("not a pdf")
+    bad.write_text(f"not a pdf {uuid.uuid4()}")
     out = client.predict([handle_file(str(eval_pdf("neatoguide.pdf"))), handle_file(str(bad))], api_name="/ingest")
+    # the uploaded copies are deleted once handled (ingested or refused)
+    assert not [p for p in Path(get_upload_folder()).rglob("notes.txt") if p.read_text() == bad.read_text()]
     by_name = {r["doc"]: r for r in out}
     assert by_name["neatoguide.pdf"]["status"] in ("added", "unchanged")
     assert by_name["neatoguide.pdf"]["figures"] >= 10

@@ -49,8 +49,24 @@ def ingest_files(app, paths: list[str], progress: Progress | None = None) -> lis
             refused.append(IngestResult(Path(p).name, "failed", why))
         else:
             ok.append(p)
-    done = app.library.ingest(ok, progress=progress, names=[Path(p).name for p in ok]) if ok else []
+    try:
+        done = app.library.ingest(ok, progress=progress, names=[Path(p).name for p in ok]) if ok else []
+    finally:
+        _delete_uploads(paths)
     return refused + done
+
+
+def _delete_uploads(paths: list[str]) -> None:
+    """Uploaded files are temporary copies in Gradio's upload folder: once ingested (or refused)
+    they go, so a document removed from the library leaves no copy behind. Files elsewhere (a
+    script passing its own paths) are left alone."""
+    from gradio.utils import get_upload_folder
+
+    folder = Path(get_upload_folder()).resolve()
+    for p in paths:
+        path = Path(p).resolve()
+        if folder in path.parents:
+            path.unlink(missing_ok=True)
 
 
 def _summary(results: list[IngestResult]) -> str:
