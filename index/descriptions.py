@@ -10,6 +10,7 @@ Safe across threads and processes (one short connection per call, WAL journal).
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import time
 from contextlib import contextmanager
@@ -47,10 +48,15 @@ class StoredDescription:
 class DescriptionStore:
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as con:
-            con.execute("PRAGMA journal_mode=WAL")
-            con.execute(SCHEMA)
+        self.unavailable = False  # a read-only data dir: no descriptions to read, none written
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self._connect() as con:
+                con.execute("PRAGMA journal_mode=WAL")
+                con.execute(SCHEMA)
+        except (OSError, sqlite3.OperationalError) as exc:  # a read-only or full disk: reads go on without
+            logging.getLogger(__name__).warning("figure descriptions unavailable (%s: %s)", self.path, exc)
+            self.unavailable = True
 
     @contextmanager
     def _connect(self):
@@ -67,6 +73,8 @@ class DescriptionStore:
     def get_many(self, shas: list[str], model: str) -> dict[str, StoredDescription]:
         """Stored descriptions by image hash (those not described by ``model`` are absent)."""
         out: dict[str, StoredDescription] = {}
+        if self.unavailable:
+            return out
         shas = list(dict.fromkeys(shas))
         with self._connect() as con:
             for i in range(0, len(shas), 500):
@@ -83,6 +91,8 @@ class DescriptionStore:
                         (d.image_sha, d.model, d.text, d.prompt_tokens, d.completion_tokens, time.time()))
 
     def count(self, model: str | None = None) -> int:
+        if self.unavailable:
+            return 0
         with self._connect() as con:
             if model is None:
                 return con.execute("SELECT count(*) FROM descriptions").fetchone()[0]

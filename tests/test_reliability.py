@@ -188,11 +188,12 @@ def test_a_running_app_sees_other_processes_remove_ingest_and_reindex(make_cfg, 
 def test_sigterm_mid_ingest_rolls_back_like_ctrl_c(write_config, tmp_path):
     data = tmp_path / "data"
     config = write_config(data_dir=data)
-    pdf = pdfgen.figure_doc(tmp_path / "long.pdf", pages=30)
+    pdf = pdfgen.figure_doc(tmp_path / "long.pdf", pages=40)
     proc = subprocess.Popen(cli(config, "ingest", "--quiet", str(pdf)), cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     wait_for_lock(proc, data)
-    time.sleep(1.5)
+    while proc.poll() is None and not list((data / "images").glob("*/*.png")):
+        time.sleep(0.01)  # until the ingest has written something
     assert proc.poll() is None, "the ingest finished before the signal: make the document longer"
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
