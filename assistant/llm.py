@@ -1,14 +1,39 @@
-"""The vision-language model, through litellm. Streams text; maps every failure to one clear line."""
+"""The vision-language model, through litellm. Streams text; maps every failure to one clear line.
+
+Whether the model is sent images (``llm.vision: auto``) is decided once per process:
+- Ollama (``ollama/``, ``ollama_chat/``): the server's own model info (``POST /api/show``) lists
+  the model's capabilities; images go unless that list lacks "vision". A server that does not say
+  (older Ollama, unreachable) counts as unknown.
+- Any other model litellm knows (its model table): images go when its entry says it supports
+  vision; a known model without that flag (``gpt-3.5-turbo``, ``deepseek/deepseek-chat``) gets the
+  figures' captions and text instead.
+- A model litellm does not know (``openai/NAME`` or ``hosted_vllm/NAME`` behind ``api_base``, a
+  new hosted model): images go. If the server then rejects them, the question is asked again once
+  without images, and from then on this process sends none to it.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import urllib.request
 from collections.abc import Iterator
+
+OLLAMA_PROVIDERS = ("ollama", "ollama_chat")
+OLLAMA_DEFAULT_BASE = "http://localhost:11434"
 
 
 class LLMError(Exception):
-    """The model could not answer; str() says why in one line (never with the API key)."""
+    """The model could not answer; str() says why in one line (never with the API key).
+
+    ``images_rejected`` is true when the server refused the request's image parts;
+    ``detail`` holds the server's own words (one line, at most 200 characters)."""
+
+    def __init__(self, message: str, images_rejected: bool = False, detail: str = ""):
+        super().__init__(message)
+        self.images_rejected = images_rejected
+        self.detail = detail
 
 
 def _litellm():
@@ -19,23 +44,111 @@ def _litellm():
     return litellm
 
 
+def provider_of(model: str) -> str:
+    """The litellm provider prefix of a model name ("" for bare names such as ``gpt-4o``).
+
+    >>> provider_of("ollama/llava:13b"), provider_of("openai/my-vlm"), provider_of("gpt-4o-mini")
+    ('ollama', 'openai', '')
+    """
+    return model.split("/", 1)[0] if "/" in model else ""
+
+
+def vision_from_capabilities(capabilities: list[str] | None) -> bool:
+    """Ollama's answer: images unless its capability list is known and lacks "vision".
+
+    >>> vision_from_capabilities(["completion", "vision"]), vision_from_capabilities(["completion"])
+    (True, False)
+    >>> vision_from_capabilities(None)   # the server did not say: send images
+    True
+    """
+    return True if capabilities is None else "vision" in capabilities
+
+
+def vision_from_model_info(info: dict | None) -> bool:
+    """litellm's answer: a model it does not know (``None``) gets images; a known one gets them
+    only when its entry says ``supports_vision``.
+
+    >>> vision_from_model_info(None), vision_from_model_info({"supports_vision": True})
+    (True, True)
+    >>> vision_from_model_info({"supports_vision": None}), vision_from_model_info({"supports_vision": False})
+    (False, False)
+    """
+    return True if info is None else info.get("supports_vision") is True
+
+
+IMAGE_WORDS = re.compile(r"image|vision|multi-?modal|picture|visual", re.I)
+
+
+def rejects_images(status: int | None, message: str) -> bool:
+    """Whether a failed call looks like the server refusing image input (and so is worth one
+    retry without images): a client error (400, 415, 422) or a server error (500) naming images.
+
+    >>> rejects_images(400, "Invalid content type. image_url is only supported by certain models.")
+    True
+    >>> rejects_images(400, "The model `llama3` is not a multimodal model")
+    True
+    >>> rejects_images(500, "this model is missing data required for image input")
+    True
+    >>> rejects_images(400, "This model's maximum context length is 8192 tokens")
+    False
+    >>> rejects_images(401, "bad key for the vision API")
+    False
+    """
+    return status in (400, 415, 422, 500) and bool(IMAGE_WORDS.search(message or ""))
+
+
+def ollama_capabilities(api_base: str | None, model: str, timeout: float = 5.0) -> list[str] | None:
+    """The capabilities an Ollama server lists for a model (``POST /api/show``), e.g.
+    ``["completion", "vision"]``; None when the server cannot be asked or does not say."""
+    base = (api_base or os.environ.get("OLLAMA_API_BASE") or OLLAMA_DEFAULT_BASE).rstrip("/")
+    for suffix in ("/api/generate", "/api/chat", "/api", "/v1"):
+        if base.endswith(suffix):
+            base = base[: -len(suffix)]
+    name = model.split("/", 1)[1] if "/" in model else model
+    req = urllib.request.Request(base + "/api/show", data=json.dumps({"model": name, "name": name}).encode(),
+                                 headers={"Content-Type": "application/json"}, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            caps = json.loads(resp.read()).get("capabilities")
+    except Exception:
+        return None
+    return [str(c) for c in caps] if isinstance(caps, list) else None
+
+
 class LiteLLM:
+    """One configured model (``cfg`` is the ``llm`` config section). ``stream`` yields text;
+    ``complete`` returns a short reply; both raise LLMError."""
+
     def __init__(self, cfg: dict):
         self.cfg = cfg
         self.model = cfg.get("model")  # litellm itself is imported on the first call (seconds)
+        self._vision: bool | None = None  # decided on first use (vision: auto)
+        self.images_rejected: str | None = None  # what the server said when it refused images
 
     @property
     def configured(self) -> bool:
         return bool(self.model)
 
     def supports_vision(self) -> bool:
+        """Whether to send images: forced by ``llm.vision: true/false``, else decided as the
+        module docstring says (asked once, then remembered)."""
         forced = self.cfg.get("vision", "auto")
         if forced in (True, False):
             return forced
-        try:
-            return bool(_litellm().supports_vision(model=self.model))
-        except Exception:
+        if self.images_rejected is not None:
             return False
+        if self._vision is None:
+            self._vision = self._detect_vision()
+        return self._vision
+
+    def _detect_vision(self) -> bool:
+        if provider_of(self.model) in OLLAMA_PROVIDERS:
+            return vision_from_capabilities(ollama_capabilities(self.cfg.get("api_base"), self.model))
+        try:
+            info = _litellm().get_model_info(model=self.model)
+        except Exception:  # not in litellm's table
+            info = None
+        return vision_from_model_info(info)
 
     def _key(self) -> str | None:
         env = self.cfg.get("api_key_env")
@@ -46,18 +159,24 @@ class LiteLLM:
             raise LLMError(f"the environment variable {env} (llm.api_key_env) is not set")
         return key
 
-    def stream(self, messages: list[dict]) -> Iterator[str]:
+    def _call(self, messages: list[dict], stream: bool, **overrides):
         if not self.configured:
             raise LLMError("no language model configured: set llm.model in config.yaml")
-        litellm = _litellm()
         key = self._key()
         if key is None and self.cfg.get("api_base"):
             key = "unused"  # local OpenAI-compatible servers need none, but the client insists on one
+        args = dict(model=self.model, messages=messages, stream=stream, api_base=self.cfg.get("api_base"),
+                    api_key=key, temperature=self.cfg.get("temperature"), max_tokens=self.cfg.get("max_tokens"),
+                    timeout=self.cfg.get("timeout_s"), num_retries=0)
+        args.update(overrides)
+        return key, _litellm().completion(**args)
+
+    def stream(self, messages: list[dict]) -> Iterator[str]:
+        """The reply's text, piece by piece. Raises LLMError (``images_rejected`` set when the
+        server refused the image parts)."""
+        key = None
         try:
-            response = litellm.completion(
-                model=self.model, messages=messages, stream=True, api_base=self.cfg.get("api_base"), api_key=key,
-                temperature=self.cfg.get("temperature"), max_tokens=self.cfg.get("max_tokens"),
-                timeout=self.cfg.get("timeout_s"), num_retries=0)
+            key, response = self._call(messages, stream=True)
             for chunk in response:
                 delta = chunk.choices[0].delta.content if chunk.choices else None
                 if delta:
@@ -65,7 +184,37 @@ class LiteLLM:
         except LLMError:
             raise
         except Exception as exc:
-            raise LLMError(describe_failure(exc, self.model, key)) from None
+            raise self._error(exc, key, messages) from None
+
+    def complete(self, messages: list[dict], max_tokens: int = 200, timeout: float | None = None) -> str:
+        """A short non-streaming reply (e.g. a rewritten question). Raises LLMError."""
+        key = None
+        try:
+            timeout = min(float(self.cfg.get("timeout_s") or 60), timeout or 60)
+            key, response = self._call(messages, stream=False, max_tokens=max_tokens, timeout=timeout)
+            return response.choices[0].message.content or ""
+        except LLMError:
+            raise
+        except Exception as exc:
+            raise self._error(exc, key, messages) from None
+
+    def _error(self, exc: Exception, key: str | None, messages: list[dict]) -> LLMError:
+        detail = one_line(str(exc), key)
+        had_images = any(isinstance(m.get("content"), list) and any(p.get("type") == "image_url" for p in m["content"])
+                         for m in messages)
+        status = getattr(exc, "status_code", None)
+        return LLMError(describe_failure(exc, self.model, key), had_images and rejects_images(status, str(exc)),
+                        detail)
+
+
+def one_line(text: str, key: str | None = None, limit: int = 200) -> str:
+    """The first line of a message, shortened, with the API key masked.
+
+    >>> one_line("bad request: sk-123 is wrong\\nmore", "sk-123")
+    'bad request: *** is wrong'
+    """
+    text = mask_secret(text or "", key)  # mask first: a cut could leave part of the key unmasked
+    return text.splitlines()[0][:limit] if text.strip() else ""
 
 
 def describe_failure(exc: Exception, model: str, key: str | None) -> str:
@@ -89,8 +238,7 @@ def describe_failure(exc: Exception, model: str, key: str | None) -> str:
             break
     else:
         why = f"the model call failed ({type(exc).__name__})"
-    text = mask_secret(str(exc), key)  # mask first: a cut could leave part of the key unmasked
-    detail = text.splitlines()[0][:200] if text.strip() else ""
+    detail = one_line(str(exc), key)
     return f"LLM {model}: {why}" + (f" — {detail}" if detail else "")
 
 

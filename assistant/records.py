@@ -73,29 +73,95 @@ class Citation:
 
 @dataclass
 class Answer:
+    """What ``Assistant.ask`` returns. ``citations``: the sources the answer cites, in the order it
+    first cites them; ``retrieved``: the other sources retrieval found (best first); ``hits``: all
+    retrieved items as ranked; ``standalone``: the question retrieval searched for (a follow-up
+    rewritten with the conversation; the question itself otherwise)."""
+
     text: str
     citations: list[Citation]
     hits: list[Hit]
     error: str | None = None
     note: str | None = None
     timings: dict = field(default_factory=dict)
+    standalone: str = ""
+    retrieved: list[Citation] = field(default_factory=list)
 
     def to_json(self) -> dict:
-        return {"answer": self.text, "citations": [c.to_json() for c in self.citations], "error": self.error,
-                "note": self.note, "timings": {k: round(v, 1) for k, v in self.timings.items()}}
+        return {"answer": self.text, "citations": [c.to_json() for c in self.citations],
+                "retrieved": [c.to_json() for c in self.retrieved], "standalone_question": self.standalone,
+                "error": self.error, "note": self.note,
+                "timings": {k: round(v, 1) for k, v in self.timings.items()}}
+
+
+KEY = re.compile(r"\[([^\[\]\n]+?),? p\.\s?(\d+)(?:,? fig\.\s?(\d+))?\]")
+
+
+def _norm(text: str) -> str:
+    return re.sub(r"\s+", " ", text.replace(",", " ")).lower()
+
+
+def key_pattern(key: str) -> re.Pattern:
+    """How a citation key is recognised in an answer: brackets, commas, case and spacing may
+    vary; ``p.1`` never matches ``p.12``, and a page key never matches a figure's.
+
+    >>> bool(key_pattern("[a.pdf p.1]").search(_norm("see [A.pdf, p.1].")))
+    True
+    >>> bool(key_pattern("[a.pdf p.1]").search(_norm("see [a.pdf p.12]"))), bool(key_pattern("[a.pdf p.1]").search(_norm("[a.pdf p.1 fig.2]")))
+    (False, False)
+    """
+    m = KEY.fullmatch(key)
+    if not m:
+        return re.compile(re.escape(_norm(key)))
+    doc, page, fig = m.groups()
+    body = re.escape(_norm(doc)) + r" ?p\. ?" + page + r"(?!\d)"
+    body += r" ?fig\. ?" + fig + r"(?!\d)" if fig else r"(?! ?fig\.)"
+    return re.compile(body)
+
+
+def cited_keys(text: str, keys: list[str]) -> list[str]:
+    """The keys an answer cites, in the order it first cites them.
+
+    >>> cited_keys("B [x.pdf p.2], then A [x.pdf p.1 fig.1] and B again [x.pdf p.2]", ["[x.pdf p.1 fig.1]", "[x.pdf p.2]", "[x.pdf p.3]"])
+    ['[x.pdf p.2]', '[x.pdf p.1 fig.1]']
+    """
+    norm = _norm(text or "")
+    found = []
+    for key in dict.fromkeys(keys):
+        m = key_pattern(key).search(norm)
+        if m:
+            found.append((m.start(), key))
+    return [k for _, k in sorted(found)]
+
+
+def _citation(h: Hit) -> Citation:
+    return Citation(h.key, h.doc, h.page, h.id if h.is_figure else None, h.image, h.score, h.description)
+
+
+def split_citations(hits: list[Hit], answer_text: str | None) -> tuple[list[Citation], list[Citation]]:
+    """(cited, retrieved): the hits the answer cites, in answer order, and the others, in rank
+    order; one per key (the best-ranked hit of a key stands for it)."""
+    first: dict[str, Hit] = {}
+    for h in hits:
+        first.setdefault(h.key, h)
+    cited = cited_keys(answer_text or "", list(first))
+    return [_citation(first[k]) for k in cited], [_citation(h) for k, h in first.items() if k not in cited]
 
 
 def citations_for(hits: list[Hit], answer_text: str | None = None) -> list[Citation]:
-    """Citations for the hits: those the answer cites by key first (all of them if it cites none)."""
-    cited = [h for h in hits if answer_text and h.key in answer_text]
-    ordered = cited + [h for h in hits if h not in cited]
-    seen, out = set(), []
-    for h in ordered:
-        if h.key in seen:
-            continue
-        seen.add(h.key)
-        out.append(Citation(h.key, h.doc, h.page, h.id if h.is_figure else None, h.image, h.score, h.description))
-    return out
+    """All the hits as citations, those the answer cites first (in answer order)."""
+    cited, rest = split_citations(hits, answer_text)
+    return cited + rest
 
 
-__all__ = ["Hit", "Citation", "Answer", "citations_for", "asdict"]
+def cited_refs(text: str) -> list[tuple[str, int, int]]:
+    """The figures a text cites, as (document, page, figure number), in order, once each.
+
+    >>> cited_refs("Shown in [a b.pdf p.3 fig.2] and [c.pdf p.1]; again [a b.pdf p.3 fig.2]")
+    [('a b.pdf', 3, 2)]
+    """
+    refs = [(d.strip(), int(p), int(f)) for d, p, f in KEY.findall(text or "") if f]
+    return list(dict.fromkeys(refs))
+
+
+__all__ = ["Hit", "Citation", "Answer", "citations_for", "split_citations", "cited_keys", "cited_refs", "asdict"]

@@ -10,10 +10,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from index.keyword import KeywordIndex
-from index.records import KINDS, Filter, TextItem, VisualItem
+from index.records import FIGURE_KINDS, KINDS, Filter, TextItem, VisualItem
 from index.store import Match, Store
 
-from .records import Hit
+from .records import Hit, key_name
 
 log = logging.getLogger(__name__)
 
@@ -87,13 +87,28 @@ class Retriever:
         records = {t.id: t for t in self.store.get_text([i for i, _ in found])}
         return [Match(records[i], score) for i, score in found if i in records and flt.accepts(records[i])]
 
+    def _cited_figures(self, refs: Sequence[tuple[str, int, int]], library, flt: Filter) -> list[VisualItem]:
+        """The stored figures that citation keys name, as (document name, page, figure number), in
+        the order given, those ``flt`` accepts; keys naming nothing stored are left out."""
+        sha = {key_name(d.doc): d.sha256 for d in library}  # as the key writes the name
+        out = []
+        for doc, page, number in refs:
+            if doc not in sha:
+                continue
+            items = self.store.visual_items(Filter.of([sha[doc]], FIGURE_KINDS, page=int(page)))
+            out += [v for v in items if v.figure == int(number) and flt.accepts(v)][:1]
+        return out
+
     def retrieve(self, question: str = "", k: int | None = None, kinds: Sequence[str] | None = None,
                  docs: Sequence[str] | None = None, labels: Sequence[str] | None = None, image=None,
-                 signals: Sequence[str] = SIGNALS) -> list[Hit]:
+                 signals: Sequence[str] = SIGNALS, prior: Sequence[tuple[str, int, int]] = ()) -> list[Hit]:
         """Ranked figures, pages and passages for a question and/or an image (a PIL image).
 
         ``kinds`` ⊆ raster, vector, table, page, text; ``docs`` are file names; ``labels`` are
-        zero-shot labels (figures only); ``signals`` picks the signals to fuse (for ablations)."""
+        zero-shot labels (figures only); ``signals`` picks the signals to fuse (for ablations);
+        ``prior``: figures cited earlier in the conversation, as (document, page, figure number),
+        most relevant first: they stay candidates, fused as one more signal ("history", weight
+        ``retrieval.weights.history``, default 1)."""
         rcfg = self.cfg["retrieval"]
         k = k or rcfg["k"]
         n = max(rcfg["candidates"], k)
@@ -131,6 +146,9 @@ class Retriever:
         if vis_kinds and image is not None:
             iv = self.clip.embed_images([image])[0]
             take("image", self.store.query_visual(iv, n, visual_filter))
+        if prior and vis_kinds:
+            found = self._cited_figures(prior, library, visual_filter)
+            take("history", [Match(item, 1.0 - i / (len(found) + 1)) for i, item in enumerate(found)])
         if question and "text" in signals:
             tv = self.passages.embed([question])[0]
             take("text", self.store.query_text(tv, n, text_filter))
@@ -138,6 +156,7 @@ class Retriever:
             take("keyword", self._keyword_matches(question, n, complete, text_filter))
         weights = dict(rcfg["weights"])
         weights.setdefault("image", weights.get("clip", 1.0))
+        weights.setdefault("history", 1.0)
         if rcfg["fusion"] == "score":
             fused = score_fusion(scored, weights)
         else:

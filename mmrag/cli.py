@@ -171,15 +171,47 @@ def cmd_search(args) -> int:
     return 0
 
 
+def load_history(path: str) -> list[dict]:
+    """Earlier turns for ``mmrag ask --history FILE.json``: a JSON list of
+    ``{"role": "user"|"assistant", "content": "..."}``. Raises MMRagError saying what is wrong."""
+    p = Path(path)
+    if not p.is_file():
+        raise MMRagError(f"--history: no such file {path}")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MMRagError(f"--history {p.name}: not valid JSON ({exc})") from None
+    if not isinstance(data, list):
+        raise MMRagError(f"--history {p.name}: expected a JSON list of {{\"role\": ..., \"content\": ...}} "
+                         f"messages, got {type(data).__name__}")
+    for i, m in enumerate(data, 1):
+        if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
+            raise MMRagError(f"--history {p.name}: message {i} must be an object with \"role\": \"user\" or "
+                             f"\"assistant\"")
+        if not isinstance(m.get("content"), (str, list)):
+            raise MMRagError(f"--history {p.name}: message {i} has no text \"content\"")
+    return data
+
+
 def cmd_ask(args) -> int:
+    history = load_history(args.history) if args.history else []  # checked before any model loads
+    if args.image and not Path(args.image).is_file():
+        raise MMRagError(f"--image: no such file {args.image}")
     app = _app(args)
-    image = _query_image(app, args)
+    if args.image:
+        image, show = args.image, True  # searched by, and shown to the model as the user's image
+    else:
+        image, show = _query_image(app, args), False  # --like: a stored figure, searched by only
     answer = None
-    for kind, value in app.assistant.stream(args.question, image=image, **_filters(args)):
-        if kind == "token" and not args.json:
-            print(value, end="", flush=True)
-        elif kind == "answer":
-            answer = value
+    try:
+        for kind, value in app.assistant.stream(args.question, history=history, image=image, show_image=show,
+                                                **_filters(args)):
+            if kind == "token" and not args.json:
+                print(value, end="", flush=True)
+            elif kind == "answer":
+                answer = value
+    except ValueError as exc:  # a malformed history message or an unreadable image
+        raise MMRagError(str(exc)) from None
     if args.json:
         print(json.dumps(answer.to_json(), indent=2), flush=True)
     else:
@@ -187,10 +219,14 @@ def cmd_ask(args) -> int:
             print(answer.text)
             print(f"\n! {answer.error}", file=sys.stderr)
         print()
+        if answer.standalone and answer.standalone != args.question:
+            print(f"searched for: {answer.standalone}")
         if answer.note:
             print(f"note: {answer.note}")
         for c in answer.citations:
             print(f"  {c.key} score {c.score:.4f}" + (f"  {c.image}" if c.image else ""))
+        if answer.retrieved:
+            print(f"  (also retrieved, not cited: {', '.join(c.key for c in answer.retrieved[:8])})")
         sys.stdout.flush()
     app.describing.wait(timeout=float(app.cfg["describe"]["timeout_s"]) + 5)  # on-demand descriptions
     return 0
@@ -328,7 +364,8 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--kind", choices=["figure", "raster", "vector", "table", "page", "text"])
         sp.add_argument("--doc", action="append", help="only this document (repeatable)")
         sp.add_argument("--label", action="append", help="only figures with this zero-shot label (repeatable)")
-        sp.add_argument("--image", help="search by an image file")
+        sp.add_argument("--image", help="search by an image file" + ("" if name == "search" else
+                                                                        "; the model sees it too"))
         sp.add_argument("--like", help="search by a stored figure or page id ('more like this')")
         sp.add_argument("--json", action="store_true")
     sp = add("describe", cmd_describe, "describe figures with the vision model (those not described yet)")
@@ -336,6 +373,8 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--limit", type=int, default=None, help="ask the model for at most this many figures")
     sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     sp.add_argument("--json", action="store_true")
+    sub.choices["ask"].add_argument("--history", metavar="FILE.json",
+                                    help='earlier turns: a JSON list of {"role": "user"|"assistant", "content": "..."}')
     add("reindex", cmd_reindex, "re-embed stored images and texts with the configured models")
     sp = add("doctor", cmd_doctor, "check the library (interrupted work, missing or stray image files)")
     sp.add_argument("--repair", action="store_true", help="fix what it finds")

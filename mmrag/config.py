@@ -44,6 +44,7 @@ class Weights(Section):
     clip: float = Field(1.0, ge=0)
     text: float = Field(1.0, ge=0)
     keyword: float = Field(1.0, ge=0)
+    history: float = Field(1.0, ge=0)  # figures cited earlier in the conversation (follow-ups)
 
 
 class RetrievalSettings(Section):

@@ -1,5 +1,13 @@
-"""A small OpenAI-compatible chat server for tests: records each request, streams a scripted reply,
-and can be told to fail (401, 429, 500, or to stall past the client's timeout).
+"""A small model server for tests, speaking two APIs over real HTTP:
+
+- OpenAI's (``POST /v1/chat/completions``, streamed or not), as litellm's ``openai/NAME`` with
+  ``api_base`` calls it;
+- Ollama's (``POST /api/generate`` for litellm's ``ollama/NAME``, ``POST /api/chat`` for
+  ``ollama_chat/NAME``, newline-delimited JSON; ``POST /api/show`` lists ``capabilities``).
+
+It records every request, streams a scripted reply (``{cite}`` becomes the first source key it was
+sent, ``{fig}`` the first figure's), answers non-streamed calls (the follow-up rewrite) with ``rewrite``, and can be told to fail
+(401, 429, 500, stall past the client's timeout, or refuse image parts with a 400).
 
 Figure-description requests (the describing prompt's system message) are answered apart: each
 gets a description holding a made-up word no document contains (``describe_word(n)``), recorded
@@ -11,60 +19,106 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from PIL import Image
 
+REJECT_IMAGES = "Invalid content type. image_url is only supported by certain models."
+
 
 class LLMServer:
     def __init__(self):
         self.requests: list[dict] = []
-        self.mode = "ok"  # ok | 401 | 429 | 500 | stall
+        self.mode = "ok"  # ok | 401 | 429 | 500 | stall | reject_images
         self.reply = "The diagram shows the parser feeding the renderer {cite}."
         self.error_message = "scripted failure {code}"  # what a failing reply says ({code} filled in)
         self.describes: list[dict] = []  # {"body", "reply"} per description request, in arrival order
         self.describe_mode = "ok"  # ok | 500 | stall
         self.describe_delay = 0.0
         self._lock = threading.Lock()
+        self.rewrite: str | None = None  # reply to non-streamed calls; None: repeat the last question
+        self.capabilities: list[str] | None = ["completion", "vision"]  # what /api/show lists
         server = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.0"
+
             def log_message(self, *args):
                 pass
 
+            def _json(self, code: int, obj) -> None:
+                data = json.dumps(obj).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                self._json(200, {"object": "list", "data": [{"id": "test-vlm", "object": "model"}]})
+
             def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+                if self.path.rstrip("/").endswith("/api/show"):
+                    server.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
+                    info = {"modelfile": "", "details": {"family": "test"}, "model_info": {"test.context_length": 8192}}
+                    if server.capabilities is not None:
+                        info["capabilities"] = server.capabilities
+                    return self._json(200, info)
                 if server.is_describe(body):
                     return self.describe(body)
                 server.requests.append({"path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()},
                                         "body": body})
-                if server.mode in ("401", "429", "500"):
-                    code = int(server.mode)
-                    err = json.dumps({"error": {"message": server.error_message.format(code=code), "type": "test",
-                                                 "code": code}})
-                    self.send_response(code)
-                    self.send_header("Content-Type", "application/json")
-                    self.end_headers()
-                    self.wfile.write(err.encode())
-                    return
+                ollama = self.path.startswith("/api/")
+                if server.mode in ("401", "429", "500") or (server.mode == "reject_images" and server.has_images(body)):
+                    code = 400 if server.mode == "reject_images" else int(server.mode)
+                    msg = REJECT_IMAGES if code == 400 else server.error_message.format(code=code)
+                    return self._json(code, {"error": msg} if ollama else
+                                      {"error": {"message": msg, "type": "invalid_request_error", "code": code}})
                 if server.mode == "stall":
                     time.sleep(5)
-                text = server.reply.format(cite=server.first_key(body))
-                self.send_response(200)
-                self.send_header("Content-Type", "text/event-stream")
-                self.end_headers()
+                if not body.get("stream"):
+                    text = server.rewrite if server.rewrite is not None else server.last_question(body)
+                    return self._json(200, {"model": body.get("model"), "created_at": "2026-01-01T00:00:00Z",
+                                            "response": text, "done": True, "done_reason": "stop"} if self.path == "/api/generate" else
+                                      {"model": body.get("model"), "created_at": "2026-01-01T00:00:00Z",
+                                       "message": {"role": "assistant", "content": text}, "done": True,
+                                       "done_reason": "stop"} if ollama else
+                                      {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                                       "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                                    "finish_reason": "stop"}],
+                                       "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
+                text = server.reply.format(cite=server.first_key(body), fig=server.first_key(body, figure=True))
                 words = text.split(" ")
-                for i, w in enumerate(words):
-                    chunk = {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": body["model"],
-                             "choices": [{"index": 0, "delta": {"content": w + (" " if i < len(words) - 1 else "")},
-                                          "finish_reason": None}]}
-                    self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                pieces = [w + (" " if i < len(words) - 1 else "") for i, w in enumerate(words)]
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-ndjson" if ollama else "text/event-stream")
+                self.end_headers()
+                for piece in pieces:
+                    if self.path == "/api/generate":
+                        line = {"model": body["model"], "created_at": "2026-01-01T00:00:00Z", "response": piece, "done": False}
+                    elif ollama:
+                        line = {"model": body["model"], "created_at": "2026-01-01T00:00:00Z",
+                                "message": {"role": "assistant", "content": piece}, "done": False}
+                    else:
+                        line = {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": body["model"],
+                                "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}
+                    self.wfile.write((json.dumps(line) + "\n").encode() if ollama else f"data: {json.dumps(line)}\n\n".encode())
                     self.wfile.flush()
-                end = {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": body["model"],
-                       "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
-                self.wfile.write(f"data: {json.dumps(end)}\n\ndata: [DONE]\n\n".encode())
+                if ollama:
+                    end = {"model": body["model"], "created_at": "2026-01-01T00:00:00Z", "done": True,
+                           "done_reason": "stop", "prompt_eval_count": 10, "eval_count": len(pieces),
+                           "total_duration": 1, "load_duration": 1, "prompt_eval_duration": 1, "eval_duration": 1}
+                    end.update({"response": ""} if self.path == "/api/generate" else
+                               {"message": {"role": "assistant", "content": ""}})
+                    self.wfile.write((json.dumps(end) + "\n").encode())
+                else:
+                    end = {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": body["model"],
+                           "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+                    self.wfile.write(f"data: {json.dumps(end)}\n\ndata: [DONE]\n\n".encode())
 
             def describe(self, body):
                 with server._lock:
@@ -103,6 +157,8 @@ class LLMServer:
 
     @staticmethod
     def is_describe(body: dict) -> bool:
+        if not body.get("messages"):
+            return False
         first = body["messages"][0]
         return first["role"] == "system" and str(first["content"]).startswith("You describe figures")
 
@@ -117,23 +173,62 @@ class LLMServer:
         content = body["messages"][-1]["content"]
         return content if isinstance(content, str) else "".join(p.get("text", "") for p in content)
 
-    @staticmethod
-    def first_key(body: dict) -> str:
-        text = "".join(p.get("text", "") for m in body["messages"] if isinstance(m["content"], list)
-                       for p in m["content"] if p.get("type") == "text")
-        start = text.find('key="[')
-        return text[start + 5:text.find('"', start + 5)] if start >= 0 else ""
+    @property
+    def ollama_base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
 
-    def images(self, i: int = -1, body: dict | None = None) -> list[Image.Image]:
-        """The images of request ``i`` (or of ``body``), decoded from their data URLs."""
+    @staticmethod
+    def texts(body: dict) -> list[tuple[str, str]]:
+        """(role, text) of every text a request carries, in order, whichever API it used."""
+        if "prompt" in body:
+            return [("user", body["prompt"])]
         out = []
-        for m in (body or self.requests[i]["body"])["messages"]:
-            if isinstance(m["content"], list):
+        for m in body.get("messages", []):
+            c = m.get("content")
+            if isinstance(c, str):
+                out.append((m["role"], c))
+            elif isinstance(c, list):
+                out += [(m["role"], p.get("text", "")) for p in c if p.get("type") == "text"]
+        return out
+
+    @classmethod
+    def first_key(cls, body: dict, figure: bool = False) -> str:
+        """The first source key in the request's last message (with ``figure``, the first figure's)."""
+        text = "".join(t for _, t in cls.texts({**body, "messages": body.get("messages", [])[-1:]}))
+        keys = re.findall(r'<source key="(\[[^"]+\])"', text)
+        keys = [k for k in keys if " fig." in k] if figure else keys
+        return keys[0] if keys else ""
+
+    @classmethod
+    def last_question(cls, body: dict) -> str:
+        text = cls.texts(body)[-1][1] if cls.texts(body) else ""
+        return text.rsplit("Last question:", 1)[-1].replace("Standalone question:", "").strip()
+
+    @staticmethod
+    def image_data(body: dict) -> list[bytes]:
+        """The raw bytes of every image a request carries, in order (OpenAI data URLs or Ollama's
+        base64 ``images`` lists)."""
+        out = [base64.b64decode(b) for b in body.get("images") or []]
+        for m in body.get("messages", []):
+            out += [base64.b64decode(b) for b in m.get("images") or []]
+            if isinstance(m.get("content"), list):
                 for p in m["content"]:
                     if p.get("type") == "image_url":
-                        b64 = p["image_url"]["url"].split(",", 1)[1]
-                        out.append(Image.open(io.BytesIO(base64.b64decode(b64))))
+                        url = p["image_url"]["url"] if isinstance(p["image_url"], dict) else p["image_url"]
+                        out.append(base64.b64decode(url.split(",", 1)[1]))
         return out
+
+    @classmethod
+    def has_images(cls, body: dict) -> bool:
+        return bool(cls.image_data(body))
+
+    def answers(self) -> list[dict]:
+        """The streamed (answering) requests, oldest first: not the rewrites, not /api/show."""
+        return [r for r in self.requests if r["body"].get("stream")]
+
+    def images(self, i: int = -1, body: dict | None = None) -> list[Image.Image]:
+        """The images of answering request ``i`` (or of ``body``), decoded."""
+        return [Image.open(io.BytesIO(b)) for b in self.image_data(body or self.answers()[i]["body"])]
 
     def __enter__(self):
         self.thread.start()
