@@ -7,6 +7,7 @@ import socket
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from mmrag.wiring import build
 from tests.conftest import ROOT, eval_pdf
@@ -48,7 +49,7 @@ def served(tmp_path_factory, clip, passages, llm):
     demo.close()
 
 
-def test_gradio_client_ingests_and_asks(served, tmp_path):
+def test_gradio_client_ingests_and_asks(served, llm, tmp_path):
     from gradio_client import Client, handle_file
 
     app, url = served
@@ -71,6 +72,23 @@ def test_gradio_client_ingests_and_asks(served, tmp_path):
     assert answer["error"] is None and answer["answer"]
     assert answer["citations"] and answer["citations"][0]["doc"] == "neatoguide.pdf"
     assert [d["doc"] for d in app.library.list()] == ["neatoguide.pdf"]
+    # a script holds a conversation and attaches an image: the model receives both
+    image = tmp_path / "sketch.png"
+    Image.new("RGB", (80, 60), (10, 20, 200)).save(image)
+    llm.rewrite = "Which neato drawing has diamond nodes, and what colour are they?"
+    first = answer["citations"][0]["key"]
+    out = client.predict(question="what colour are they?", api_name="/ask", image=handle_file(str(image)),
+                         history=[{"role": "user", "content": "Which drawing has diamond nodes?"},
+                                  {"role": "assistant", "content": f"This one {first}."}])
+    out = json.loads(out) if isinstance(out, str) else out
+    assert out["error"] is None and out["standalone_question"] == llm.rewrite
+    msgs = llm.answers()[-1]["body"]["messages"]
+    assert msgs[1] == {"role": "user", "content": "Which drawing has diamond nodes?"}
+    assert msgs[2] == {"role": "assistant", "content": f"This one {first}."}
+    assert llm.images()[0].getpixel((5, 5))[:3] == (10, 20, 200)
+    with pytest.raises(Exception, match="role"):
+        client.predict(question="q", history=[{"role": "robot", "content": "x"}], api_name="/ask")
+    llm.rewrite = None
 
 
 @pytest.mark.browser
@@ -80,7 +98,7 @@ def test_browser_upload_ask_and_see_the_cited_figure(served, llm, tmp_path):
     if not Path(CHROMIUM).exists():
         pytest.fail("Debian's chromium is missing: scripts/setup --dev installs it (apt-get install chromium)")
     app, url = served
-    llm.reply = ("The eight-input multiplexer is drawn in {cite}: select lines S0-S2 and their inverters feed eight "
+    llm.reply = ("The eight-input multiplexer is drawn in {fig}: select lines S0-S2 and their inverters feed eight "
                  "AND gates, whose outputs meet in a wide OR gate with outputs Y and its complement.")
     pdf = tmp_path / "circuits.pdf"
     import pymupdf
@@ -108,9 +126,30 @@ def test_browser_upload_ask_and_see_the_cited_figure(served, llm, tmp_path):
         assert "circuits.pdf" in page.locator("#chat").inner_text()
         gallery_imgs.first.click()
         page.locator("#figure-large img").wait_for(timeout=30_000)
+        # a follow-up that refers back: the model gets the first turn, retrieval the standalone question
+        first_fig = LLMServer.first_key(llm.answers()[-1]["body"], figure=True)
+        asked = len(llm.answers())
+        llm.rewrite = "What does the second figure of the eight-input multiplexer in circuits.pdf show?"
+        llm.reply = "It shows the select inverters {cite}."
+        box.locator("textarea").fill("and what does the second of those figures show?")
+        box.locator("textarea").press("Enter")
+        page.get_by_text("Searched for:").wait_for(timeout=120_000)
+        page.get_by_text("It shows the select inverters").wait_for(timeout=30_000)
+        assert len(llm.answers()) == asked + 1
+        msgs = llm.answers()[-1]["body"]["messages"]
+        assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user"]
+        assert "eight-input multiplexer built from AND gates" in msgs[1]["content"]
+        assert "select lines S0-S2" in msgs[2]["content"] and "Sources:" in msgs[2]["content"]
+        last = "".join(p["text"] for p in msgs[3]["content"] if p["type"] == "text")
+        assert "and what does the second of those figures show?" in last and llm.rewrite in last
+        rewrite = [r for r in llm.requests if not r["body"].get("stream")][-1]
+        assert "eight-input multiplexer built from AND gates" in json.dumps(rewrite["body"])
+        assert llm.rewrite in page.locator("#chat").inner_text()
+        assert first_fig in last  # the figure cited in the first answer is still a source
         shot = tmp_path / "chat.png"
         page.screenshot(path=str(shot), full_page=True)
         browser.close()
+        llm.rewrite = None
     assert shot.stat().st_size > 10_000
     keep = os.environ.get("MMRAG_SCREENSHOT")
     if keep:

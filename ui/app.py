@@ -14,6 +14,7 @@ from mmrag.library import IngestResult, Progress
 
 log = logging.getLogger(__name__)
 IMAGE_TYPES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp")
+UPLOADED, INGESTED = "Uploaded ", "Ingested:\n"  # the chat's own upload/ingest messages, not conversation
 
 
 class GradioProgress(Progress):
@@ -96,7 +97,13 @@ def figure_md(h) -> str:
     return md
 
 
-def _sources_md(answer) -> str:
+def _cited_first(answer) -> list:
+    """The retrieved hits with those the answer cites first, in the order it cites them."""
+    order = {c.key: i for i, c in enumerate(answer.citations)}
+    return sorted(answer.hits, key=lambda h: order.get(h.key, len(order)))
+
+
+def _sources_md(answer, question: str = "") -> str:
     lines = []
     if answer.error:
         lines.append(f"**Note:** {answer.error}")
@@ -104,7 +111,32 @@ def _sources_md(answer) -> str:
         lines.append(f"_{answer.note}_")
     if answer.citations:
         lines.append("**Sources:** " + ", ".join(c.key for c in answer.citations[:8]))
+    if answer.standalone and question and answer.standalone.strip() != question.strip():
+        lines.append(f"**Searched for:** {answer.standalone}")
     return "\n\n".join(lines)
+
+
+def _path(f) -> str | None:
+    """A file from the chat box or the API, whatever its shape (path, dict, FileData)."""
+    if f is None or isinstance(f, str):
+        return f
+    if isinstance(f, dict):
+        return f.get("path") or (f.get("file") or {}).get("path")
+    return getattr(f, "path", None)
+
+
+def _conversation(history: list) -> list:
+    """The chat's turns without its upload/ingest messages (their content left in Gradio's shape)."""
+    from assistant.prompt import message_text
+
+    out = []
+    for m in history:
+        text = message_text(m.get("content")) if isinstance(m, dict) else ""
+        if (m.get("role") == "user" and text.startswith(UPLOADED)) or \
+                (m.get("role") == "assistant" and text.startswith(INGESTED)):
+            continue
+        out.append(m)
+    return out
 
 
 def build_ui(app) -> gr.Blocks:
@@ -113,15 +145,16 @@ def build_ui(app) -> gr.Blocks:
 
     def chat(message, history, progress=gr.Progress()):
         history = list(history or [])
+        prior = _conversation(history)  # earlier turns, in whatever shape Gradio delivers them
         text = (message or {}).get("text", "").strip()
-        files = [f if isinstance(f, str) else f.get("path") for f in (message or {}).get("files", [])]
+        files = [_path(f) for f in (message or {}).get("files", [])]
         pdfs = [f for f in files if f.lower().endswith(".pdf")]
         images = [f for f in files if f.lower().endswith(IMAGE_TYPES)]
         other = [f for f in files if f not in pdfs and f not in images]
         if pdfs or other:
-            history.append({"role": "user", "content": "Uploaded " + ", ".join(Path(f).name for f in pdfs + other)})
+            history.append({"role": "user", "content": UPLOADED + ", ".join(Path(f).name for f in pdfs + other)})
             results = ingest_files(app, pdfs + other, GradioProgress(progress))
-            history.append({"role": "assistant", "content": "Ingested:\n" + _summary(results)})
+            history.append({"role": "assistant", "content": INGESTED + _summary(results)})
             yield history, gr.skip(), []
         if not text and not images:
             yield history, gr.skip(), gr.skip()
@@ -133,30 +166,32 @@ def build_ui(app) -> gr.Blocks:
                 history.append({"role": "assistant", "content": why})
                 yield history, gr.skip(), gr.skip()
                 return
-            from index.embedders import load_image
-
-            image = load_image(images[0])
+            image = images[0]
             history.append({"role": "user", "content": {"path": images[0]}})
-        prior = [{"role": m["role"], "content": m["content"]} for m in history if isinstance(m.get("content"), str)]
         if text:
             history.append({"role": "user", "content": text})
         history.append({"role": "assistant", "content": ""})
         hits = []
-        for kind, value in app.assistant.stream(text, history=prior, image=image):
-            if kind == "hits":
-                hits = value
-                yield history, gr.skip(), _gallery(hits)
-            elif kind == "token":
-                history[-1]["content"] += value
-                yield history, gr.skip(), gr.skip()
-            else:
-                answer = value
-                sources = _sources_md(answer)
-                history[-1]["content"] = answer.text + ("\n\n" + sources if sources else "")
-                figs = [c for c in answer.citations if c.image and c.figure]
-                if figs:
-                    history.append({"role": "assistant", "content": {"path": figs[0].image, "alt_text": figs[0].key}})
-                yield history, hits, _gallery(hits)
+        try:
+            for kind, value in app.assistant.stream(text, history=prior, image=image):
+                if kind == "hits":
+                    hits = value
+                    yield history, gr.skip(), _gallery(hits)
+                elif kind == "token":
+                    history[-1]["content"] += value
+                    yield history, gr.skip(), gr.skip()
+                else:
+                    answer = value
+                    sources = _sources_md(answer, text)
+                    history[-1]["content"] = answer.text + ("\n\n" + sources if sources else "")
+                    figs = [c for c in answer.citations if c.image and c.figure]
+                    if figs:
+                        history.append({"role": "assistant", "content": {"path": figs[0].image, "alt_text": figs[0].key}})
+                    hits = _cited_first(answer)
+                    yield history, hits, _gallery(hits)
+        except ValueError as exc:  # an unreadable image
+            history[-1]["content"] = str(exc)
+            yield history, gr.skip(), gr.skip()
 
     def select_figure(hits, evt: gr.SelectData):
         shown = [h for h in (hits or []) if h.image and h.kind != "text"]
@@ -191,9 +226,19 @@ def build_ui(app) -> gr.Blocks:
         return [{"doc": r.name, "status": r.status, "message": r.message, "pages": r.pages, "figures": r.figures,
                  "chunks": r.chunks} for r in results]
 
-    def api_ask(question: str) -> dict:
-        """Answer a question; returns the same JSON as `mmrag ask --json`."""
-        return app.assistant.ask(question).to_json()
+    def api_ask(question: str, history: list[dict] | None = None, image: gr.FileData | None = None) -> dict:
+        """Answer a question; returns the same JSON as `mmrag ask --json`. `history`: earlier turns,
+        [{"role": "user"|"assistant", "content": "..."}]; `image`: an image to search by, which the
+        model sees with the question."""
+        path = _path(image)
+        if path:
+            why = _check_upload(path, float(cfg["ui"]["max_upload_mb"]), IMAGE_TYPES)
+            if why:
+                raise gr.Error(why)
+        try:
+            return app.assistant.ask(question or "", history=history or [], image=path).to_json()
+        except ValueError as exc:  # a malformed history or an unreadable image
+            raise gr.Error(str(exc)) from None
 
     with gr.Blocks(title="mmrag") as demo:
         gr.Markdown("# mmrag\nAsk about the diagrams, charts and figures in your PDFs. "
