@@ -159,24 +159,27 @@ class LiteLLM:
             raise LLMError(f"the environment variable {env} (llm.api_key_env) is not set")
         return key
 
-    def _call(self, messages: list[dict], stream: bool, **overrides):
+    def _call_key(self) -> str | None:
         if not self.configured:
             raise LLMError("no language model configured: set llm.model in config.yaml")
         key = self._key()
         if key is None and self.cfg.get("api_base"):
             key = "unused"  # local OpenAI-compatible servers need none, but the client insists on one
+        return key
+
+    def _call(self, key: str | None, messages: list[dict], stream: bool, **overrides):
         args = dict(model=self.model, messages=messages, stream=stream, api_base=self.cfg.get("api_base"),
                     api_key=key, temperature=self.cfg.get("temperature"), max_tokens=self.cfg.get("max_tokens"),
                     timeout=self.cfg.get("timeout_s"), num_retries=0)
         args.update(overrides)
-        return key, _litellm().completion(**args)
+        return _litellm().completion(**args)
 
     def stream(self, messages: list[dict]) -> Iterator[str]:
         """The reply's text, piece by piece. Raises LLMError (``images_rejected`` set when the
         server refused the image parts)."""
-        key = None
+        key = self._call_key()  # known before the call, so that its failure is masked
         try:
-            key, response = self._call(messages, stream=True)
+            response = self._call(key, messages, stream=True)
             for chunk in response:
                 delta = chunk.choices[0].delta.content if chunk.choices else None
                 if delta:
@@ -188,10 +191,10 @@ class LiteLLM:
 
     def complete(self, messages: list[dict], max_tokens: int = 200, timeout: float | None = None) -> str:
         """A short non-streaming reply (e.g. a rewritten question). Raises LLMError."""
-        key = None
+        key = self._call_key()
         try:
             timeout = min(float(self.cfg.get("timeout_s") or 60), timeout or 60)
-            key, response = self._call(messages, stream=False, max_tokens=max_tokens, timeout=timeout)
+            response = self._call(key, messages, stream=False, max_tokens=max_tokens, timeout=timeout)
             return response.choices[0].message.content or ""
         except LLMError:
             raise
