@@ -69,6 +69,8 @@ def cmd_ingest(args) -> int:
     try:
         files = _pdfs(args.paths)
         results = app.library.ingest([f for f, _ in files], progress=progress, names=[n for _, n in files])
+        if _STOPPED[0]:  # the file in progress was rolled back; say so like Ctrl-C
+            raise KeyboardInterrupt
     finally:
         progress.close()
     for r in results:  # with --json, stdout carries the JSON alone
@@ -394,12 +396,16 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+_STOPPED = [0]  # the signal that interrupted this command, if any
+
+
 def _interrupt_on_sigterm() -> None:
     """SIGTERM (a service stop, `kill`) behaves like Ctrl-C: the ingest in progress rolls back
     what it wrote and the command says so, instead of dying silently."""
     import signal
 
     def handler(signum, frame):
+        _STOPPED[0] = signum  # raised inside a PyMuPDF callback, the interrupt arrives wrapped
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, handler)
