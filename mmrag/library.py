@@ -471,9 +471,11 @@ class Library:
                 count = 0
                 for items in self.store.iter_items(which):
                     if which == "visual":
-                        kept = [it for it in items if self.images.path(it.image).is_file()]
-                        for it in items:
-                            if not self.images.path(it.image).is_file():
+                        kept = []
+                        for it in items:  # one stat per stored image
+                            if self.images.path(it.image).is_file():
+                                kept.append(it)
+                            else:
                                 log.warning("dropping %s p.%s %s: its image file %s is missing", it.doc, it.page,
                                             it.kind, it.image)
                         done["missing_images"] = done.get("missing_images", 0) + len(items) - len(kept)
