@@ -278,6 +278,9 @@ def cmd_reindex(args) -> int:
     if done.get("missing_images"):
         print(f"dropped {done['missing_images']} figure(s)/page(s) whose image file is missing; ingest their PDFs "
               "again to get them back", file=sys.stderr)
+    if done.get("without_pdf"):
+        print(f"{done['without_pdf']} document(s) have no kept original PDF (ingested before mmrag kept them); "
+              "re-ingest them to enable page views", file=sys.stderr)
     return 0
 
 

@@ -12,6 +12,11 @@ of them is visible at any moment. One writer at a time (a lock file in the data 
 bumps DATA_DIR/generation when it takes the lock and after each committed change, so other
 processes re-open the index (``Store.refresh``).
 
+The original PDF is kept as ``pdfs/<sha256>.pdf`` (``index.pdfs``), copied in after the document
+is registered ``pending`` and deleted with its items, so a rolled-back or interrupted ingest leaves
+none behind; ``recover`` also sweeps PDFs no document record names. Libraries ingested before
+PDFs were kept have none: page views say to ingest the file again.
+
 The keyword index (``index.keyword``, on disk in ``data_dir/keyword``) follows the same rule: a
 document's terms are committed just before the document becomes complete, removed before its
 items are, and a search names the complete documents it may return. Each writer and the first
@@ -36,6 +41,7 @@ from index.embedders import ImageTextEmbedder, PassageEmbedder, load_image
 from index.errors import explain_storage_error
 from index.images import ImageStore
 from index.keyword import KeywordIndex
+from index.pdfs import PdfStore
 from index.records import FIGURE_KINDS, DocRecord, Filter, TextItem, VisualItem
 from index.store import Store, now
 from ingest.records import PageRecord
@@ -80,6 +86,7 @@ class Library:
         self.data_dir = Path(cfg["data_dir"])
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.images = ImageStore(self.data_dir)
+        self.pdfs = PdfStore(self.data_dir)  # the original PDFs, pdfs/<sha256>.pdf
         self.keyword = keyword or KeywordIndex(self.data_dir / "keyword")
         self._label_vecs: np.ndarray | None = None
         self.describing = None  # mmrag.describing.Describing, set by wiring (figure descriptions)
@@ -145,6 +152,8 @@ class Library:
             self._purge([d.sha256 for d in pending + removing])
         elif (self.data_dir / "images").exists() and self._has_stray_files():
             self.images.sweep(self.referenced_images())
+        if self.pdfs.dir.is_dir():  # PDFs no record names: a crash before the record, temp files
+            self.pdfs.sweep({d.sha256 for d in self.store.list_docs(status=None)})
         complete = [d.sha256 for d in self.store.list_docs()]
         if not self.keyword.covers(complete):
             self.rebuild_keyword(complete)
@@ -159,6 +168,7 @@ class Library:
         for sha in shas:
             self.store.delete_items(sha)
         self.images.sweep(self.referenced_images())
+        self.pdfs.delete(shas)
         self.store.delete_records(shas)
 
     def rebuild_keyword(self, complete: list[str] | None = None) -> int:
@@ -336,6 +346,7 @@ class Library:
             self.store.set_doc(sha, doc=name, status="pending", started=now(), pages=doc.page_count,
                                figures=0, chunks=0)
             try:
+                self._keep_pdf(path, sha, name)
                 counts = self._write_pages(doc, sha, name, progress)
                 self.keyword.commit([sha])  # its terms, just before the document is complete
             except BaseException:  # roll back what this file wrote; a kill -9 is cleaned by recover()
@@ -359,6 +370,14 @@ class Library:
             return IngestResult(name, status, msg, sha, doc.page_count, counts["figures"], counts["chunks"], lost)
         finally:
             doc.close()
+
+    def _keep_pdf(self, path: Path, sha: str, name: str) -> None:
+        """Keep the original as pdfs/<sha>.pdf (for page views and downloads); the document is
+        already registered pending, so a failure from here on deletes it with the rest."""
+        try:
+            self.pdfs.put(path, sha)
+        except ValueError as exc:  # the file changed after it was hashed
+            raise BadDocument(f"{name}: {exc}") from None
 
     def _write_pages(self, doc, sha: str, name: str, progress: Progress) -> dict:
         from ingest.extract import extract_pages
@@ -453,6 +472,59 @@ class Library:
             raise MMRagError(f"{doc!r} matches several documents; give its sha256 instead")
         return _doc_dict(hits[0])
 
+    # ---- the original PDFs and their pages ----------------------------------------------------
+    def pdf_path(self, doc: str) -> Path:
+        """The kept original PDF (``data_dir/pdfs/<sha256>.pdf``) of a complete document named by
+        file name or sha256 (a prefix of 8+ hex will do). ``NotFound`` when there is no such
+        document, or when it was ingested before mmrag kept the originals (the message says to
+        ingest it again)."""
+        found = self.find(doc)
+        path = self.pdfs.path(found["sha256"])
+        if not path.is_file():
+            raise NotFound(f"{found['doc']}: its original PDF is not kept (ingested before mmrag kept PDFs); "
+                           "re-ingest it to enable page views and downloads")
+        return path
+
+    def locate(self, item_id: str) -> dict:
+        """Where a stored item (figure ``f-…``, page ``p-…``, passage ``c-…``/``tf-…``/…) of a
+        complete document is: ``{"id", "kind", "doc", "doc_sha", "page", "bbox"}``; page 1-based,
+        bbox ``[x0, y0, x1, y1]`` in displayed-page PDF points, top-left origin (None for a whole
+        page). ``NotFound`` for an unknown id."""
+        item_id = str(item_id)
+        found = None
+        if 0 < len(item_id) <= 200:
+            found = next(iter(self.store.get_visual([item_id]) or self.store.get_text([item_id])), None)
+        if found is None or found.doc_sha not in {d.sha256 for d in self.store.list_docs()}:
+            raise NotFound(f"no stored item with id {item_id[:80]!r}")
+        return {"id": found.id, "kind": found.kind, "doc": found.doc, "doc_sha": found.doc_sha, "page": found.page,
+                "bbox": list(found.bbox) if found.bbox else None}
+
+    def page_png(self, doc: str, page: int, boxes: Iterable[Iterable[float]] = (), items: Iterable[str] = (),
+                 dpi: float = 150.0) -> bytes:
+        """PNG bytes of page ``page`` (1-based) of a document (file name or sha256, as ``find``),
+        rendered from its kept PDF as displayed, at ``dpi`` (36..600, scaled down to a pixel
+        budget), with each box highlighted: ``boxes`` are ``(x0, y0, x1, y1)`` in displayed-page
+        PDF points, top-left origin (the ``bbox`` of hits, citations and ``locate``); ``items``
+        are stored item ids on that page whose boxes are added (see ``ingest.render.render_page``
+        for the drawing). Errors, each one line: ``NotFound`` (no such document or item, or no
+        kept PDF: "re-ingest it to enable page views"), ``MMRagError`` (page out of range, a bad
+        box, an item from another page), ``BadDocument`` (the kept PDF cannot be rendered)."""
+        from ingest.render import render_page  # PyMuPDF: loaded by the first page view
+
+        path = self.pdf_path(doc)
+        sha = path.name[:-4]
+        boxes = [list(b) for b in boxes]
+        for item_id in items:
+            where = self.locate(item_id)
+            if where["doc_sha"] != sha or where["page"] != int(page):
+                raise MMRagError(f"item {item_id} is on {where['doc']} p.{where['page']}, not on this page")
+            if where["bbox"]:
+                boxes.append(where["bbox"])
+        try:
+            return render_page(path, int(page), boxes, dpi=dpi)
+        except ValueError as exc:
+            raise MMRagError(str(exc)) from None
+
     def remove(self, doc: str) -> dict:
         with self.writing():
             found = self.find(doc)
@@ -462,7 +534,10 @@ class Library:
 
     def reindex(self, progress: Callable[[str, int, int], None] | None = None) -> dict:
         """Re-embed every stored image and text with the configured models, without the PDFs.
-        The new vectors fill a collection beside the live one, which is swapped in at the end."""
+        The new vectors fill a collection beside the live one, which is swapped in at the end.
+        Returns counts: ``visual``, ``text``, ``keyword``, ``missing_images`` (items dropped, their
+        image file gone) and ``without_pdf`` (documents whose original PDF is not kept: ingested
+        before mmrag kept them, so no page views until they are ingested again)."""
         done = {}
         with self.writing():
             for which in ("visual", "text"):
@@ -493,6 +568,8 @@ class Library:
                 self.store.finish_replacement(which, new)
                 done[which] = count
             done["keyword"] = self.rebuild_keyword()  # the same texts, with the current analyzer
+            kept = self.pdfs.shas()
+            done["without_pdf"] = sum(d.sha256 not in kept for d in self.store.list_docs())
         return done
 
     def doctor(self, repair: bool = False) -> list[str]:

@@ -1,5 +1,6 @@
 """The library end to end on real Chroma: idempotent ingest, replace, remove, crash safety,
-the model guard and reindex, local and server mode."""
+the model guard and reindex, local and server mode. ``snapshot`` also checks that the kept
+original PDFs are exactly those of the listed documents."""
 
 import os
 import random
@@ -29,7 +30,10 @@ def snapshot(app):
     docs = [(d["doc"], d["sha256"], d["pages"], d["figures"], d["chunks"]) for d in lib.list()]
     keyword = sorted(lib.keyword.ids())
     assert keyword == text and lib.keyword.documents() == {d[1] for d in docs}
-    return {"docs": docs, "visual": visual, "text": text, "files": files, "keyword": keyword}
+    # the original PDFs kept: exactly one per listed document, nothing half written or orphaned
+    pdfs = sorted(p.name for p in (lib.data_dir / "pdfs").glob("*"))
+    assert pdfs == sorted(f"{d[1]}.pdf" for d in docs)
+    return {"docs": docs, "visual": visual, "text": text, "files": files, "keyword": keyword, "pdfs": pdfs}
 
 
 def keyword_hits(app, question, **filters):
