@@ -7,7 +7,8 @@
 
 It records every request, streams a scripted reply (``{cite}`` becomes the first source key it was
 sent, ``{fig}`` the first figure's), answers non-streamed calls (the follow-up rewrite) with ``rewrite``, and can be told to fail
-(401, 429, 500, stall past the client's timeout, or refuse image parts with a 400).
+(401, 429, 500, stall past the client's timeout, or refuse image parts with a 400); ``token_delay``
+streams slowly.
 
 Figure-description requests (the describing prompt's system message) are answered apart: each
 gets a description holding a made-up word no document contains (``describe_word(n)``), recorded
@@ -40,6 +41,7 @@ class LLMServer:
         self.describe_delay = 0.0
         self._lock = threading.Lock()
         self.rewrite: str | None = None  # reply to non-streamed calls; None: repeat the last question
+        self.token_delay = 0.0  # seconds between streamed pieces (a slow model, for stop tests)
         self.capabilities: list[str] | None = ["completion", "vision"]  # what /api/show lists
         server = self
 
@@ -108,6 +110,8 @@ class LLMServer:
                                 "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}
                     self.wfile.write((json.dumps(line) + "\n").encode() if ollama else f"data: {json.dumps(line)}\n\n".encode())
                     self.wfile.flush()
+                    if server.token_delay:
+                        time.sleep(server.token_delay)
                 if ollama:
                     end = {"model": body["model"], "created_at": "2026-01-01T00:00:00Z", "done": True,
                            "done_reason": "stop", "prompt_eval_count": 10, "eval_count": len(pieces),

@@ -54,6 +54,8 @@ def test_gradio_client_ingests_and_asks(served, llm, tmp_path):
 
     app, url = served
     client = Client(url, verbose=False)
+    api = client.view_api(return_format="dict", print_info=False)
+    assert sorted(api["named_endpoints"]) == ["/ask", "/ingest"] and not api["unnamed_endpoints"]
     import uuid
 
     from gradio.utils import get_upload_folder
@@ -125,7 +127,7 @@ def test_browser_upload_ask_and_see_the_cited_figure(served, llm, tmp_path):
         assert gallery_imgs.count() >= 1
         assert "circuits.pdf" in page.locator("#chat").inner_text()
         gallery_imgs.first.click()
-        page.locator("#figure-large img").wait_for(timeout=30_000)
+        page.locator("#page-view img").wait_for(timeout=30_000)
         # a follow-up that refers back: the model gets the first turn, retrieval the standalone question
         first_fig = LLMServer.first_key(llm.answers()[-1]["body"], figure=True)
         asked = len(llm.answers())
@@ -146,6 +148,12 @@ def test_browser_upload_ask_and_see_the_cited_figure(served, llm, tmp_path):
         assert "eight-input multiplexer built from AND gates" in json.dumps(rewrite["body"])
         assert llm.rewrite in page.locator("#chat").inner_text()
         assert first_fig in last  # the figure cited in the first answer is still a source
+        # following the first answer's citation shows its page with the figure highlighted
+        page.locator('#chat a[href*="#cite="]', has_text=first_fig).first.click()
+        page.locator("#source-info").get_by_text(first_fig).wait_for(timeout=30_000)
+        page.locator("#source-info").get_by_text("highlighted on the page").wait_for(timeout=30_000)
+        page.wait_for_function("() => { const i = document.querySelector('#page-view img');"
+                               " return i && i.complete && i.naturalWidth > 1000; }", timeout=30_000)
         shot = tmp_path / "chat.png"
         page.screenshot(path=str(shot), full_page=True)
         browser.close()
@@ -238,3 +246,24 @@ def test_upload_names_are_never_paths(served, tmp_path):
     data = Path(app.cfg["data_dir"])
     for path in data.rglob("*"):
         assert "passwd" not in path.name and ".." not in path.name
+
+
+def test_conversations_and_the_browser_key_survive_a_restart(tmp_path):
+    """What a browser finds again after the server restarts: its conversations on disk, and the
+    same key decrypting its id (kept in data_dir, private to the owner)."""
+    from ui.app import _secret
+    from ui.conversations import ConversationStore
+
+    store = ConversationStore(tmp_path / "conversations.sqlite3")
+    conv = store.create("browser:abc")
+    conv["messages"] += [{"role": "user", "kind": "question", "text": "Which figure shows the pump?"},
+                         {"role": "assistant", "kind": "answer", "text": "This one [p.pdf p.2 fig.1].", "sources": ""}]
+    store.save("browser:abc", conv)
+    store.close()
+    key = _secret(tmp_path)
+    again = ConversationStore(tmp_path / "conversations.sqlite3")
+    assert again.load("browser:abc", conv["id"])["messages"] == conv["messages"]
+    assert again.list("browser:abc")[0]["title"] == "Which figure shows the pump?"
+    assert again.load("browser:other", conv["id"]) is None
+    assert _secret(tmp_path) == key and len(key) == 32
+    assert (tmp_path / "ui-secret").stat().st_mode & 0o077 == 0

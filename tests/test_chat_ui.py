@@ -1,0 +1,288 @@
+"""The chat in Debian's Chromium (Playwright), on one real server for the module: citations open
+the page with the figure highlighted, conversations survive a reload, the document scope reaches
+retrieval, stop ends a stream while a queued question waits, the library lists stay current, and
+a bad attachment gets a line instead of breaking the chat."""
+
+from __future__ import annotations
+
+import copy
+import io
+import socket
+from pathlib import Path
+
+import pymupdf
+import pytest
+from PIL import Image
+
+from tests.llm_server import LLMServer
+from tests.pdfgen import LOREM, vector_figure
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync"]
+FIG_RECT = pymupdf.Rect(300, 420, 540, 600)  # where pumps.pdf p.2 has its diagram (PDF points)
+FIG_INK = pymupdf.Rect(300, 440, 540, 600)  # what vector_figure draws in it: boxes from 20 pt down
+pytestmark = pytest.mark.browser
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_doc(path: Path, topic: str, fig_page: int, rect: pymupdf.Rect) -> Path:
+    """A two-page PDF about ``topic``: body text on both pages and, on ``fig_page``, a vector
+    diagram in ``rect`` captioned with the topic."""
+    doc = pymupdf.open()
+    for n in (1, 2):
+        page = doc.new_page(width=612, height=792)
+        page.insert_textbox(pymupdf.Rect(60, 60, 552, 380), f"{topic.capitalize()} manual, page {n}. " +
+                            f"This page explains the {topic}. " + LOREM * 3, fontsize=10)
+        if n == fig_page:
+            vector_figure(page, rect, labels=("inlet", "outlet"))
+            page.insert_text((rect.x0, rect.y1 + 16), f"Figure 1: The {topic} diagram", fontsize=10)
+    doc.save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def llm():
+    with LLMServer() as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, clip, passages, llm):
+    from mmrag.config import DEFAULTS
+    from mmrag.devtools import write_tiny_clip
+    from mmrag.wiring import build
+    from ui.app import launch
+
+    if not Path(CHROMIUM).exists():
+        pytest.fail("Debian's chromium is missing: scripts/setup --dev installs it (apt-get install chromium)")
+    tmp = tmp_path_factory.mktemp("chat-ui")
+    cfg = copy.deepcopy(DEFAULTS)
+    tiny = write_tiny_clip(tmp / "clip")
+    cfg["data_dir"] = str(tmp / "data")
+    cfg["clip"].update(model=str(tiny[0]), pretrained=str(tiny[1]), device="cpu")
+    cfg["llm"].update(model="openai/test-vlm", api_base=llm.api_base, vision=True, timeout_s=10)
+    cfg["ui"].update(port=_free_port(), max_upload_mb=5)
+    cfg["describe"]["mode"] = "off"
+    app = build(cfg, clip=clip, passages=passages)
+    pumps = make_doc(tmp / "pumps.pdf", "centrifugal pump impeller", 2, FIG_RECT)
+    valves = make_doc(tmp / "valves.pdf", "butterfly valve actuator", 1, pymupdf.Rect(80, 430, 320, 600))
+    results = app.library.ingest([pumps, valves])
+    assert [r.status for r in results] == ["added", "added"], [r.message for r in results]
+    demo, _ = launch(app, prevent_thread_lock=True, quiet=True)
+    yield app, f"http://127.0.0.1:{cfg['ui']['port']}/"
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield b
+        b.close()
+
+
+def ask(page, text: str, files: list[str] = ()) -> None:
+    box = page.locator("#ask-box")
+    if files:
+        box.locator("input[type=file]").set_input_files(files)
+        page.wait_for_timeout(800)
+    box.locator("textarea").fill(text)
+    box.locator("textarea").press("Enter")
+
+
+def bot_texts(page) -> list[str]:
+    return page.locator("#chat .message-row.bot-row, #chat .bot-row").all_inner_texts()
+
+
+def test_a_citation_opens_its_page_with_the_figure_highlighted(served, llm, browser, tmp_path):
+    """Following the cited key shows the page rendered from the PDF, with the highlight drawn
+    where the figure is; reloading the page keeps the conversation."""
+    app, url = served
+    llm.reply = "The impeller is drawn in {fig}, with the inlet on the left."
+    page = browser.new_page(viewport={"width": 1500, "height": 1000})
+    page.goto(url)
+    ask(page, "Which diagram shows the centrifugal pump impeller?")
+    link = page.locator('#chat a[href*="#cite="]').first
+    link.wait_for(timeout=120_000)
+    page.get_by_text("Sources:").wait_for(timeout=60_000)
+    key = LLMServer.first_key(llm.answers()[-1]["body"], figure=True)
+    assert key == "[pumps.pdf p.2 fig.1]", key
+    assert link.inner_text() == key
+    link.click()
+    shown = page.locator("#page-view img")
+    shown.wait_for(timeout=60_000)
+    page.locator("#source-info").get_by_text("highlighted on the page").wait_for(timeout=30_000)
+    src = shown.get_attribute("src")
+    png = Image.open(io.BytesIO(page.request.get(src).body())).convert("RGB")
+    # the render is the whole page at the viewer's resolution: the box maps by the zoom alone
+    zoom = png.width / 612
+    assert abs(png.height / zoom - 792) < 2 and zoom >= 1.5  # readable: 108 dpi or more
+    from ingest.render import HIGHLIGHT_RGB
+
+    def px(x, y):
+        return png.getpixel((int(x * zoom), int(y * zoom)))
+
+    # the stored box of the cited figure is where the diagram is drawn (a little padding)...
+    from index.records import Filter
+
+    [fig] = [it for it in app.library.store.visual_items(Filter.of(None, ["vector", "raster", "table"]))
+             if it.doc == "pumps.pdf"]
+    b = pymupdf.Rect(fig.bbox)
+    assert b.contains(FIG_INK) and all(abs(u - v) <= 15 for u, v in zip(b, FIG_INK)), (b, FIG_INK)
+    # ...and the highlight's outline runs along that box on the rendered page...
+    edge = [(b.x0 + b.width * t, y) for t in (0.2, 0.5, 0.8) for y in (b.y0, b.y1)]
+    edge += [(x, b.y0 + b.height * t) for t in (0.3, 0.7) for x in (b.x0, b.x1)]
+    assert all(_highlight_near(png, x, y, zoom, HIGHLIGHT_RGB) for x, y in edge), \
+        [(x, y) for x, y in edge if not _highlight_near(png, x, y, zoom, HIGHLIGHT_RGB)]
+    # ...its inside is tinted (white paper turned pink), and nothing is highlighted in the text above
+    tint = px(b.x0 + b.width / 2, b.y0 + 6)
+    assert tint[0] > 240 and tint[1] < 225 and tint[2] > tint[1], tint
+    assert not any(_highlight_near(png, x, 200, zoom, HIGHLIGHT_RGB, reach=0) for x in range(80, 540, 20))
+    # the gallery opens the same page view
+    page.locator("#cited img").first.click()
+    page.locator("#source-info").get_by_text("highlighted on the page").wait_for(timeout=30_000)
+    shot = tmp_path / "citation.png"
+    page.screenshot(path=str(shot))
+    import os
+    import shutil
+
+    if os.environ.get("MMRAG_CITATION_SCREENSHOT"):
+        shutil.copy(shot, os.environ["MMRAG_CITATION_SCREENSHOT"])
+    # a reload keeps the conversation, lists it, and its links still open pages
+    page.reload()
+    page.locator("#chat").get_by_text("Which diagram shows the centrifugal pump impeller?").wait_for(timeout=30_000)
+    assert "The impeller is drawn in" in page.locator("#chat").inner_text()
+    page.locator("#conversations").get_by_text("Which diagram shows the centrifugal pump impeller?").wait_for()
+    assert page.locator("#page-view img").count() == 0  # panels start empty
+    page.locator('#chat a[href*="#cite="]').first.click()
+    page.locator("#page-view img").wait_for(timeout=30_000)
+    page.close()
+
+
+def test_the_scope_decides_what_is_cited_and_lists_stay_current(served, llm, browser):
+    """Choosing documents limits the sources to them; after a reload the Remove list and the
+    scope list name every document; removing asks first, then all lists follow."""
+    app, url = served
+    llm.reply = "It is shown in {cite}."
+    page = browser.new_page(viewport={"width": 1500, "height": 1000})
+    page.goto(url)
+    page.locator("#new-chat").click()
+    ask(page, "Which page explains the centrifugal pump impeller?")
+    page.get_by_text("It is shown in").wait_for(timeout=60_000)
+    everything = _source_docs(llm.answers()[-1]["body"])
+    assert everything == {"pumps.pdf", "valves.pdf"}  # the whole library by default
+    scope = page.locator("#scope input")
+    scope.click()
+    page.get_by_role("option", name="valves.pdf").click()
+    page.keyboard.press("Escape")
+    asked = len(llm.answers())
+    ask(page, "Which page explains the centrifugal pump impeller, again?")
+    try:
+        page.get_by_text("Sources:").nth(1).wait_for(timeout=20_000)
+    except Exception:
+        print("CHAT", page.locator("#chat").inner_text()); page.screenshot(path="/tmp/i16ui_scope.png"); raise
+    assert len(llm.answers()) == asked + 1
+    body = llm.answers()[-1]["body"]
+    assert _source_docs(body) == {"valves.pdf"}
+    cited = page.locator('#chat a[href*="#cite="]').last.inner_text()
+    assert cited.startswith("[valves.pdf"), cited
+    # a reload: the Remove list and the scope list are filled from the library as it is now
+    extra = make_doc(Path(app.cfg["data_dir"]).parent / "gears.pdf", "planetary gear train", 1,
+                     pymupdf.Rect(100, 420, 400, 600))
+    app.library.ingest([extra])
+    page.reload()
+    page.locator("#chat").get_by_text("Which page explains the centrifugal pump impeller, again?").wait_for(timeout=30_000)
+    page.get_by_role("tab", name="Library").click()
+    page.locator("#library").get_by_text("gears.pdf").wait_for(timeout=30_000)
+    page.locator("#remove-choice input").click()
+    options = page.get_by_role("option").all_inner_texts()
+    assert sorted(o.strip() for o in options) == ["gears.pdf", "pumps.pdf", "valves.pdf"], options
+    page.get_by_role("option", name="gears.pdf").click()
+    page.locator("#remove").click()
+    page.locator("#confirm-remove").get_by_text("cannot be undone").wait_for()
+    assert "gears.pdf" in [d["doc"] for d in app.library.list()]  # nothing removed before the confirmation
+    page.locator("#confirm-yes").click()
+    page.locator("#library-status").get_by_text("Removed gears.pdf").wait_for(timeout=60_000)
+    assert "gears.pdf" not in [d["doc"] for d in app.library.list()]
+    assert "gears.pdf" not in page.locator("#library").inner_text()
+    page.get_by_role("tab", name="Chat").click()
+    page.locator("#scope input").click()
+    assert sorted(o.strip() for o in page.get_by_role("option").all_inner_texts()) == ["pumps.pdf", "valves.pdf"]
+    page.close()
+
+
+def _source_docs(body: dict) -> set[str]:
+    """The documents of the sources a model request carries."""
+    import re
+
+    text = "".join(t for _, t in LLMServer.texts({**body, "messages": body["messages"][-1:]}))
+    return {m.group(1) for m in re.finditer(r'<source key="\[(.+?) p\.\d+', text)}
+
+
+def test_stop_ends_the_stream_and_a_queued_question_is_answered(served, llm, browser):
+    """Stop keeps the partial answer, marked stopped; a question sent while it streamed waits
+    in the queue and is answered next."""
+    app, url = served
+    llm.token_delay = 0.4
+    llm.reply = " ".join(f"word{i}" for i in range(60)) + " {cite}"
+    page = browser.new_page(viewport={"width": 1500, "height": 1000})
+    try:
+        page.goto(url)
+        page.locator("#new-chat").click()
+        ask(page, "Describe the butterfly valve actuator at length.")
+        page.locator("#chat").get_by_text("word3").wait_for(timeout=60_000)
+        ask(page, "And the pump?")  # sent while the first answer streams
+        page.locator("#chat").get_by_text("queued").wait_for(timeout=10_000)
+        page.locator("#ask-box .stop-button, #ask-box button[aria-label*='top']").first.click()
+        page.locator("#chat").get_by_text("(stopped)").wait_for(timeout=10_000)
+        first = page.locator("#chat .bot-row, #chat .message-row").all_inner_texts()
+        joined = "\n".join(first)
+        assert "word3" in joined and "word59" not in joined
+        # the queued question goes through next (the model streams it fully)
+        llm.token_delay = 0.0
+        llm.reply = "The pump is in {cite}."
+        page.get_by_text("The pump is in").wait_for(timeout=60_000)
+        chat = page.locator("#chat").inner_text()
+        assert chat.index("(stopped)") < chat.index("And the pump?") < chat.index("The pump is in")
+        assert "queued" not in chat
+        assert "word59" not in page.locator("#chat").inner_text()
+    finally:
+        llm.token_delay = 0.0
+        page.close()
+
+
+def test_a_bad_attachment_gets_one_line_and_the_question_goes_through(served, llm, browser, tmp_path):
+    app, url = served
+    llm.reply = "Here it is: {cite}."
+    empty = tmp_path / "blank.png"
+    empty.write_bytes(b"")
+    page = browser.new_page(viewport={"width": 1500, "height": 1000})
+    page.goto(url)
+    page.locator("#new-chat").click()
+    ask(page, "Which page explains the butterfly valve actuator?", [str(empty)])
+    page.locator("#chat").get_by_text("blank.png: left out, the file is empty (0 bytes)").wait_for(timeout=60_000)
+    page.get_by_text("Here it is:").wait_for(timeout=60_000)
+    assert "Error" not in page.locator("body").inner_text()
+    # the chat keeps working
+    ask(page, "And the pump impeller?")
+    page.get_by_text("Here it is:").nth(1).wait_for(timeout=60_000)
+    page.close()
+
+
+def _highlight_near(png, x, y, zoom, rgb, reach=4) -> bool:
+    """A highlight-coloured pixel within ``reach`` points of (x, y)."""
+    cx, cy, d = int(x * zoom), int(y * zoom), int(reach * zoom) + 1
+    for yy in range(max(cy - d, 0), min(cy + d + 1, png.height)):
+        for xx in range(max(cx - d, 0), min(cx + d + 1, png.width)):
+            p = png.getpixel((xx, yy))
+            if all(abs(a - b) <= 12 for a, b in zip(p, rgb)):
+                return True
+    return False
