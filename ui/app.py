@@ -447,11 +447,19 @@ def build_ui(app) -> gr.Blocks:
         return {conv_state: conv_id, chatbot: render_chat(conv, list(run.pending) if run else ())} | panels_reset()
 
     def delete_chat(owner, conv_id):
-        if conv_id:
-            store.delete(owner, conv_id)
-            with runs_lock:
-                live.pop(conv_id, None)
+        if conv_id and store.delete(owner, conv_id):
+            with runs_lock:  # one being answered stops, and is not written back
+                conv, run = live.pop(conv_id, None), runs.get(conv_id)
+                if conv is not None:
+                    conv["deleted"] = True
+                if run is not None:
+                    run.pending.clear()
+                    run.stop.set()
         return new_chat(owner)
+
+    def save(owner: str, conv: dict) -> None:
+        if not conv.get("deleted"):
+            store.save(owner, conv)
 
     # ---- asking ------------------------------------------------------------------------------------
     def send(message, browser_id, conv_id, scope, request: gr.Request, progress=gr.Progress()):
@@ -500,7 +508,7 @@ def build_ui(app) -> gr.Blocks:
             if not done:  # closed early (the page went away): the next send answers what is left
                 with runs_lock:
                     run.busy = False
-            store.save(owner, conv)
+            save(owner, conv)
 
     def answer(conv, run, owner, item, progress):
         msgs = conv["messages"]
@@ -519,11 +527,11 @@ def build_ui(app) -> gr.Blocks:
             with ingest_lock:
                 results = ingest_files(app, pdfs, GradioProgress(progress))
             msgs.append({"role": "assistant", "kind": "note", "text": _summary(results)})
-            store.save(owner, conv)
+            save(owner, conv)
             yield view(library_updates(item["scope"]))
         text = item["text"]
         if not text and not image:
-            store.save(owner, conv)
+            save(owner, conv)
             yield view()
             return
         prior = model_history(msgs)
@@ -591,7 +599,7 @@ def build_ui(app) -> gr.Blocks:
                     hits = _cited_first(value)
                     remember_sources(conv["citations"], hits)
                     yield view({gallery: _gallery_items(hits), gallery_keys: _gallery_keys(hits)})
-        store.save(owner, conv)
+        save(owner, conv)
         yield view({box: gr.update(stop_btn=False), conv_list: gr.update(choices=conv_choices(owner), value=conv["id"])})
 
     def stop_answer(conv_id):
