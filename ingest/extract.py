@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections import Counter
@@ -15,6 +14,7 @@ import pymupdf
 from . import figures as F
 from . import regions, text
 from .errors import BadDocument
+from .files import check_pdf_file, file_sha256
 from .ocr import ocr_lines
 from .records import Chunk, DocInfo, Figure, PageRecord
 
@@ -27,25 +27,10 @@ OCR_DPI = 150
 MIN_OCR_SIDE = 12  # pixels: an image thinner than this holds no readable line of text
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def open_pdf(path: str | os.PathLike) -> pymupdf.Document:
     """Open a PDF or raise BadDocument with the reason (and how to fix it where there is a way)."""
     p = Path(path)
-    if not p.is_file():
-        raise BadDocument(f"{p.name}: no such file")
-    if p.stat().st_size == 0:
-        raise BadDocument(f"{p.name}: empty file (0 bytes)")
-    with open(p, "rb") as f:
-        head = f.read(1024)
-    if b"%PDF-" not in head:
-        raise BadDocument(f"{p.name}: not a PDF (no %PDF- header); only PDF files can be ingested")
+    check_pdf_file(p)
     try:
         doc = pymupdf.open(p, filetype="pdf")
     except Exception as exc:  # MuPDF raises several types for broken files
@@ -156,6 +141,12 @@ def _reason(exc: BaseException) -> str:
     return msg[:200] if msg else type(exc).__name__
 
 
+def document_context(doc: pymupdf.Document) -> tuple[set[int], set[str]]:
+    """What page extraction needs to know of the whole document: the xrefs of decoration images
+    (placed on many pages) and the keys of running headers and footers."""
+    return decoration_xrefs(doc), running_header_keys(doc)
+
+
 def extract_pages(doc: pymupdf.Document, sha: str, cfg: dict, render: bool = True,
                   progress: Callable[[int], None] | None = None) -> Iterator[PageRecord]:
     """Yield one PageRecord per page, never holding more than one page in memory.
@@ -163,23 +154,29 @@ def extract_pages(doc: pymupdf.Document, sha: str, cfg: dict, render: bool = Tru
     ``cfg`` is the ``ingest`` section of the config. With ``render=False`` no image is rendered
     and no raster figure is OCR'd (used by ``mmrag inspect``). An item that cannot be extracted
     (a figure that does not render, an image OCR cannot read) is left out and named in the
-    record's ``warnings``; a page that fails as a whole yields an empty record with a warning."""
-    skip = decoration_xrefs(doc)
-    running = running_header_keys(doc)
-    ocr_mode = cfg["ocr"]
+    record's ``warnings``; a page that fails as a whole yields an empty record with a warning.
+    (``mmrag ingest`` runs ``extract_page`` in worker processes instead: ``ingest.workers``.)"""
+    skip, running = document_context(doc)
     xref_png: dict[tuple, bytes] = {}  # lone images already rendered
     for pno in range(doc.page_count):
-        try:
-            page = doc[pno]
-            yield _extract_page(doc, page, sha, cfg, skip, running, ocr_mode, render, xref_png)
-        except BadDocument:
-            raise
-        except Exception as exc:  # one broken page must not lose the rest of the document
-            why = f"page {pno + 1}: skipped ({_reason(exc)})"
-            log.warning("%s", why)
-            yield PageRecord(sha, pno + 1, (0.0, 0.0), [], [], None, warnings=(why,))
+        yield extract_page(doc, pno, sha, cfg, skip, running, xref_png, render)
         if progress:
             progress(pno + 1)
+
+
+def extract_page(doc: pymupdf.Document, pno: int, sha: str, cfg: dict, skip: set[int], running: set[str],
+                 xref_png: dict, render: bool = True) -> PageRecord:
+    """The record of page ``pno`` (0-based); ``skip`` and ``running`` come from
+    ``document_context``, ``xref_png`` is a cache of rendered lone images kept per document.
+    A page that fails as a whole gives an empty record with a warning; BadDocument passes."""
+    try:
+        return _extract_page(doc, doc[pno], sha, cfg, skip, running, cfg["ocr"], render, xref_png)
+    except BadDocument:
+        raise
+    except Exception as exc:  # one broken page must not lose the rest of the document
+        why = f"page {pno + 1}: skipped ({_reason(exc)})"
+        log.warning("%s", why)
+        return PageRecord(sha, pno + 1, (0.0, 0.0), [], [], None, warnings=(why,))
 
 
 def _extract_page(doc, page, sha, cfg, skip, running, ocr_mode, render, xref_png) -> PageRecord:

@@ -9,6 +9,14 @@ from .text import normalise_text
 
 _engine = None
 _lock = threading.Lock()
+_threads = -1  # onnxruntime's intra-op threads; -1: its default (one per core)
+
+
+def set_threads(n: int) -> None:
+    """Threads the OCR engine may use (set before its first use; extraction workers share the
+    cores between them)."""
+    global _threads
+    _threads = int(n)
 
 
 def _get_engine():
@@ -19,7 +27,7 @@ def _get_engine():
 
             from rapidocr_onnxruntime import RapidOCR
 
-            _engine = RapidOCR()
+            _engine = RapidOCR(**({"intra_op_num_threads": _threads} if _threads > 0 else {}))
             logging.getLogger("RapidOCR").setLevel(logging.WARNING)
             for h in list(logging.getLogger("RapidOCR").handlers):
                 h.setLevel(logging.WARNING)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
@@ -31,6 +31,8 @@ class IngestSettings(Section):
     min_figure_side: float = Field(36, ge=0)  # points
     max_file_mb: float = Field(200, gt=0)
     file_timeout_s: float = Field(3600, ge=0)
+    file_memory_mb: float = Field(2048, gt=0)  # resident memory of one extraction worker
+    workers: Literal["auto"] | Annotated[int, Field(ge=1)] = "auto"  # extraction processes; auto: one per core
 
     @model_validator(mode="after")
     def _overlap_below_size(self):

@@ -29,9 +29,8 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
-import time
 from collections.abc import Callable, Iterable
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -205,7 +204,9 @@ class Library:
         progress = progress or Progress()
         paths = list(paths)
         results = []
-        with self.writing():
+        from ingest.workers import borrow
+
+        with self.writing(), borrow(self.cfg["ingest"]["workers"]) as pool:
             self.store.check_models()  # a model mismatch stops the whole batch (before any file)
             self._start_describing()
             try:
@@ -213,7 +214,7 @@ class Library:
                     name = names[i] if names else Path(path).name
                     self._file_described = 0
                     try:
-                        results.append(self._ingest_one(Path(path), name, i, len(paths), progress))
+                        results.append(self._ingest_one(Path(path), name, i, len(paths), progress, pool))
                     except USER_ERRORS as exc:
                         results.append(IngestResult(name, "failed", str(exc)))
                     except Exception as exc:  # an unexpected library error must not stop the batch
@@ -327,49 +328,52 @@ class Library:
         self.keyword.commit()
         return len(passages)
 
-    def _ingest_one(self, path: Path, name: str, index: int, total: int, progress: Progress) -> IngestResult:
-        from ingest.extract import file_sha256, open_pdf  # PyMuPDF: imported by the commands that read PDFs
+    def _ingest_one(self, path: Path, name: str, index: int, total: int, progress: Progress,
+                    pool) -> IngestResult:
+        """One file: its pages are extracted in ``pool``'s worker processes (ingest.workers) under
+        the file's time and memory limits, embedded and stored here, in page order."""
+        from ingest.files import check_pdf_file, file_sha256
+        from ingest.workers import Limits
 
-        max_mb = float(self.cfg["ingest"]["max_file_mb"])
+        icfg = self.cfg["ingest"]
+        max_mb = float(icfg["max_file_mb"])
         if path.is_file() and path.stat().st_size > max_mb * 1e6:
             raise BadDocument(f"{name}: larger than ingest.max_file_mb ({max_mb:g} MB)")
-        doc = open_pdf(path)
+        check_pdf_file(path)
+        limits = Limits.of(name, icfg)  # the clock starts here
+        sha = file_sha256(path)
+        existing = self.store.get_doc(sha)
+        if existing and existing.status == "complete":
+            same = "" if existing.doc == name else f" as {existing.doc}"
+            return IngestResult(name, "unchanged", f"{name}: already ingested{same}, nothing to do", sha,
+                                existing.pages, existing.figures, existing.chunks)
+        plan = pool.open(path, sha, limits)  # BadDocument: corrupt, encrypted, no pages, a limit
+        older = [d for d in self.store.list_docs() if d.doc == name]
+        progress.file(name, index, total, plan.pages)
+        self.store.set_doc(sha, doc=name, status="pending", started=now(), pages=plan.pages, figures=0, chunks=0)
         try:
-            sha = file_sha256(path)
-            existing = self.store.get_doc(sha)
-            if existing and existing.status == "complete":
-                same = "" if existing.doc == name else f" as {existing.doc}"
-                return IngestResult(name, "unchanged", f"{name}: already ingested{same}, nothing to do", sha,
-                                    existing.pages, existing.figures, existing.chunks)
-            older = [d for d in self.store.list_docs() if d.doc == name]
-            progress.file(name, index, total, doc.page_count)
-            self.store.set_doc(sha, doc=name, status="pending", started=now(), pages=doc.page_count,
-                               figures=0, chunks=0)
-            try:
-                self._keep_pdf(path, sha, name)
-                counts = self._write_pages(doc, sha, name, progress)
-                self.keyword.commit([sha])  # its terms, just before the document is complete
-            except BaseException:  # roll back what this file wrote; a kill -9 is cleaned by recover()
-                self.keyword.rollback()
-                self._purge([sha])
-                raise
-            # one write: the new version complete and the old one removing (a changed file
-            # replaces its old version once the new one is whole), then the old one goes
-            self.store.set_docs({sha: dict(status="complete", ingested_at=now(), figures=counts["figures"],
-                                           chunks=counts["chunks"]),
-                                 **{old.sha256: {"status": "removing"} for old in older}})
-            if older:
-                self._purge([old.sha256 for old in older])
-            self.store.bump()
-            lost = tuple(counts["warnings"])  # stored, but not all of it: say what is missing
-            status = "partial" if lost else "replaced" if older else "added"
-            msg = (f"{name}: {status}{' (replaced the older version)' if lost and older else ''}, {doc.page_count} "
-                   f"pages, {counts['figures']} figures, {counts['chunks']} chunks")
-            if lost:
-                msg += f"; {len(lost)} problem(s): " + "; ".join(lost[:3]) + ("; …" if len(lost) > 3 else "")
-            return IngestResult(name, status, msg, sha, doc.page_count, counts["figures"], counts["chunks"], lost)
-        finally:
-            doc.close()
+            self._keep_pdf(path, sha, name)
+            counts = self._write_pages(pool, plan, name, progress, limits)
+            self.keyword.commit([sha])  # its terms, just before the document is complete
+        except BaseException:  # roll back what this file wrote; a kill -9 is cleaned by recover()
+            self.keyword.rollback()
+            self._purge([sha])
+            raise
+        # one write: the new version complete and the old one removing (a changed file
+        # replaces its old version once the new one is whole), then the old one goes
+        self.store.set_docs({sha: dict(status="complete", ingested_at=now(), figures=counts["figures"],
+                                       chunks=counts["chunks"]),
+                             **{old.sha256: {"status": "removing"} for old in older}})
+        if older:
+            self._purge([old.sha256 for old in older])
+        self.store.bump()
+        lost = tuple(counts["warnings"])  # stored, but not all of it: say what is missing
+        status = "partial" if lost else "replaced" if older else "added"
+        msg = (f"{name}: {status}{' (replaced the older version)' if lost and older else ''}, {plan.pages} "
+               f"pages, {counts['figures']} figures, {counts['chunks']} chunks")
+        if lost:
+            msg += f"; {len(lost)} problem(s): " + "; ".join(lost[:3]) + ("; …" if len(lost) > 3 else "")
+        return IngestResult(name, status, msg, sha, plan.pages, counts["figures"], counts["chunks"], lost)
 
     def _keep_pdf(self, path: Path, sha: str, name: str) -> None:
         """Keep the original as pdfs/<sha>.pdf (for page views and downloads); the document is
@@ -379,23 +383,19 @@ class Library:
         except ValueError as exc:  # the file changed after it was hashed
             raise BadDocument(f"{name}: {exc}") from None
 
-    def _write_pages(self, doc, sha: str, name: str, progress: Progress) -> dict:
-        from ingest.extract import extract_pages
-
-        icfg = self.cfg["ingest"]
-        deadline = time.monotonic() + float(icfg["file_timeout_s"])
+    def _write_pages(self, pool, plan, name: str, progress: Progress, limits) -> dict:
         visual: list[tuple[VisualItem, bytes]] = []
         texts: list[TextItem] = []
         counts = {"figures": 0, "chunks": 0}
         warnings: list[str] = []
-        for rec in extract_pages(doc, sha, icfg, render=True, progress=progress.page):
-            warnings += rec.warnings
-            self._collect(rec, name, visual, texts, counts)
-            if len(visual) >= FLUSH_ITEMS:
-                self._flush(visual, texts)
-            if time.monotonic() > deadline:
-                raise BadDocument(f"{name}: took longer than ingest.file_timeout_s "
-                                  f"({icfg['file_timeout_s']} s); raise it for very long files")
+        with closing(pool.pages(plan, self.cfg["ingest"], limits)) as pages:
+            for rec in pages:  # in page order, while the workers extract the next ones
+                warnings += rec.warnings
+                self._collect(rec, name, visual, texts, counts)
+                if len(visual) >= FLUSH_ITEMS:
+                    self._flush(visual, texts)
+                progress.page(rec.page)
+                limits.check()  # between pages too: the time spent embedding counts
         self._flush(visual, texts)
         return dict(counts, warnings=warnings)
 

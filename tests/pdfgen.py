@@ -101,3 +101,30 @@ def scanned_doc(path: Path, lines=("The quick scanner reads this sentence.", "Se
     p2.insert_image(p2.rect, stream=pix.tobytes("jpeg"))
     out.save(path)
     return path
+
+
+def nested_forms(path: Path, depth: int = 30, text: int = 0) -> Path:
+    """One page whose drawing never finishes: form XObject n draws form n-1 twice, so the page
+    draws its leaf 2**depth times (a 4 kB file; depth 30 is a billion leaves). ``text``: characters
+    the leaf writes, which MuPDF's text extraction keeps, so memory grows while it runs (~170 MB/s
+    with 400); 0: the leaf is one line, memory stays flat."""
+    font = "<< /F1 << /Type /Font /Subtype /Type1 /BaseFont /Helvetica >> >>"
+    doc = pymupdf.open()
+    page = doc.new_page()
+    leaf = doc.get_new_xref()
+    doc.update_object(leaf, f"<< /Type /XObject /Subtype /Form /BBox [0 0 600 800] /Resources << /Font {font} >> >>")
+    doc.update_stream(leaf, b"0 0 m 10 10 l S" + (b" BT /F1 4 Tf 1 1 Td (" + b"x" * text + b") Tj ET" if text else b""))
+    prev = leaf
+    for _ in range(depth):
+        form = doc.get_new_xref()
+        doc.update_object(form, "<< /Type /XObject /Subtype /Form /BBox [0 0 600 800] "
+                                f"/Resources << /XObject << /X {prev} 0 R >> >> >>")
+        doc.update_stream(form, b"q 1 0 0 1 0 0 cm /X Do Q q 1 0 0 1 1 1 cm /X Do Q")
+        prev = form
+    doc.xref_set_key(page.xref, "Resources", f"<< /Font {font} /XObject << /Top {prev} 0 R >> >>")
+    contents = doc.get_new_xref()
+    doc.update_object(contents, "<< >>")
+    doc.update_stream(contents, b"BT /F1 11 Tf 72 720 Td (A page that never finishes drawing.) Tj ET q /Top Do Q")
+    doc.xref_set_key(page.xref, "Contents", f"{contents} 0 R")
+    doc.save(path, garbage=1, deflate=True)
+    return path

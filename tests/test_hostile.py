@@ -2,15 +2,18 @@
 embedded files, deeply nested objects and a decompression-bomb image. Ingest never crashes or
 hangs, every file gets added or a clear reason, and the store holds only complete documents."""
 
+import fcntl
 import json
 import random
 import subprocess
 import sys
 import time
 import zlib
+from pathlib import Path
 
 import pymupdf
 import pytest
+import yaml
 
 from tests import pdfgen
 from tests.conftest import ROOT, eval_pdf
@@ -126,6 +129,71 @@ def test_per_file_time_limit_abandons_the_file_and_stores_nothing(make_cfg, clip
     assert res.status == "failed" and "took longer than ingest.file_timeout_s" in res.message
     assert app.library.list() == [] and app.library.store.list_docs(status=None) == []
     assert app.library.referenced_images() == set()
+
+
+def _children(pid: int) -> set[int]:
+    """Processes whose parent is ``pid`` right now (Linux /proc)."""
+    out = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.add(int(stat.parent.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_page_over_the_time_or_memory_limit_is_stopped_within_the_page(write_config, tmp_path):
+    """One command, four files: a page whose drawing never finishes (2**30 nested form XObjects,
+    7 kB) and one whose text extraction grows by ~170 MB/s between two small good files. Each
+    bad file fails alone, in the middle of its only page, with one line naming the file and the
+    limit; nothing of it is stored; the good files are; the command ends in well under the hours
+    the bad pages would run, and leaves no extraction process behind (one worker: killed and
+    replaced)."""
+    first = pdfgen.figure_doc(tmp_path / "first.pdf", pages=1)
+    slow = pdfgen.nested_forms(tmp_path / "slow.pdf", depth=30)
+    hungry = pdfgen.nested_forms(tmp_path / "hungry.pdf", depth=30, text=400)
+    last = pdfgen.figure_doc(tmp_path / "last.pdf", pages=2)
+    config = write_config(ingest={"file_timeout_s": 20, "file_memory_mb": 800, "workers": 1})
+    t0 = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-m", "mmrag", "--config", str(config), "ingest", "--quiet", "--json",
+                             str(first), str(slow), str(hungry), str(last)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    seen: set[int] = set()
+    while proc.poll() is None and time.monotonic() - t0 < 240:
+        seen |= _children(proc.pid)  # the extraction workers (and any replacement)
+        time.sleep(0.2)
+    if proc.poll() is None:
+        proc.kill()
+        pytest.fail("the ingest did not end: a page was not stopped at its limit")
+    out, err = proc.communicate()
+    elapsed = time.monotonic() - t0
+    assert proc.returncode == 1, err[-3000:]  # some files failed
+    results = {r["name"]: r for r in json.loads(out)}
+    assert {n: r["status"] for n, r in results.items()} == {"first.pdf": "added", "slow.pdf": "failed",
+                                                          "hungry.pdf": "failed", "last.pdf": "added"}
+    assert results["slow.pdf"]["message"] == ("slow.pdf: took longer than ingest.file_timeout_s (20 s), stopped on "
+                                              "page 1; raise it for very long files")
+    msg = results["hungry.pdf"]["message"]
+    assert msg.startswith("hungry.pdf: page 1 needed more than ingest.file_memory_mb (800 MB") and "\n" not in msg
+    assert f"skipping {msg}" in err
+    listed = json.loads(subprocess.run([sys.executable, "-m", "mmrag", "--config", str(config), "list", "--json"],
+                                       cwd=ROOT, capture_output=True, text=True, check=True).stdout)
+    assert sorted(d["doc"] for d in listed) == ["first.pdf", "last.pdf"]
+    lock = open(Path(yaml.safe_load(config.read_text())["data_dir"]) / "write.lock")
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free (BlockingIOError if anything still held it)
+    assert len(seen) >= 2, seen  # the first worker was killed and replaced
+    assert not [pid for pid in seen if _alive(pid)]
+    assert elapsed < 150, elapsed  # the bad pages alone would run for hours
+    print(f"two pages stopped at their limits; the command took {elapsed:.0f} s")
 
 
 def test_oversized_files_are_refused_before_parsing(make_cfg, clip, passages, tmp_path):
