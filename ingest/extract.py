@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections import Counter
@@ -228,10 +229,9 @@ def _extract_page(doc, page, sha, cfg, skip, running, ocr_mode, render, xref_png
             png = b""
             if render:
                 png = _figure_png(page, cand, cfg, xref_png)
-                if (cand.kind == "raster" and not labels and cfg["ocr_figures"] and ocr_mode != "never"
-                        and min(_png_size(png)) >= MIN_OCR_SIDE):
+                if cand.kind == "raster" and not labels and cfg["ocr_figures"] and ocr_mode != "never":
                     try:
-                        labels = " ".join(t for t, _ in ocr_lines(png))
+                        labels = _figure_ocr(png, xref_png)
                     except Exception as exc:  # the figure is kept, without the words OCR would have read
                         warn(f"figure {n}: OCR could not read it, stored without its inner text", exc)
         except Exception as exc:
@@ -253,6 +253,32 @@ def _extract_page(doc, page, sha, cfg, skip, running, ocr_mode, render, xref_png
         except Exception as exc:
             warn("page image skipped", exc)
     return PageRecord(sha, pno, size, chunks, figs, png, scanned, tuple(warnings))
+
+
+MIN_INK_CONTRAST = 24  # grey levels between the lightest and darkest pixel: less is a blank or flat image
+
+
+def _figure_ocr(png: bytes, cache: dict) -> str:
+    """The words OCR reads in a raster figure's PNG, skipping the OCR that buys nothing: an image
+    under ``MIN_OCR_SIDE`` pixels on a side (no line of text fits), one without ink contrast
+    (blank or one flat colour: no text to read), and an image this document already had read
+    (``cache``, per document: the same rendering placed again)."""
+    if min(_png_size(png)) < MIN_OCR_SIDE:
+        return ""
+    key = ("ocr", hashlib.sha1(png).digest())
+    if key not in cache:
+        cache[key] = " ".join(t for t, _ in ocr_lines(png)) if _has_ink(png) else ""
+    return cache[key]
+
+
+def _has_ink(png: bytes) -> bool:
+    """Whether the image has any contrast that could be text: ``MIN_INK_CONTRAST`` grey levels
+    or more between its lightest and darkest pixel."""
+    pix = pymupdf.Pixmap(png)
+    if pix.n - pix.alpha != 1:
+        pix = pymupdf.Pixmap(pymupdf.csGRAY, pix)
+    grey = np.frombuffer(pix.samples, np.uint8)[:: pix.n]
+    return bool(grey.size) and int(grey.max()) - int(grey.min()) >= MIN_INK_CONTRAST
 
 
 def _png_size(png: bytes) -> tuple[int, int]:

@@ -12,6 +12,7 @@ from PIL import Image
 import ingest.extract
 from ingest.extract import extract_pages, inspect_pdf, open_pdf
 from mmrag.cli import _pdfs
+from tests import pdfgen
 
 
 def records(path, cfg, render=True):
@@ -124,6 +125,47 @@ def test_an_item_that_fails_is_left_out_with_a_warning_and_the_page_is_kept(app,
     assert kinds == ["page", "page", "raster", "raster"]
     texts = sorted(t.text for batch in app.library.store.iter_items("text") for t in batch if t.kind == "text")
     assert texts == ["Page 1 body text about pumps.", "Page 2 body text about pumps."]
+
+
+def test_ocr_that_buys_nothing_is_skipped(tmp_path, cfg, monkeypatch):
+    """Figure OCR runs once per distinct image with ink: a screenshot placed again on the next
+    page reuses what was read (its words are on both figures), a blank image is not read (no
+    contrast, no text), a vector diagram never is (its words come from the text layer)."""
+    from PIL import ImageDraw, ImageFont
+
+    shot = Image.new("RGB", (420, 140), (255, 255, 255))
+    ImageDraw.Draw(shot).text((20, 40), "VALVE 42 OPEN", fill=(0, 0, 0), font=ImageFont.truetype(DEJAVU, 40))
+    blank = Image.new("RGB", (300, 200), (250, 250, 250))
+    doc = pymupdf.open()
+    for i in range(2):
+        page = doc.new_page()
+        page.insert_text((72, 60), f"Page {i + 1}: the control panel.", fontsize=11)
+        page.insert_image(pymupdf.Rect(72, 100, 492, 240), stream=_png(shot))
+        if i == 0:
+            page.insert_image(pymupdf.Rect(72, 300, 372, 500), stream=_png(blank))
+        else:
+            pdfgen.vector_figure(page, pymupdf.Rect(72, 300, 472, 450))
+    doc.save(tmp_path / "panel.pdf")
+    read = []
+    real = ingest.extract.ocr_lines
+
+    def counted(image, *a, **k):
+        read.append(Image.open(io.BytesIO(image)).size)
+        return real(image, *a, **k)
+
+    monkeypatch.setattr(ingest.extract, "ocr_lines", counted)
+    recs = records(tmp_path / "panel.pdf", cfg)
+    figs = [(r.page, f.kind, f.ocr_text) for r in recs for f in r.figures]
+    assert len(read) == 1, read  # the screenshot, once
+    shots = [t for page, kind, t in figs if kind == "raster" and "VALVE" in t]
+    assert len(shots) == 2 and all("42" in t and "OPEN" in t for t in shots), figs
+    assert sorted(kind for _, kind, _ in figs) == ["raster", "raster", "raster", "vector"]
+
+
+def _png(img) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
 
 
 # ---- text normalised once, at extraction ---------------------------------------------------------
