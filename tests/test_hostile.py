@@ -168,7 +168,7 @@ def test_a_page_over_the_time_or_memory_limit_is_stopped_within_the_page(write_c
                              str(first), str(slow), str(hungry), str(last)], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     seen: set[int] = set()
-    while proc.poll() is None and time.monotonic() - t0 < 240:
+    while proc.poll() is None and time.monotonic() - t0 < 300:
         seen |= _children(proc.pid)  # the extraction workers (and any replacement)
         time.sleep(0.2)
     if proc.poll() is None:
@@ -192,7 +192,7 @@ def test_a_page_over_the_time_or_memory_limit_is_stopped_within_the_page(write_c
     fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free (BlockingIOError if anything still held it)
     assert len(seen) >= 2, seen  # the first worker was killed and replaced
     assert not [pid for pid in seen if _alive(pid)]
-    assert elapsed < 150, elapsed  # the bad pages alone would run for hours
+    assert elapsed < 200, elapsed  # the bad pages alone would run for hours
     print(f"two pages stopped at their limits; the command took {elapsed:.0f} s")
 
 
