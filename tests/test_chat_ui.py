@@ -98,8 +98,11 @@ def ask(page, text: str, files: list[str] = ()) -> None:
     box.locator("textarea").press("Enter")
 
 
-def bot_texts(page) -> list[str]:
-    return page.locator("#chat .message-row.bot-row, #chat .bot-row").all_inner_texts()
+def wait_text(page, selector: str, text: str, timeout: int = 30_000) -> None:
+    """Wait until the element's text contains ``text`` (table cells are not all 'visible' to
+    Playwright's locators)."""
+    page.wait_for_function("([s, t]) => (document.querySelector(s)?.innerText || '').includes(t)",
+                           arg=[selector, text], timeout=timeout)
 
 
 def test_a_citation_opens_its_page_with_the_figure_highlighted(served, llm, browser, tmp_path):
@@ -164,6 +167,11 @@ def test_a_citation_opens_its_page_with_the_figure_highlighted(served, llm, brow
     assert page.locator("#page-view img").count() == 0  # panels start empty
     page.locator('#chat a[href*="#cite="]').first.click()
     page.locator("#page-view img").wait_for(timeout=30_000)
+    # a new chat starts empty, panels too
+    page.locator("#new-chat").click()
+    page.locator("#page-view img").wait_for(state="detached", timeout=10_000)
+    assert page.locator("#cited img").count() == 0
+    assert "impeller" not in page.locator("#chat").inner_text()
     page.close()
 
 
@@ -201,7 +209,7 @@ def test_the_scope_decides_what_is_cited_and_lists_stay_current(served, llm, bro
     page.reload()
     page.locator("#chat").get_by_text("Which page explains the centrifugal pump impeller, again?").wait_for(timeout=30_000)
     page.get_by_role("tab", name="Library").click()
-    page.locator("#library").get_by_text("gears.pdf").wait_for(timeout=30_000)
+    wait_text(page, "#library", "gears.pdf")
     page.locator("#remove-choice input").click()
     options = page.get_by_role("option").all_inner_texts()
     assert sorted(o.strip() for o in options) == ["gears.pdf", "pumps.pdf", "valves.pdf"], options
@@ -216,6 +224,13 @@ def test_the_scope_decides_what_is_cited_and_lists_stay_current(served, llm, bro
     page.get_by_role("tab", name="Chat").click()
     page.locator("#scope input").click()
     assert sorted(o.strip() for o in page.get_by_role("option").all_inner_texts()) == ["pumps.pdf", "valves.pdf"]
+    page.keyboard.press("Escape")
+    # a change made elsewhere (the CLI, another tab) shows when the Library tab is opened, no reload needed
+    app.library.ingest([make_doc(Path(app.cfg["data_dir"]).parent / "chains.pdf", "roller chain drive", 1,
+                                 pymupdf.Rect(100, 420, 400, 600))])
+    page.get_by_role("tab", name="Library").click()
+    wait_text(page, "#library", "chains.pdf")
+    app.library.remove("chains.pdf")
     page.close()
 
 

@@ -411,6 +411,12 @@ def build_ui(app) -> gr.Blocks:
         kept = [s for s in (scope or []) if s in names]
         return {table: rows, choice: gr.update(choices=names, value=None), scope_box: gr.update(choices=names, value=kept)}
 
+    def library_shown(scope, chosen):
+        """The Library tab opened: its lists read again (another tab, the CLI or a script may have
+        ingested or removed meanwhile), the user's choices kept where still valid."""
+        names = [r[0] for r in _library_rows(app)]
+        return library_updates(scope) | {choice: gr.update(choices=names, value=chosen if chosen in names else None)}
+
     def panels_reset() -> dict:
         return {gallery: [], gallery_keys: [], page_view: None, where: ""}
 
@@ -716,7 +722,7 @@ def build_ui(app) -> gr.Blocks:
                     page_view = gr.Image(label="Cited page (highlighted)", interactive=False, elem_id="page-view",
                                          buttons=["fullscreen", "download"], height=560)
                     where = gr.Markdown(elem_id="source-info")
-        with gr.Tab("Library"):
+        with gr.Tab("Library") as library_tab:
             table = gr.Dataframe(headers=["document", "pages", "figures", "chunks", "ingested"],
                                  interactive=False, elem_id="library")
             uploads = gr.File(label="Add PDFs", file_count="multiple", file_types=[".pdf"])
@@ -735,6 +741,7 @@ def build_ui(app) -> gr.Blocks:
         demo.load(on_load, [browser_state], [browser_state, owner_state, conv_state, conv_list, chatbot] + panels
                   + library_outs, **private)
         demo.load(None, None, None, js=CITE_JS, **private)
+        library_tab.select(library_shown, [scope_box, choice], library_outs, show_progress="hidden", **private)
         box.submit(send, [box, browser_state, conv_state, scope_box],
                    [box, chatbot, conv_state, owner_state, browser_state, conv_list] + panels + library_outs,
                    trigger_mode="multiple", concurrency_limit=None, show_progress="minimal", **private)
