@@ -276,11 +276,17 @@ def test_a_bad_attachment_gets_one_line_and_the_question_goes_through(served, ll
     llm.reply = "Here it is: {cite}."
     empty = tmp_path / "blank.png"
     empty.write_bytes(b"")
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8 this is not really a JPEG")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not an image")
     page = browser.new_page(viewport={"width": 1500, "height": 1000})
     page.goto(url)
     page.locator("#new-chat").click()
-    ask(page, "Which page explains the butterfly valve actuator?", [str(empty)])
+    ask(page, "Which page explains the butterfly valve actuator?", [str(empty), str(broken), str(notes)])
     page.locator("#chat").get_by_text("blank.png: left out, the file is empty (0 bytes)").wait_for(timeout=60_000)
+    page.locator("#chat").get_by_text("broken.jpg: left out, not a readable image").wait_for(timeout=10_000)
+    page.locator("#chat").get_by_text("notes.txt: left out, not a PDF or an image").wait_for(timeout=10_000)
     page.get_by_text("Here it is:").wait_for(timeout=60_000)
     assert "Error" not in page.locator("body").inner_text()
     # the chat keeps working

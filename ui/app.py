@@ -714,7 +714,7 @@ def build_ui(app) -> gr.Blocks:
                 with gr.Column(scale=3):
                     chatbot = gr.Chatbot(label="Chat", height=560, elem_id="chat", buttons=["copy"])
                     box = gr.MultimodalTextbox(placeholder="Ask about a figure, or attach PDFs / an image",
-                                               file_types=[".pdf", "image"], file_count="multiple",
+                                               file_count="multiple",  # any file: a wrong one gets a line, not a refusal
                                                elem_id="ask-box", show_label=False, stop_btn=False)
                 with gr.Column(scale=2):
                     gallery = gr.Gallery(label="Retrieved figures (cited first)", columns=3, height=220,
