@@ -12,6 +12,11 @@ Stages (each in its own process, so peak RSS is the stage's own):
             descriptions per minute with describe.concurrency calls in flight, and their cost in tokens as the
             responses' usage reports it (the test server's usage is made up: ~700 in, 20 out; a real VLM
             reports its own)
+  ingest    full ingest pages/s (extract, render and OCR in worker processes; embed and store in the main
+            process; CLIP --ingest-clip-model or --clip-model with random weights) with the default
+            ingest.workers (one per core) beside ingest.workers: 1 (page by page, as before workers), taking
+            turns document by document, and the speed-up; peak RSS of the main process, the largest worker
+            and both together. Not in the default --only: benchmarks/run.py --only ingest
   keyword   keyword search on a synthetic library (Zipf vocabulary, 50-150 words per chunk, 100 chunks
             per document) at --keyword-sizes chunks: build, adding 1,000 chunks, query p50/p95 (all
             documents, one document, all but one), peak RSS, size on disk — the Tantivy index beside
@@ -24,6 +29,7 @@ CLIP throughput does not depend on the weights, so ViT-B-32 is built with random
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import resource
@@ -444,6 +450,109 @@ def stage_retrieval(corpus: Path, config: str | None, docs: list[str]) -> dict:
             "peak_rss_mb": peak_rss_mb()}
 
 
+# ---- ingest on every core (issue 17) -------------------------------------------------------------
+def stage_ingest(corpus: Path, settings: list[str], model: str, docs: list[str]) -> dict:
+    """Full ingests (extract, render, OCR in the extraction workers; embed and store in this
+    process) of the corpus, one fresh data dir per ``ingest.workers`` setting, the settings taking
+    turns document by document (so both meet the same background load); CLIP ``model`` with random
+    weights (same compute as real ones; a JSON config path for a small one), descriptions off.
+    Peak RSS per setting, sampled every 0.2 s while it ingests: this process, its largest worker,
+    and this process + its workers together."""
+    import threading
+
+    import torch
+
+    from index.embedders import ClipEmbedder, SentenceEmbedder
+    from ingest import workers as W
+    from ingest.workers import cpu_cores, worker_count, worker_pids
+    from mmrag.config import DEFAULTS, validate_config
+    from mmrag.wiring import build
+
+    torch.manual_seed(0)
+    clip = ClipEmbedder(model, None, "cpu", DEFAULTS["clip"]["batch_size"])
+    passages = SentenceEmbedder(DEFAULTS["text_embedder"]["model"], "cpu")
+    clip.embed_texts(["warm up"])  # loading the models is not ingest time
+    passages.embed(["warm up"])
+    apps = {}
+    for setting in settings:
+        cfg = validate_config({"data_dir": tempfile.mkdtemp(prefix="mmrag-bench-ingest-"),
+                               "ingest": {"workers": setting if setting == "auto" else int(setting)},
+                               "describe": {"mode": "off"}}).model_dump()
+        apps[setting] = build(cfg, clip=clip, passages=passages)
+    pdfs = [corpus / "pdfs" / d for d in docs] if docs else sorted((corpus / "pdfs").glob("*.pdf"))
+    page_size = os.sysconf("SC_PAGE_SIZE")
+    W.IDLE_S = 24 * 3600  # the setting waiting for its turn keeps its workers
+    import pymupdf
+
+    from PIL import Image, ImageDraw
+
+    shot = Image.new("RGB", (400, 120), "white")
+    ImageDraw.Draw(shot).text((20, 40), "WARM UP", fill="black")
+    warm = pymupdf.open()
+    for i in range(8):  # a raster figure on every page: each worker loads its OCR model
+        page = warm.new_page()
+        page.insert_text((72, 72), f"Warm-up page {i}: starts the workers and the stores.")
+        shot.putpixel((i, 0), (i, i, i))  # a different image each page (no OCR reuse)
+        buf = io.BytesIO()
+        shot.save(buf, "PNG")
+        page.insert_image(pymupdf.Rect(72, 100, 472, 220), stream=buf.getvalue())
+    warm_path = Path(tempfile.mkdtemp()) / "warm-up.pdf"
+    warm.save(warm_path)
+    for app in apps.values():  # worker start-up and first writes are not ingest time
+        app.library.ingest([warm_path])
+
+    def rss_mb(pid: int) -> float:
+        try:
+            with open(f"/proc/{pid}/statm") as f:
+                return int(f.read().split()[1]) * page_size / 2**20
+        except OSError:
+            return 0.0
+
+    rows = {s: {"setting": s, "workers": worker_count(s if s == "auto" else int(s)), "seconds": 0.0, "pages": 0,
+                "figures": 0, "chunks": 0, "failed": [], "peak_rss_main_mb": 0.0, "peak_rss_worker_mb": 0.0,
+                "peak_rss_total_mb": 0.0} for s in settings}
+    current = [None]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.2):
+            row = current[0]
+            if row is None:
+                continue
+            main = rss_mb(os.getpid())
+            sizes = [rss_mb(pid) for pid in worker_pids(row["workers"])]
+            row["peak_rss_main_mb"] = max(row["peak_rss_main_mb"], round(main, 1))
+            row["peak_rss_worker_mb"] = max([row["peak_rss_worker_mb"], *(round(x, 1) for x in sizes)])
+            row["peak_rss_total_mb"] = max(row["peak_rss_total_mb"], round(main + sum(sizes), 1))
+
+    watcher = threading.Thread(target=sample, daemon=True)
+    watcher.start()
+    for pdf in pdfs:
+        for setting in settings:
+            row = rows[setting]
+            current[0] = row
+            t0 = time.perf_counter()
+            [res] = apps[setting].library.ingest([pdf])
+            row["seconds"] += time.perf_counter() - t0
+            current[0] = None
+            row["pages"] += res.pages
+            row["figures"] += res.figures
+            row["chunks"] += res.chunks
+            if res.status == "failed":
+                row["failed"].append(res.message)
+            print(f"ingest: {pdf.name} with workers {setting}: {res.pages} pages", file=sys.stderr, flush=True)
+    done.set()
+    watcher.join()
+    out = []
+    for row in rows.values():
+        row["seconds"] = round(row["seconds"], 1)
+        row["pages_per_s"] = round(row["pages"] / row["seconds"], 2) if row["seconds"] else 0.0
+        out.append(row)
+    return {"clip": model, "cores": cpu_cores(), "torch_threads": torch.get_num_threads(), "docs": len(pdfs),
+            "rows": out, "speedup": round(out[0]["pages_per_s"] / out[-1]["pages_per_s"], 2) if out[-1]["pages_per_s"]
+            else None}
+
+
 # ---- driver ------------------------------------------------------------------------------------
 def run_stage(args: list[str]) -> dict:
     # stderr passes through: long stages print their progress there
@@ -490,6 +599,8 @@ def main() -> None:
     p.add_argument("--keyword-sizes", default="100000,1000000", help="chunks in the keyword index")
     p.add_argument("--old-bm25-sizes", default="100000", help="chunks for the old in-memory BM25 (needs ~10 GB at 1M)")
     p.add_argument("--keyword-queries", type=int, default=200)
+    p.add_argument("--ingest-docs", default="", help="comma-separated PDFs of the corpus for the ingest stage (default all)")
+    p.add_argument("--ingest-clip-model", default="", help="CLIP model for the ingest stage (default: --clip-model)")
     a = p.parse_args()
     if a.stage:
         name, *rest = a.stage
@@ -497,7 +608,9 @@ def main() -> None:
               "embed": lambda: stage_embed(Path(rest[0]), rest[1], int(rest[2]), int(rest[3])),
               "chroma": lambda: stage_chroma([int(s) for s in rest[0].split(",")], int(rest[1]), int(rest[2])),
               "retrieval": lambda: stage_retrieval(Path(rest[0]), rest[1] or None, [d for d in rest[2].split(",") if d]),
-              "keyword": lambda: stage_keyword(rest[0], int(rest[1]), int(rest[2]))}[name]
+              "keyword": lambda: stage_keyword(rest[0], int(rest[1]), int(rest[2])),
+              "ingest": lambda: stage_ingest(Path(rest[0]), rest[1].split(","), rest[2],
+                                             [d for d in rest[3].split(",") if d])}[name]
         print(json.dumps(fn()))
         return
     out = Path(a.out)
@@ -523,6 +636,9 @@ def main() -> None:
         rows += [run_stage(["keyword", "old-bm25", n, str(a.keyword_queries)]) for n in a.old_bm25_sizes.split(",") if n]
         report["keyword"] = rows
         print(json.dumps(rows, indent=1), flush=True)
+    if "ingest" in only:  # the default workers beside one worker, taking turns in one run
+        report["ingest"] = run_stage(["ingest", a.corpus, "auto,1", a.ingest_clip_model or a.clip_model, a.ingest_docs])
+        print(json.dumps(report["ingest"], indent=1), flush=True)
     (out / "benchmarks.json").write_text(json.dumps(report, indent=2))
     print(f"wrote {out / 'benchmarks.json'}")
 

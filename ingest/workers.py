@@ -496,9 +496,11 @@ class PagePool:
 _all_pools: weakref.WeakSet = weakref.WeakSet()
 
 
-def worker_pids() -> list[int]:
-    """Process ids of this process's live extraction workers (benchmarks sample their memory)."""
-    return [w.pid for pool in list(_all_pools) for w in list(pool._workers) if w.is_alive()]
+def worker_pids(size: int | None = None) -> list[int]:
+    """Process ids of this process's live extraction workers, of pools of ``size`` workers
+    (None: all); benchmarks sample their memory."""
+    return [w.pid for pool in list(_all_pools) if size in (None, pool.size) for w in list(pool._workers)
+            if w.is_alive()]
 
 
 # ---- one pool per process, reused by every ingest -------------------------------------------------
