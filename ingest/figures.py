@@ -49,11 +49,19 @@ def page_lines(words: list[tuple]) -> list[tuple[str, BBox]]:
 
 def caption_blocks(lines: list[tuple[str, BBox]], figures: list[BBox] = ()) -> list[tuple[str, BBox]]:
     """Captions as blocks: each line that starts like a caption, with the lines that continue
-    it (just below, overlapping it horizontally, not a caption, not inside one of ``figures``).
+    it: just below, within the caption's width (a wrapped caption's lines are no wider than its
+    first), not a caption, not inside one of ``figures``, and not after a short line that ends a
+    sentence (a wrapped line fills the width; a short one was the caption's last). Body text set
+    tight under a caption is not swallowed, born-digital or OCR'd alike.
 
     >>> caption_blocks([("Figure 1: A long caption", (100, 100, 300, 110)), ("that wraps.", (100, 112, 160, 122)),
     ...                 ("Body text far below.", (100, 160, 300, 170))])
     [('Figure 1: A long caption that wraps.', (100, 100, 300, 122))]
+    >>> caption_blocks([("Fig. 2: Pump.", (250, 100, 330, 110)), ("Body text set tight below it.", (90, 112, 520, 122))])
+    [('Fig. 2: Pump.', (250, 100, 330, 110))]
+    >>> caption_blocks([("Figure 3: A caption as wide as the", (90, 100, 520, 110)), ("column, ending.", (90, 112, 200, 122)),
+    ...                 ("Body text.", (90, 124, 520, 134))])[0][0]
+    'Figure 3: A caption as wide as the column, ending.'
     """
     ordered = sorted(lines, key=lambda ln: (ln[1][1], ln[1][0]))
     out = []
@@ -66,7 +74,9 @@ def caption_blocks(lines: list[tuple[str, BBox]], figures: list[BBox] = ()) -> l
                 continue  # level with the last line: beside it
             if b[1] - last[3] > 0.8 * max(last[3] - last[1], 1.0):
                 break  # a paragraph gap: the caption ended
-            if (is_caption(t) or min(cur[2], b[2]) - max(cur[0], b[0]) <= 0.5 * min(cur[2] - cur[0], b[2] - b[0])
+            h = max(last[3] - last[1], 1.0)
+            if (is_caption(t) or b[0] < cur[0] - h or b[2] > cur[2] + h  # wider than the caption: body text
+                    or (last[2] < cur[2] - 3 * h and parts[-1].rstrip().endswith((".", ":", "!", "?")))
                     or any(regions.intersection(f, b) >= 0.5 * (regions.area(b) or 1) for f in figures)):
                 break
             parts.append(t.strip())

@@ -374,6 +374,29 @@ def test_each_caption_goes_to_one_figure_above_below_or_beside(tmp_path, cfg):
     assert figs[3]["bbox"][2] < 250  # nor is the caption beside it (x from 250)
 
 
+def test_a_caption_ends_where_its_paragraph_ends(tmp_path, cfg):
+    """Body text set tight under a caption (same leading, no paragraph gap) is not part of it:
+    under a short centred caption the body is wider; under a caption as wide as the column the
+    caption's last line is short and ends a sentence. A caption that wraps keeps all its lines."""
+    doc = pymupdf.open()
+    page = doc.new_page(width=612, height=792)
+    body = "Body text of the manual runs here across the whole column width, right up to the margin"
+    page.draw_rect(pymupdf.Rect(200, 80, 400, 200), color=(0, 0, 0), fill=(0.2, 0.4, 0.9))
+    page.insert_text((255, 212), "Figure 1: Pump.", fontsize=9)  # centred, short
+    for i in range(2):
+        page.insert_text((72, 223 + 11 * i), body, fontsize=9)
+    page.draw_circle((300, 330), 50, color=(0, 0, 0), fill=(0.9, 0.4, 0.2))
+    wrapped = ["Figure 2: The valve seen from above, with its inlet on the left and the outlet on the",
+               "right, drawn to scale."]  # as wide as the column, then a short last line
+    tight = "The body paragraph that follows is set as wide as the caption above it."
+    assert pymupdf.get_text_length(tight, fontsize=9) <= pymupdf.get_text_length(wrapped[0], fontsize=9)
+    for i, line in enumerate(wrapped + [tight, tight]):
+        page.insert_text((72, 400 + 11 * i), line, fontsize=9)
+    doc.save(tmp_path / "tight.pdf")
+    figs = sorted(inspect_pdf(tmp_path / "tight.pdf", cfg["ingest"])["figures"], key=lambda f: f["bbox"][1])
+    assert [f["caption"] for f in figs] == ["Figure 1: Pump.", " ".join(wrapped)]
+
+
 # ---- one figure, one region -----------------------------------------------------------------------
 
 def test_parts_of_one_figure_are_one_region_with_its_caption(tmp_path, cfg):
