@@ -425,8 +425,19 @@ def test_parts_of_one_figure_are_one_region_with_its_caption(tmp_path, cfg):
     page.draw_rect(pymupdf.Rect(300, 300, 480, 420), color=(0, 0, 0), fill=(0.8, 0.3, 0.3))
     page.insert_text((100, 435), "Figure 4: Left unit.", fontsize=10)
     page.insert_text((300, 435), "Figure 5: Right unit.", fontsize=10)
+    # p.4: a row of five small line-width examples, 20 pt apart, that one code example (no caption) describes
+    page = doc.new_page()
+    for i in range(5):
+        x = 90 + i * 100
+        page.draw_rect(pymupdf.Rect(x, 170, x + 80, 230), color=(0, 0, 0), fill=(0.2 * i, 0.3, 0.6), width=1 + i / 2)
+    for j, code in enumerate(["\\draw[->] (0,0) -- (1,0);  % styles 1-5, left to right",
+                              "\\draw[-{Stealth[length=3mm]}] (0,0) -- (1,0);"]):
+        page.insert_text((90, 260 + 12 * j), code, fontsize=9, fontname="cour")
     doc.save(tmp_path / "parts.pdf")
     figs = inspect_pdf(tmp_path / "parts.pdf", cfg["ingest"])["figures"]
+    row = [f for f in figs if f["page"] == 4]
+    assert len(row) == 1 and row[0]["bbox"][0] <= 92 and row[0]["bbox"][2] >= 568, row  # one figure, all five
+    figs = [f for f in figs if f["page"] != 4]
     got = [(f["page"], f["caption"], [round(v) for v in f["bbox"]]) for f in figs]
     assert [(p, c) for p, c, _ in got] == [
         (1, "Figure 1: (a) before and (b) after the repair."), (2, "Figure 2: Housing with its width."),
