@@ -266,6 +266,17 @@ def test_stop_ends_the_stream_and_a_queued_question_is_answered(served, llm, bro
         assert chat.index("(stopped)") < chat.index("And the pump?") < chat.index("The pump is in")
         assert "queued" not in chat
         assert "word59" not in page.locator("#chat").inner_text()
+        # the list holds it; Delete this chat removes it from the list and from the server
+        title = "Describe the butterfly valve actuator at length."
+        page.locator("#conversations").get_by_text(title).wait_for(timeout=10_000)
+        page.locator("#delete-chat").click()
+        page.locator("#conversations").get_by_text(title).wait_for(state="detached", timeout=10_000)
+        assert page.locator("#chat").inner_text().count("word3") == 0
+        import sqlite3
+
+        with sqlite3.connect(Path(app.cfg["data_dir"]) / "conversations.sqlite3") as db:
+            titles = [t for (t,) in db.execute("SELECT title FROM conversations")]
+        assert title not in titles
     finally:
         llm.token_delay = 0.0
         page.close()
