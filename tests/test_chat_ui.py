@@ -57,7 +57,6 @@ def served(tmp_path_factory, clip, passages, llm):
     from mmrag.config import DEFAULTS
     from mmrag.devtools import write_tiny_clip
     from mmrag.wiring import build
-    from ui.app import launch
 
     if not Path(CHROMIUM).exists():
         pytest.fail("Debian's chromium is missing: scripts/setup --dev installs it (apt-get install chromium)")
@@ -74,9 +73,16 @@ def served(tmp_path_factory, clip, passages, llm):
     valves = make_doc(tmp / "valves.pdf", "butterfly valve actuator", 1, pymupdf.Rect(80, 430, 320, 600))
     results = app.library.ingest([pumps, valves])
     assert [r.status for r in results] == ["added", "added"], [r.message for r in results]
-    demo, _ = launch(app, prevent_thread_lock=True, quiet=True)
+    running = _launch(app)
     yield app, f"http://127.0.0.1:{cfg['ui']['port']}/"
-    demo.close()
+    running.close()
+
+
+def _launch(app):
+    """The server on a free port, in the background; ``.close()`` stops it."""
+    from ui.app import launch
+
+    return launch(app, prevent_thread_lock=True, quiet=True)[0]
 
 
 @pytest.fixture(scope="module")
@@ -304,6 +310,40 @@ def test_a_bad_attachment_gets_one_line_and_the_question_goes_through(served, ll
     ask(page, "And the pump impeller?")
     page.get_by_text("Here it is:").nth(1).wait_for(timeout=60_000)
     page.close()
+
+
+def test_with_login_the_conversations_belong_to_the_user(make_cfg, clip, passages, llm, browser, monkeypatch):
+    """Signed in, a conversation is the user's: another browser (its own storage) signing in as
+    the same user finds it."""
+    from mmrag.wiring import build
+
+    monkeypatch.setenv("MMRAG_USERNAME", "ada")
+    monkeypatch.setenv("MMRAG_PASSWORD", "s3cret")
+    cfg = make_cfg(ui={"port": _free_port()}, llm={"model": "openai/test-vlm", "api_base": llm.api_base,
+                                                  "vision": True, "timeout_s": 10}, describe={"mode": "off"})
+    running = _launch(build(cfg, clip=clip, passages=passages))
+    url = f"http://127.0.0.1:{cfg['ui']['port']}/"
+    contexts = []
+    try:
+        pages = []
+        for _ in range(2):
+            contexts.append(browser.new_context(viewport={"width": 1500, "height": 1000}))
+            page = contexts[-1].new_page()
+            page.goto(url)
+            page.locator("input[data-testid=textbox]").fill("ada")
+            page.locator("input[type=password]").fill("s3cret")
+            page.get_by_role("button", name="Login").click()
+            page.locator("#ask-box textarea").wait_for(timeout=30_000)
+            pages.append(page)
+        ask(pages[0], "Where is the parser figure?")
+        pages[0].locator("#chat").get_by_text("The library is empty").wait_for(timeout=60_000)
+        pages[1].reload()
+        pages[1].locator("#chat").get_by_text("Where is the parser figure?").wait_for(timeout=30_000)
+        assert pages[1].evaluate("localStorage.getItem('mmrag-browser-id')") is None  # not by browser
+    finally:
+        for c in contexts:
+            c.close()
+        running.close()
 
 
 def _highlight_near(png, x, y, zoom, rgb, reach=4) -> bool:
