@@ -328,7 +328,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from ui.app import serve
+    from ui.server import serve
 
     cfg = load_config(args.config)
     if args.host:

@@ -96,6 +96,7 @@ class UISettings(Section):
     share: bool = False
     username_env: str | None = "MMRAG_USERNAME"
     password_env: str | None = "MMRAG_PASSWORD"
+    api_token_env: str | None = "MMRAG_API_TOKEN"
     max_upload_mb: float = Field(200, gt=0)
 
 

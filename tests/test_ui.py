@@ -34,7 +34,7 @@ def served(tmp_path_factory, clip, passages, llm):
 
     from mmrag.config import DEFAULTS
     from mmrag.devtools import write_tiny_clip
-    from ui.app import launch
+    from ui.server import launch
 
     tmp = tmp_path_factory.mktemp("ui")
     cfg = copy.deepcopy(DEFAULTS)
@@ -168,7 +168,7 @@ def test_browser_upload_ask_and_see_the_cited_figure(served, llm, tmp_path):
 def test_login_covers_the_api(tmp_path, clip, passages, make_cfg, monkeypatch):
     from gradio_client import Client
 
-    from ui.app import launch
+    from ui.server import launch
 
     monkeypatch.setenv("MMRAG_USERNAME", "ada")
     monkeypatch.setenv("MMRAG_PASSWORD", "s3cret")

@@ -780,20 +780,3 @@ def auth_from_env(cfg: dict):
     user = os.environ.get(cfg["ui"]["username_env"] or "")
     password = os.environ.get(cfg["ui"]["password_env"] or "")
     return (user, password) if user and password else None
-
-
-def launch(app, prevent_thread_lock: bool = False, quiet: bool = False):
-    cfg = app.cfg
-    demo = build_ui(app)
-    demo.queue(default_concurrency_limit=8)
-    return demo, demo.launch(
-        server_name=cfg["ui"]["host"], server_port=int(cfg["ui"]["port"]), share=bool(cfg["ui"]["share"]),
-        auth=auth_from_env(cfg), max_file_size=f"{int(cfg['ui']['max_upload_mb'])}mb",
-        allowed_paths=[str(Path(cfg["data_dir"]) / "images")], prevent_thread_lock=prevent_thread_lock,
-        quiet=quiet, footer_links=["api"])
-
-
-def serve(cfg: dict) -> None:
-    from mmrag.wiring import build
-
-    launch(build(cfg))
