@@ -211,13 +211,16 @@ def test_upload_list_search_download_remove(server, http):
     pdf = pdfgen.figure_doc(tmp / "upload src.pdf", pages=4)  # 5 figures: p.2 holds two images
     files = [("files", ("extra manual.pdf", pdf.read_bytes(), "application/pdf")),
              ("files", ("notes.txt", b"not a pdf", "text/plain")),
-             ("files", ("broken.pdf", b"%PDF-1.7 garbage", "application/pdf"))]
+             ("files", ("broken.pdf", b"%PDF-1.7 garbage", "application/pdf")),
+             ("files", ("../../huge.pdf", b"%PDF-1.7 " + b"0" * 5_100_000, "application/pdf"))]
     r = http.post("/api/documents", files=files)
     assert r.status_code == 200, r.text
     by_name = {x["name"]: x for x in r.json()}
     assert by_name["extra manual.pdf"]["status"] == "added" and by_name["extra manual.pdf"]["figures"] == 5
     assert by_name["notes.txt"]["status"] == "failed" and "only .pdf" in by_name["notes.txt"]["message"]
     assert by_name["broken.pdf"]["status"] == "failed"
+    assert by_name["huge.pdf"]["status"] == "failed" and "larger than 5 MB" in by_name["huge.pdf"]["message"]
+    assert all(set(x) == set(by_name["extra manual.pdf"]) for x in by_name.values())  # one shape for all
     sha = by_name["extra manual.pdf"]["sha256"]
     listed = {d["doc"]: d for d in http.get("/api/documents").json()}
     assert set(listed) == {"manual.pdf", "turned.pdf", "extra manual.pdf"}
@@ -275,6 +278,13 @@ def test_traversal_and_bad_input_get_one_line_errors_and_lose_nothing(server, ht
         one_line_error(http.get(f"/api/documents/{'e' * 64}/pdf"), 404)
     finally:
         stray.unlink()
+    kept = app.library.pdf_path(sha)  # as in a library ingested before PDFs were kept
+    kept.rename(kept.with_name("away"))
+    try:
+        assert "re-ingest it to enable page views" in one_line_error(http.get(f"/api/documents/{sha}/pages/1.png"), 404)
+        one_line_error(http.get(f"/api/documents/{sha}/pdf"), 404)
+    finally:
+        kept.with_name("away").rename(kept)
     one_line_error(http.get(f"/api/documents/{sha}/pages/9.png"), 400)
     one_line_error(http.get(f"/api/documents/{sha}/pages/one.png"), 400)
     one_line_error(http.get(f"/api/documents/{sha}/pages/1.png", params={"box": "1,2,3"}), 400)

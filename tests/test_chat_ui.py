@@ -80,7 +80,7 @@ def served(tmp_path_factory, clip, passages, llm):
 
 def _launch(app):
     """The server on a free port, in the background; ``.close()`` stops it."""
-    from ui.app import launch
+    from ui.server import launch
 
     return launch(app, prevent_thread_lock=True, quiet=True)[0]
 

@@ -44,6 +44,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 
 from mmrag.errors import USER_ERRORS, NotFound
+from mmrag.library import IngestResult
 
 log = logging.getLogger(__name__)
 MODEL_ID = "mmrag"
@@ -423,6 +424,8 @@ def api_router(app, auth: ApiAuth | None) -> APIRouter:
 
     @router.post("/api/documents")
     async def upload(request: Request):
+        if int(request.headers.get("content-length") or 0) > 100 * max_bytes:  # before anything is spooled
+            raise ApiError(413, f"upload too large: at most 100 files of ui.max_upload_mb ({max_bytes / 1e6:g} MB) each")
         try:
             form = await request.form(max_files=100, max_fields=10, max_part_size=int(max_bytes) + 1)
         except Exception as exc:  # not multipart, a part over the limit
@@ -436,14 +439,13 @@ def api_router(app, auth: ApiAuth | None) -> APIRouter:
             for i, f in enumerate(files):
                 name = Path(f.filename or f"upload-{i + 1}.pdf").name or f"upload-{i + 1}.pdf"
                 if not name.lower().endswith(".pdf"):
-                    refused.append({"name": name, "status": "failed", "message": f"{name}: refused, only .pdf files are accepted"})
+                    refused.append(IngestResult(name, "failed", f"{name}: refused, only .pdf files are accepted"))
                     continue
                 path = folder / f"{i}.pdf"  # the upload's name is shown, never used as a path
                 with open(path, "wb") as out:
                     await run_in_threadpool(shutil.copyfileobj, f.file, out)
                 if path.stat().st_size > max_bytes:
-                    refused.append({"name": name, "status": "failed",
-                                    "message": f"{name}: refused, larger than {max_bytes / 1e6:g} MB"})
+                    refused.append(IngestResult(name, "failed", f"{name}: refused, larger than {max_bytes / 1e6:g} MB"))
                     continue
                 paths.append(path)
                 names.append(name)
@@ -451,7 +453,7 @@ def api_router(app, auth: ApiAuth | None) -> APIRouter:
                 results = await run_in_threadpool(library.ingest, paths, None, names) if paths else []
             except USER_ERRORS as exc:
                 raise _user_error(exc) from None
-            return refused + [r.__dict__ for r in results]
+            return [r.__dict__ for r in refused + results]  # the shape of `mmrag ingest --json`
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
