@@ -61,18 +61,27 @@ def test_pdf_kept_by_sha_and_removed_with_its_document(app, tmp_path):
     assert not kept.exists() and list((app.library.data_dir / "pdfs").iterdir()) == []
 
 
-def test_a_failed_ingest_keeps_no_pdf_and_a_replaced_version_loses_its_own(make_cfg, clip, passages, tmp_path):
-    slow = build(make_cfg(ingest={"file_timeout_s": 1e-9}), clip=clip, passages=passages)
-    pdf = pdfgen.figure_doc(tmp_path / "manual.pdf", pages=1)
-    [res] = slow.library.ingest([pdf])
-    assert res.status == "failed" and "file_timeout_s" in res.message  # rolled back after the copy
-    pdfs = slow.library.data_dir / "pdfs"
-    assert slow.library.list() == [] and list(pdfs.iterdir()) == []
-    app = build(make_cfg(), clip=clip, passages=passages)
+def test_an_interrupted_ingest_keeps_no_pdf_and_a_replaced_version_loses_its_own(app, tmp_path):
+    """Ctrl-C in the middle of a file (after its PDF was copied in): rolled back, no PDF left."""
+    from mmrag.library import Progress
+
+    pdf = pdfgen.figure_doc(tmp_path / "manual.pdf", pages=3)
+    pdfs = app.library.data_dir / "pdfs"
+    seen = []
+
+    class CtrlC(Progress):
+        def page(self, done):
+            seen.append(sorted(p.name for p in pdfs.iterdir()))  # kept while the pages go in
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        app.library.ingest([pdf], progress=CtrlC())
+    assert seen and len(seen[0]) == 1 and seen[0][0].endswith(".pdf")
+    assert app.library.list() == [] and list(pdfs.iterdir()) == []
     [first] = app.library.ingest([pdf])
     pdfgen.figure_doc(pdf, pages=2)  # same name, new content
     [second] = app.library.ingest([pdf])
-    assert second.status == "replaced"
+    assert second.status == "replaced" and first.sha256 != second.sha256
     assert sorted(p.name for p in pdfs.iterdir()) == [f"{second.sha256}.pdf"]
 
 
