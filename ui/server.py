@@ -74,8 +74,8 @@ class Running:
 def _uvicorn(app, quiet: bool) -> uvicorn.Server:
     cfg = app.cfg
     config = uvicorn.Config(create_app(app), host=cfg["ui"]["host"], port=int(cfg["ui"]["port"]),
-                            log_level="warning" if quiet else "info", timeout_graceful_shutdown=2,
-                            ws="none")
+                            log_level="warning" if quiet else "info", access_log=False,
+                            timeout_graceful_shutdown=2, ws="none")
     return uvicorn.Server(config)
 
 
@@ -104,7 +104,10 @@ def launch(app, prevent_thread_lock: bool = False, quiet: bool = False):
             print(f"mmrag: chat UI and API on {url} (OpenAI-compatible API at {url}v1)", flush=True)
         if cfg["ui"]["share"]:
             threading.Timer(2.0, _share, (app, url)).start()
-        server.run()
+        try:
+            server.run()
+        except KeyboardInterrupt:  # uvicorn raises the stop signal (Ctrl-C, SIGTERM) again once shut down
+            pass
         return None, url
     thread = threading.Thread(target=server.run, name="mmrag-server", daemon=True)
     thread.start()
