@@ -141,7 +141,7 @@ class Retriever:
             scored[signal] = ranked
 
         if vis_kinds and question and "clip" in signals:
-            qv = self.clip.embed_texts([question])[0]
+            qv = self.clip.embed_query(question)  # cached: a re-query costs no encode
             take("clip", self.store.query_visual(qv, n, visual_filter))
         if vis_kinds and image is not None:
             iv = self.clip.embed_images([image])[0]
@@ -150,7 +150,7 @@ class Retriever:
             found = self._cited_figures(prior, library, visual_filter)
             take("history", [Match(item, 1.0 - i / (len(found) + 1)) for i, item in enumerate(found)])
         if question and "text" in signals:
-            tv = self.passages.embed([question])[0]
+            tv = self.passages.embed_query(question)
             take("text", self.store.query_text(tv, n, text_filter))
         if question and "keyword" in signals:
             take("keyword", self._keyword_matches(question, n, complete, text_filter))

@@ -4,8 +4,11 @@
 
 Stages (each in its own process, so peak RSS is the stage's own):
   extract   pages/s: text only; + figures; + page renders; + OCR — beside pymupdf4llm.to_markdown(write_images=True)
-  embed     CLIP image embedding img/s: the ingest pipeline (PNG bytes -> vectors) vs a bare batched open_clip
-            forward vs one image at a time; text-query encode latency p50/p95
+  embed     question encode (CLIP text + passage model) p50/p95 with the default runtime vs bare fp32
+            open_clip + sentence-transformers; CLIP image embedding img/s with the default runtime vs a bare
+            fp32 batched open_clip forward; cosine of each to the reference; first-use (export) time
+  scale     retrieval end to end (both encoders, Chroma, keyword, fusion) at --store-items figures/pages and
+            as many passages (random vectors inserted straight into the store, synthetic passage text)
   chroma    Chroma query latency p50/p95 at 10k/100k/1M stored vectors, index size on disk
   retrieval retrieval latency p50/p95 (no LLM) and question -> first streamed token against a local server;
             then figure descriptions (`mmrag describe` on every figure) against the same local server:
@@ -23,7 +26,8 @@ Stages (each in its own process, so peak RSS is the stage's own):
             the hand-written in-memory BM25 it replaced (a copy below) at --old-bm25-sizes
 
 CLIP throughput does not depend on the weights, so ViT-B-32 is built with random weights here
-(no download); retrieval numbers use whatever clip model the config names.
+(no download; a seeded checkpoint in --models, exported to ONNX once like real weights);
+the retrieval stage uses whatever clip model the config names.
 """
 
 from __future__ import annotations
@@ -116,51 +120,6 @@ def _corpus_images(corpus: Path, n: int) -> list[bytes]:
             if len(out) >= n:
                 return out
     return out
-
-
-def stage_embed(corpus: Path, model: str, n: int, batch: int) -> dict:
-    import open_clip
-    import torch
-
-    from index.embedders import ClipEmbedder, load_image
-
-    torch.manual_seed(0)
-    emb = ClipEmbedder(model, None, "cpu", batch)  # random weights: same compute as real ones
-    pngs = _corpus_images(corpus, n)
-    emb.embed_images([load_image(pngs[0])])  # warm up
-
-    t0 = time.perf_counter()
-    for i in range(0, len(pngs), batch):
-        emb.embed_images([load_image(b) for b in pngs[i:i + batch]])
-    pipeline = len(pngs) / (time.perf_counter() - t0)
-
-    images = [load_image(b) for b in pngs]  # the bare anchor gets decoded images for free
-    model_, preprocess = emb.model, emb.preprocess
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        for i in range(0, len(images), batch):
-            x = torch.stack([preprocess(im) for im in images[i:i + batch]])
-            f = model_.encode_image(x)
-            f = f / f.norm(dim=-1, keepdim=True)
-    bare = len(images) / (time.perf_counter() - t0)
-
-    few = images[: max(8, n // 4)]
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        for im in few:
-            model_.encode_image(preprocess(im).unsqueeze(0))
-    single = len(few) / (time.perf_counter() - t0)
-
-    lat = []
-    questions = [json.loads(line)["query"] for line in (corpus / "queries.jsonl").read_text().splitlines() if line.strip()]
-    for q in questions * 2:
-        t0 = time.perf_counter()
-        emb.embed_texts([q])
-        lat.append((time.perf_counter() - t0) * 1000)
-    return {"model": model, "images": len(pngs), "batch": batch, "threads": torch.get_num_threads(),
-            "pipeline_img_s": round(pipeline, 2), "bare_batched_img_s": round(bare, 2),
-            "one_at_a_time_img_s": round(single, 2), "ratio_pipeline_to_bare": round(pipeline / bare, 3),
-            "text_query_ms_p50": pct(lat, 0.5), "text_query_ms_p95": pct(lat, 0.95), "peak_rss_mb": peak_rss_mb()}
 
 
 def _dir_mb(path: Path) -> float:
@@ -553,6 +512,188 @@ def stage_ingest(corpus: Path, settings: list[str], model: str, docs: list[str])
             else None}
 
 
+def _random_clip_checkpoint(model: str, folder: Path) -> Path:
+    """A seeded random-init checkpoint of ``model`` (real weights cannot be downloaded here; the
+    compute is the same), written once: the ONNX export is keyed by its hash like real weights."""
+    import open_clip
+    import torch
+
+    path = folder / f"{model}-random-seed0.pt"
+    if not path.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(0)
+        tmp = path.with_suffix(".tmp")
+        torch.save(open_clip.create_model(model, pretrained=None).state_dict(), tmp)
+        tmp.rename(path)
+    return path
+
+
+def _questions(corpus: Path) -> list[str]:
+    return [json.loads(line)["query"] for line in (corpus / "queries.jsonl").read_text().splitlines() if line.strip()]
+
+
+def stage_embed(corpus: Path, model: str, n: int, batch: int, cache: str) -> dict:
+    """Question encode latency and image embedding throughput: mmrag's encoders with their
+    default runtime beside bare fp32 open_clip + sentence-transformers, same process, same weights."""
+    import numpy as np
+    import open_clip
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    from index.embedders import ClipEmbedder, SentenceEmbedder, _local_sentence_model, load_image
+    from index.onnxrt import min_cosine
+    from index.settings import ClipSettings, TextEmbedderSettings
+
+    cache_dir = Path(cache)
+    ckpt = _random_clip_checkpoint(model, cache_dir)
+    clip_rt, text_rt = ClipSettings().runtime, TextEmbedderSettings().runtime  # the defaults
+    clip = ClipEmbedder(model, str(ckpt), "cpu", batch, runtime=clip_rt, cache_dir=cache_dir / "onnx")
+    passages = SentenceEmbedder("all-MiniLM-L6-v2", "cpu", runtime=text_rt, cache_dir=cache_dir / "onnx")
+    t0 = time.perf_counter()
+    clip.embed_texts(["warm up"])
+    passages.embed(["warm up"])
+    first_use_s = time.perf_counter() - t0  # export + int8 check on a cold cache, else loading
+
+    # the reference: bare fp32 open_clip and sentence-transformers, no mmrag code
+    ref_model, _, ref_pre = open_clip.create_model_and_transforms(model, pretrained=str(ckpt))
+    ref_model.eval()
+    ref_tok = open_clip.get_tokenizer(model)
+    ref_st = SentenceTransformer(str(_local_sentence_model("all-MiniLM-L6-v2")), device="cpu")
+
+    def ref_text(q: str):
+        with torch.inference_mode():
+            v = ref_model.encode_text(ref_tok([q]))
+            v = v / v.norm(dim=-1, keepdim=True)
+        return v.numpy(), ref_st.encode([q], convert_to_numpy=True, show_progress_bar=False, normalize_embeddings=True)
+
+    def ours_text(q: str):  # not embed_query: the question cache would answer the repeats
+        return clip.embed_texts([q]), passages.embed([q])
+
+    questions = _questions(corpus)
+    for q in questions[:3]:
+        ref_text(q), ours_text(q)
+    lat = {"ours": [], "ref": [], "ours_clip": [], "ours_passage": []}
+    cos_clip, cos_pass = [], []
+    for q in questions * 2:
+        t0 = time.perf_counter()
+        a, b = ours_text(q)
+        lat["ours"].append((time.perf_counter() - t0) * 1000)
+        t0 = time.perf_counter()
+        ra, rb = ref_text(q)
+        lat["ref"].append((time.perf_counter() - t0) * 1000)
+        t0 = time.perf_counter()
+        clip.embed_texts([q])
+        t1 = time.perf_counter()
+        passages.embed([q])
+        lat["ours_clip"].append((t1 - t0) * 1000)
+        lat["ours_passage"].append((time.perf_counter() - t1) * 1000)
+        cos_clip.append(min_cosine(a, ra))
+        cos_pass.append(min_cosine(b, rb))
+
+    pngs = _corpus_images(corpus, n)
+    images = [load_image(b) for b in pngs]  # both sides get decoded images
+    clip.embed_images(images[:2])
+    t0 = time.perf_counter()
+    ours = np.concatenate([clip.embed_images(images[i:i + batch]) for i in range(0, len(images), batch)])
+    ours_img_s = len(images) / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    ref = []
+    with torch.inference_mode():
+        for i in range(0, len(images), batch):
+            f = ref_model.encode_image(torch.stack([ref_pre(im) for im in images[i:i + batch]]))
+            ref.append((f / f.norm(dim=-1, keepdim=True)).numpy())
+    ref_img_s = len(images) / (time.perf_counter() - t0)
+    meta = clip.onnx_meta or {}
+    return {"model": f"{model} (random init, seed 0)", "threads": torch.get_num_threads(),
+            "clip_runtime": f"{clip_rt} -> {clip.backend}", "text_runtime": f"{text_rt} -> {passages.backend}",
+            "clip_precision": {t: meta.get(t, {}).get("file") for t in ("text", "image")},
+            "passage_precision": (passages.onnx_meta or {}).get("file"),
+            "int8_min_cosine_probe": {"clip_text": meta.get("text", {}).get("int8_min_cosine"),
+                                      "clip_image": meta.get("image", {}).get("int8_min_cosine"),
+                                      "passage": (passages.onnx_meta or {}).get("int8_min_cosine")},
+            "first_use_s": round(first_use_s, 1),
+            "question_encode_ms_p50": pct(lat["ours"], 0.5), "question_encode_ms_p95": pct(lat["ours"], 0.95),
+            "reference_question_encode_ms_p50": pct(lat["ref"], 0.5),
+            "reference_question_encode_ms_p95": pct(lat["ref"], 0.95),
+            "ratio_p50": round(pct(lat["ours"], 0.5) / max(pct(lat["ref"], 0.5), 1e-9), 3),
+            "clip_text_ms_p50": pct(lat["ours_clip"], 0.5), "passage_ms_p50": pct(lat["ours_passage"], 0.5),
+            "questions": len(lat["ours"]),
+            "question_min_cosine_to_reference": {"clip": round(min(cos_clip), 5), "passage": round(min(cos_pass), 5)},
+            "images": len(images), "batch": batch, "img_s": round(ours_img_s, 2),
+            "reference_img_s": round(ref_img_s, 2), "img_speedup": round(ours_img_s / ref_img_s, 2),
+            "image_min_cosine_to_reference": round(min_cosine(ours, np.concatenate(ref)), 5),
+            "peak_rss_mb": peak_rss_mb()}
+
+
+def stage_retrieval_at_scale(corpus: Path, model: str, items: int, cache: str) -> dict:
+    """Retrieval end to end (both encoders with the default runtime, Chroma queries, keyword
+    search, fusion, records) over ``items`` figures/pages and ``items`` passages: random unit
+    vectors inserted straight into the store (no ingest), synthetic passages for the keyword index."""
+    import numpy as np
+
+    from index.embedders import ClipEmbedder, SentenceEmbedder
+    from index.records import TextItem, VisualItem
+    from mmrag.config import DEFAULTS
+    from mmrag.wiring import build
+
+    cache_dir = Path(cache)
+    ckpt = _random_clip_checkpoint(model, cache_dir)
+    clip = ClipEmbedder(model, str(ckpt), "cpu", runtime=DEFAULTS["clip"]["runtime"], cache_dir=cache_dir / "onnx")
+    passages = SentenceEmbedder("all-MiniLM-L6-v2", "cpu", runtime=DEFAULTS["text_embedder"]["runtime"],
+                                cache_dir=cache_dir / "onnx")
+    cfg = json.loads(json.dumps(DEFAULTS))
+    cfg["data_dir"] = tempfile.mkdtemp(prefix="mmrag-bench-retrieval-")
+    app = build(cfg, clip=clip, passages=passages)
+    store = app.library.store
+    rng = np.random.default_rng(0)
+    text = SyntheticText()
+    per_doc = 200
+    docs = [f"{d:064x}" for d in range((items + per_doc - 1) // per_doc)]
+    t0 = time.perf_counter()
+    batches = list(synthetic_library(items, text, per_doc, batch=5000))  # the keyword index gets the same
+    done = 0
+    for ids, texts, shas, _ in batches:
+        k = len(ids)
+        vis = rng.standard_normal((k, clip.dim), dtype=np.float32)
+        store.add_visual([VisualItem("f" + i, sha, f"doc{int(sha, 16)}.pdf", 1 + n % 50, "vector" if n % 4 else "page",
+                                     "", (10.0, 10.0, 200.0, 200.0), f"Figure {n}: {t[:60]}", 1, text=t[:300])
+                          for n, (i, t, sha) in enumerate(zip(ids, texts, shas))],
+                         vis / np.linalg.norm(vis, axis=1, keepdims=True))
+        tv = rng.standard_normal((k, passages.dim), dtype=np.float32)
+        store.add_text([TextItem(i, sha, f"doc{int(sha, 16)}.pdf", 1 + n % 50, "text", i, t)
+                        for n, (i, t, sha) in enumerate(zip(ids, texts, shas))],
+                       tv / np.linalg.norm(tv, axis=1, keepdims=True))
+        done += k
+        print(f"retrieval store: {done:,}/{items:,} figures/pages and {done:,} passages, "
+              f"{time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    store.set_docs({sha: {"doc": f"doc{int(sha, 16)}.pdf", "status": "complete", "pages": 50, "figures": per_doc}
+                    for sha in docs})
+    app.library.keyword.rebuild(batches, docs)
+    build_s = time.perf_counter() - t0
+    assert store.count("visual") == items and store.count("text") == items
+    questions = _questions(corpus)
+    app.retriever.retrieve("warm up the searcher")
+    lat = []
+    for q in questions:  # each question once: no question-cache hits
+        t0 = time.perf_counter()
+        hits = app.retriever.retrieve(q)
+        lat.append((time.perf_counter() - t0) * 1000)
+        assert len(hits) == 10
+    again = []
+    for q in questions[:20]:  # asked again: the question cache answers the encoders
+        t0 = time.perf_counter()
+        app.retriever.retrieve(q)
+        again.append((time.perf_counter() - t0) * 1000)
+    import shutil
+
+    shutil.rmtree(cfg["data_dir"], ignore_errors=True)
+    return {"model": f"{model} (random init)", "clip_backend": clip.backend, "passage_backend": passages.backend,
+            "figures_and_pages": items, "passages": items, "store_build_s": round(build_s, 1),
+            "ef_search": cfg["chroma"]["ef_search"], "questions": len(lat),
+            "retrieval_ms_p50": pct(lat, 0.5), "retrieval_ms_p95": pct(lat, 0.95),
+            "repeated_question_ms_p50": pct(again, 0.5), "peak_rss_mb": peak_rss_mb()}
+
+
 # ---- driver ------------------------------------------------------------------------------------
 def run_stage(args: list[str]) -> dict:
     # stderr passes through: long stages print their progress there
@@ -589,11 +730,14 @@ def main() -> None:
     p.add_argument("--stage", nargs="+", help=argparse.SUPPRESS)
     p.add_argument("--corpus", default=str(ROOT.parent / "shared" / "eval-dev"))
     p.add_argument("--out", default=str(ROOT / "bench-out"))
-    p.add_argument("--only", default="extract,embed,chroma,retrieval,keyword")
+    p.add_argument("--only", default="extract,embed,scale,chroma,retrieval,keyword")
     p.add_argument("--modes", default="text,figures,renders,ocr,pymupdf4llm", help="extract modes")
     p.add_argument("--sizes", default="10000,100000,1000000")
     p.add_argument("--clip-model", default="ViT-B-32")
     p.add_argument("--images", type=int, default=256)
+    p.add_argument("--store-items", type=int, default=100_000, help="figures/pages (and as many passages) for scale")
+    p.add_argument("--models", default=str(ROOT / "bench-out" / "models"),
+                   help="folder for the random-init CLIP checkpoint and the benchmark's ONNX exports")
     p.add_argument("--config", help="mmrag config for the retrieval stage (clip weights)")
     p.add_argument("--docs", default="", help="comma-separated PDFs of the corpus for the retrieval stage (default all)")
     p.add_argument("--keyword-sizes", default="100000,1000000", help="chunks in the keyword index")
@@ -605,7 +749,8 @@ def main() -> None:
     if a.stage:
         name, *rest = a.stage
         fn = {"extract": lambda: stage_extract(Path(rest[0]), rest[1]),
-              "embed": lambda: stage_embed(Path(rest[0]), rest[1], int(rest[2]), int(rest[3])),
+              "embed": lambda: stage_embed(Path(rest[0]), rest[1], int(rest[2]), int(rest[3]), rest[4]),
+              "scale": lambda: stage_retrieval_at_scale(Path(rest[0]), rest[1], int(rest[2]), rest[3]),
               "chroma": lambda: stage_chroma([int(s) for s in rest[0].split(",")], int(rest[1]), int(rest[2])),
               "retrieval": lambda: stage_retrieval(Path(rest[0]), rest[1] or None, [d for d in rest[2].split(",") if d]),
               "keyword": lambda: stage_keyword(rest[0], int(rest[1]), int(rest[2])),
@@ -621,8 +766,21 @@ def main() -> None:
         report["extract"] = [run_stage(["extract", a.corpus, m]) for m in a.modes.split(",")]
         print(json.dumps(report["extract"], indent=1), flush=True)
     if "embed" in only:
-        report["embed"] = run_stage(["embed", a.corpus, a.clip_model, str(a.images), "32"])
+        report["embed"] = run_stage(["embed", a.corpus, a.clip_model, str(a.images), "32", a.models])
         print(json.dumps(report["embed"], indent=1), flush=True)
+        e = report["embed"]
+        if "error" not in e:
+            print(f"question encode p50/p95 {e['question_encode_ms_p50']}/{e['question_encode_ms_p95']} ms "
+                  f"(reference fp32 {e['reference_question_encode_ms_p50']}/{e['reference_question_encode_ms_p95']} ms, "
+                  f"ratio {e['ratio_p50']}; target p50 <= 15 ms and <= 0.2x)\n"
+                  f"image embedding {e['img_s']} img/s (reference fp32 batched {e['reference_img_s']} img/s, "
+                  f"{e['img_speedup']}x; target >= 2.5x)", flush=True)
+    if "scale" in only:
+        report["scale"] = run_stage(["scale", a.corpus, a.clip_model, str(a.store_items), a.models])
+        print(json.dumps(report["scale"], indent=1), flush=True)
+        if "error" not in report["scale"]:
+            print(f"retrieval at {a.store_items:,} items p50 {report['scale']['retrieval_ms_p50']} ms "
+                  f"(target <= 40 ms)", flush=True)
     if "chroma" in only:
         report["chroma"] = run_stage(["chroma", a.sizes, "512", "200"])
         print(json.dumps(report["chroma"], indent=1), flush=True)

