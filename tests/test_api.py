@@ -199,6 +199,13 @@ def test_login_covers_every_api_route(server):
     for header in (f"Bearer {TOKEN}", basic):
         assert httpx.get(url + "/v1/models", headers={"Authorization": header}).status_code == 200
         assert httpx.get(url + f"/api/documents/{sha}/pages/1.png", headers={"Authorization": header}).status_code == 200
+    # a browser signed in to the web chat (Gradio's login form sets its cookie) opens page links
+    with httpx.Client(base_url=url) as browser:
+        assert browser.get(f"/api/documents/{sha}/pages/1.png").status_code == 401
+        assert browser.post("/login", data={"username": USER, "password": "nope"}).status_code >= 400
+        assert browser.get(f"/api/documents/{sha}/pages/1.png").status_code == 401
+        assert browser.post("/login", data={"username": USER, "password": PASSWORD}).status_code == 200
+        assert browser.get(f"/api/documents/{sha}/pages/1.png").status_code == 200
     from openai import AuthenticationError
 
     with pytest.raises(AuthenticationError):
