@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from .records import Hit, key_name
 log = logging.getLogger(__name__)
 
 SIGNALS = ("clip", "text", "keyword")
+_ENCODERS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mmrag-encode")  # the passage encoder's side
 ALL_KINDS = KINDS
 
 
@@ -140,8 +142,9 @@ class Retriever:
             rankings[signal] = [u for u, _ in ranked]
             scored[signal] = ranked
 
-        if vis_kinds and question and "clip" in signals:
-            qv = self.clip.embed_query(question)  # cached: a re-query costs no encode
+        qv, tv = self._encode(question, clip=bool(vis_kinds and question and "clip" in signals),
+                              text=bool(question and "text" in signals))
+        if qv is not None:
             take("clip", self.store.query_visual(qv, n, visual_filter))
         if vis_kinds and image is not None:
             iv = self.clip.embed_images([image])[0]
@@ -149,8 +152,7 @@ class Retriever:
         if prior and vis_kinds:
             found = self._cited_figures(prior, library, visual_filter)
             take("history", [Match(item, 1.0 - i / (len(found) + 1)) for i, item in enumerate(found)])
-        if question and "text" in signals:
-            tv = self.passages.embed_query(question)
+        if tv is not None:
             take("text", self.store.query_text(tv, n, text_filter))
         if question and "keyword" in signals:
             take("keyword", self._keyword_matches(question, n, complete, text_filter))
@@ -177,6 +179,20 @@ class Retriever:
             if len(hits) >= k:
                 break
         return self._describe(hits)
+
+    def _encode(self, question: str, clip: bool, text: bool):
+        """(CLIP vector or None, passage vector or None) for the question. Both encoders keep a
+        cache, so a question searched again encodes nothing; when both must run they run at the
+        same time (ONNX Runtime and torch release the GIL; each question session uses one core)."""
+        if clip and text:
+            other = _ENCODERS.submit(self.passages.embed_query, question)
+            try:
+                qv = self.clip.embed_query(question)
+            finally:
+                tv = other.result()
+            return qv, tv
+        return (self.clip.embed_query(question) if clip else None,
+                self.passages.embed_query(question) if text else None)
 
     def _describe(self, hits: list[Hit]) -> list[Hit]:
         """Figure hits carry their description (the figure's ``df-`` passage), when it has one."""

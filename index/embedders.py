@@ -349,7 +349,8 @@ class ClipEmbedder:
                     cuda = self.device.startswith("cuda")
                     # int8 (dynamic quantisation) runs on CPU kernels only: the GPU gets the fp32 graph
                     s = self._sessions[tower] = onnxrt.session(
-                        self.onnx_folder / (part["fp32"] if cuda else part["file"]), cuda)
+                        self.onnx_folder / (part["fp32"] if cuda else part["file"]), cuda,
+                        1 if tower == "text" else None)  # text: questions and 8 labels (onnxrt.session)
         return s
 
     def _export(self, name: str, folder: Path) -> dict:
@@ -514,7 +515,7 @@ class SentenceEmbedder:
         self._dim: int | None = None
         self._lock = threading.RLock()
         self._queries = QueryCache()
-        self._session = None
+        self._session = self._one = None
 
     @property
     def dim(self) -> int:
@@ -606,11 +607,13 @@ class SentenceEmbedder:
         self.onnx_meta = meta
         try:
             cuda = self.device.startswith("cuda")
-            self._session = onnxrt.session(self.onnx_folder / (meta["fp32"] if cuda else meta["file"]), cuda)
+            graph = self.onnx_folder / (meta["fp32"] if cuda else meta["file"])
+            self._session = onnxrt.session(graph, cuda)  # batches of passages: every core
+            self._one = onnxrt.session(graph, cuda, 1) if not cuda else self._session  # a question
             self.backend = "onnx"
             self._dim = self._dim or int(self._vectors(["probe"]).shape[1])
         except Exception as exc:
-            self.backend = self._session = None
+            self.backend = self._session = self._one = None
             if rebuild:
                 raise
             log.warning("the cached ONNX model in %s is unreadable (%s); exporting it again", self.onnx_folder,
@@ -669,7 +672,8 @@ class SentenceEmbedder:
             idx = order[i:i + self.batch_size]
             enc = self.tokenizer([texts[j] for j in idx], padding=True, truncation=True, max_length=self.max_len,
                                  return_tensors="np")
-            vecs = self._session.run(None, {"input_ids": enc["input_ids"].astype(np.int64),
+            run = self._one if len(idx) == 1 and self._one is not None else self._session
+            vecs = run.run(None, {"input_ids": enc["input_ids"].astype(np.int64),
                                             "attention_mask": enc["attention_mask"].astype(np.int64)})[0]
             if out.shape[1] == 0:
                 out = np.zeros((len(texts), vecs.shape[1]), np.float32)
