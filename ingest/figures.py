@@ -47,12 +47,29 @@ def page_lines(words: list[tuple]) -> list[tuple[str, BBox]]:
     return out
 
 
+def _ended_short(last: BBox, span: BBox, text: str, b: BBox) -> bool:
+    """A line ``last`` ended its paragraph when the next line's first word (of ``text``, at
+    ``b``) would have fitted in the room left before the right edge of ``span``: a line only
+    wraps when the next word does not fit. The word's width is its share of the next line's.
+
+    >>> _ended_short((90, 350, 189, 361), (90, 337, 522, 361), "Additional information here", (105, 366, 522, 377))
+    True
+    >>> _ended_short((90, 350, 500, 361), (90, 337, 522, 361), "Additional information here", (105, 366, 522, 377))
+    False
+    """
+    words = text.split()
+    if not words:
+        return False
+    word = (b[2] - b[0]) * (len(words[0]) + 1) / max(len(text), 1)
+    return span[2] - last[2] > word
+
+
 def caption_blocks(lines: list[tuple[str, BBox]], figures: list[BBox] = ()) -> list[tuple[str, BBox]]:
     """Captions as blocks: each line that starts like a caption, with the lines that continue
     it: just below, within the caption's width (a wrapped caption's lines are no wider than its
-    first), not a caption, not inside one of ``figures``, and not after a short line that ends a
-    sentence (a wrapped line fills the width; a short one was the caption's last). Body text set
-    tight under a caption is not swallowed, born-digital or OCR'd alike.
+    first, give or take a first-line indent of up to three line heights), not a caption, not
+    inside one of ``figures``, and not after a line that ended short (see ``_ended_short``). Body
+    text set tight under a caption is not swallowed, born-digital or OCR'd alike.
 
     >>> caption_blocks([("Figure 1: A long caption", (100, 100, 300, 110)), ("that wraps.", (100, 112, 160, 122)),
     ...                 ("Body text far below.", (100, 160, 300, 170))])
@@ -75,8 +92,8 @@ def caption_blocks(lines: list[tuple[str, BBox]], figures: list[BBox] = ()) -> l
             if b[1] - last[3] > 0.8 * max(last[3] - last[1], 1.0):
                 break  # a paragraph gap: the caption ended
             h = max(last[3] - last[1], 1.0)
-            if (is_caption(t) or b[0] < cur[0] - h or b[2] > cur[2] + h  # wider than the caption: body text
-                    or (last[2] < cur[2] - 3 * h and parts[-1].rstrip().endswith((".", ":", "!", "?")))
+            if (is_caption(t) or b[0] < cur[0] - 3 * h or b[2] > cur[2] + h  # wider than the caption: body text
+                    or _ended_short(last, cur, t, b)
                     or any(regions.intersection(f, b) >= 0.5 * (regions.area(b) or 1) for f in figures)):
                 break
             parts.append(t.strip())

@@ -377,7 +377,8 @@ def test_each_caption_goes_to_one_figure_above_below_or_beside(tmp_path, cfg):
 def test_a_caption_ends_where_its_paragraph_ends(tmp_path, cfg):
     """Body text set tight under a caption (same leading, no paragraph gap) is not part of it:
     under a short centred caption the body is wider; under a caption as wide as the column the
-    caption's last line is short and ends a sentence. A caption that wraps keeps all its lines."""
+    caption's last line is short (the next word would have fitted). A caption that wraps keeps
+    all its lines, also when paragraphs indent their first line."""
     doc = pymupdf.open()
     page = doc.new_page(width=612, height=792)
     body = "Body text of the manual runs here across the whole column width, right up to the margin"
@@ -392,9 +393,17 @@ def test_a_caption_ends_where_its_paragraph_ends(tmp_path, cfg):
     assert pymupdf.get_text_length(tight, fontsize=9) <= pymupdf.get_text_length(wrapped[0], fontsize=9)
     for i, line in enumerate(wrapped + [tight, tight]):
         page.insert_text((72, 400 + 11 * i), line, fontsize=9)
+    # texinfo style: paragraphs' first lines indented 15 pt, a caption without a closing period
+    page.draw_rect(pymupdf.Rect(200, 500, 400, 600), color=(0, 0, 0), fill=(0.3, 0.7, 0.3))
+    indented = ["Figure 3: Delaunay triangulation (blue lines) and Voronoi diagram (red lines) of a",
+                "random set of points"]
+    para = ["Additional information about the size of the facets of a Voronoi diagram, and which",
+            "points of a set of points is in a polygon can be had with the polyarea function."]
+    for i, line in enumerate(indented + para):
+        page.insert_text((87 if i in (0, 2) else 72, 615 + 11 * i), line, fontsize=9)
     doc.save(tmp_path / "tight.pdf")
     figs = sorted(inspect_pdf(tmp_path / "tight.pdf", cfg["ingest"])["figures"], key=lambda f: f["bbox"][1])
-    assert [f["caption"] for f in figs] == ["Figure 1: Pump.", " ".join(wrapped)]
+    assert [f["caption"] for f in figs] == ["Figure 1: Pump.", " ".join(wrapped), " ".join(indented)]
 
 
 # ---- one figure, one region -----------------------------------------------------------------------
