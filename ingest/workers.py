@@ -5,7 +5,7 @@ A ``PagePool`` runs ``workers`` processes. Each is a fresh interpreter (what mul
 threads; started with ``subprocess`` so the caller's main module is not run again in it) that
 imports PyMuPDF and nothing else heavy; the OCR model loads in a worker on its first scanned page
 or raster figure. The main process opens a file with :meth:`PagePool.open` and gets its pages back
-in page order from :meth:`PagePool.pages`, at most ``window`` pages (4 per worker) ahead of what
+in page order from :meth:`PagePool.pages`, at most ``window`` pages (16 per worker) ahead of what
 it has asked for, so memory stays flat in document length while it embeds and stores. One worker
 (``ingest.workers: 1``) takes turns with the main process, page by page, as ingest did before it
 had workers, only with the limits below.
@@ -319,7 +319,7 @@ class PagePool:
         # pages extracted ahead of what the main process has asked for, at most; one worker
         # takes turns with the main process as ingest did before workers (extract a page, then
         # embed), several work ahead while it embeds
-        self.window = window if window is not None else (0 if self.size == 1 else 4 * self.size)
+        self.window = window if window is not None else (0 if self.size == 1 else 16 * self.size)
         self.ocr_threads = max(1, cpu_cores() // self.size)
         self._workers: list[_Worker] = []
         self._jobs: queue.Queue = queue.Queue()
