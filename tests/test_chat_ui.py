@@ -258,7 +258,8 @@ def test_stop_ends_the_stream_and_a_queued_question_is_answered(served, llm, bro
         ask(page, "Describe the butterfly valve actuator at length.")
         page.locator("#chat").get_by_text("word3").wait_for(timeout=60_000)
         ask(page, "And the pump?")  # sent while the first answer streams
-        page.locator("#chat").get_by_text("queued").wait_for(timeout=10_000)
+        page.locator("#chat").get_by_text("queued").wait_for(timeout=30_000)
+        llm.reply = "The pump is in {cite}."  # what the queued question will get (the first reply is fixed)
         page.locator("#ask-box .stop-button, #ask-box button[aria-label*='top']").first.click()
         page.locator("#chat").get_by_text("(stopped)").wait_for(timeout=10_000)
         first = page.locator("#chat .bot-row, #chat .message-row").all_inner_texts()
@@ -266,7 +267,6 @@ def test_stop_ends_the_stream_and_a_queued_question_is_answered(served, llm, bro
         assert "word3" in joined and "word59" not in joined
         # the queued question goes through next (the model streams it fully)
         llm.token_delay = 0.0
-        llm.reply = "The pump is in {cite}."
         page.get_by_text("The pump is in").wait_for(timeout=60_000)
         chat = page.locator("#chat").inner_text()
         assert chat.index("(stopped)") < chat.index("And the pump?") < chat.index("The pump is in")
@@ -283,6 +283,20 @@ def test_stop_ends_the_stream_and_a_queued_question_is_answered(served, llm, bro
         with sqlite3.connect(Path(app.cfg["data_dir"]) / "conversations.sqlite3") as db:
             titles = [t for (t,) in db.execute("SELECT title FROM conversations")]
         assert title not in titles
+        # a new chat opened while an answer streams stays clear of it, and answers its own question
+        llm.token_delay = 0.3
+        llm.reply = " ".join(f"word{i}" for i in range(40)) + " {cite}"
+        ask(page, "Another long one about the actuator, please.")
+        page.locator("#chat").get_by_text("word2").wait_for(timeout=60_000)
+        page.locator("#new-chat").click()
+        llm.token_delay = 0.0
+        llm.reply = "The valve is in {cite}."
+        ask(page, "Where is the valve?")
+        page.get_by_text("The valve is in").wait_for(timeout=60_000)
+        page.wait_for_timeout(1500)  # the first answer is still streaming meanwhile
+        chat = page.locator("#chat").inner_text()
+        assert "word" not in chat and "Another long one" not in chat, chat
+        page.locator("#conversations").get_by_text("Another long one about the actuator").wait_for(timeout=30_000)
     finally:
         llm.token_delay = 0.0
         page.close()

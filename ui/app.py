@@ -385,6 +385,13 @@ def build_ui(app) -> gr.Blocks:
     live: dict[str, dict] = {}  # conversation id -> the conversation being answered (shared by its events)
     runs: dict[str, _Run] = {}
     runs_lock = threading.Lock()
+    shown: dict[str, str] = {}  # page (Gradio session) -> the conversation it shows now
+
+    def show(request, conv_id: str) -> None:
+        session = getattr(request, "session_hash", None)
+        if session:
+            with runs_lock:
+                shown[session] = conv_id
 
     def conversation(owner: str, conv_id: str | None) -> dict | None:
         if not owner or not conv_id:
@@ -429,6 +436,7 @@ def build_ui(app) -> gr.Blocks:
 
     def on_load(browser_id, request: gr.Request):
         owner = owner_of(browser_id, request)
+        show(request, "")
         if not owner:  # a browser that never sent anything: its id comes with its first question
             return {owner_state: gr.skip(), browser_state: gr.skip(), conv_state: "", chatbot: [],
                     conv_list: gr.update(choices=[], value=None)} | panels_reset() | library_updates()
@@ -436,23 +444,26 @@ def build_ui(app) -> gr.Blocks:
         current = conversation(owner, convs[0]["id"]) if convs else None
         with runs_lock:
             run = runs.get(current["id"]) if current else None
+        show(request, current["id"] if current else "")
         out = {browser_state: browser_id, owner_state: owner, conv_state: current["id"] if current else "",
                conv_list: gr.update(choices=conv_choices(owner), value=current["id"] if current else None),
                chatbot: render_chat(current, list(run.pending) if run else ())}
         return out | panels_reset() | library_updates()
 
-    def new_chat(owner):
+    def new_chat(owner, request: gr.Request):
+        show(request, "")
         return {conv_state: "", chatbot: [], conv_list: gr.update(choices=conv_choices(owner), value=None)} | panels_reset()
 
-    def open_chat(owner, conv_id):
+    def open_chat(owner, conv_id, request: gr.Request):
         conv = conversation(owner, conv_id)
         if conv is None:
-            return new_chat(owner)
+            return new_chat(owner, request)
+        show(request, conv_id)
         with runs_lock:
             run = runs.get(conv_id)
         return {conv_state: conv_id, chatbot: render_chat(conv, list(run.pending) if run else ())} | panels_reset()
 
-    def delete_chat(owner, conv_id):
+    def delete_chat(owner, conv_id, request: gr.Request):
         if conv_id and store.delete(owner, conv_id):
             with runs_lock:  # one being answered stops, and is not written back
                 conv, run = live.pop(conv_id, None), runs.get(conv_id)
@@ -461,7 +472,7 @@ def build_ui(app) -> gr.Blocks:
                 if run is not None:
                     run.pending.clear()
                     run.stop.set()
-        return new_chat(owner)
+        return new_chat(owner, request)
 
     def save(owner: str, conv: dict) -> None:
         if not conv.get("deleted"):
@@ -487,6 +498,7 @@ def build_ui(app) -> gr.Blocks:
             conv["owner"] = owner
             store.save(owner, conv)
         cid = conv["id"]
+        show(request, cid)
         run = run_of(cid)
         with runs_lock:
             live[cid] = conv
@@ -509,21 +521,29 @@ def build_ui(app) -> gr.Blocks:
                         live.pop(cid, None)
                         break
                     item = run.pending.popleft()
-                yield from answer(conv, run, owner, item, progress)
+                yield from answer(conv, run, owner, item, progress, getattr(request, "session_hash", None))
         finally:
             if not done:  # closed early (the page went away): the next send answers what is left
                 with runs_lock:
                     run.busy = False
             save(owner, conv)
 
-    def answer(conv, run, owner, item, progress):
+    def answer(conv, run, owner, item, progress, session):
         msgs = conv["messages"]
         pdfs, image, notes = sort_attachments(item["files"], max_mb)
 
         def view(more: dict | None = None) -> dict:
+            """The update for the page: the chat and its panels only while the page still shows
+            this conversation (the user may have opened another meanwhile)."""
             with runs_lock:
                 pending = list(run.pending)
-            return {chatbot: render_chat(conv, pending)} | (more or {})
+                here = session is None or shown.get(session, conv["id"]) == conv["id"]
+            out = {chatbot: render_chat(conv, pending)} | (more or {})
+            if not here:
+                out = {k: v for k, v in out.items() if k not in (chatbot, gallery, gallery_keys, page_view, where)}
+                if conv_list in out:  # the list gains the title, the selection stays the page's
+                    out[conv_list] = gr.update(choices=conv_choices(owner))
+            return out
 
         for note in notes:
             msgs.append({"role": "assistant", "kind": "note", "text": note})
