@@ -672,18 +672,30 @@ def stage_retrieval_at_scale(corpus: Path, model: str, items: int, cache: str) -
     build_s = time.perf_counter() - t0
     assert store.count("visual") == items and store.count("text") == items
     questions = _questions(corpus)
-    app.retriever.retrieve("warm up the searcher")
-    lat = []
-    for q in questions:  # each question once: no question-cache hits
-        t0 = time.perf_counter()
-        hits = app.retriever.retrieve(q)
-        lat.append((time.perf_counter() - t0) * 1000)
-        assert len(hits) == 10
-    again = []
-    for q in questions[:20]:  # asked again: the question cache answers the encoders
-        t0 = time.perf_counter()
-        app.retriever.retrieve(q)
-        again.append((time.perf_counter() - t0) * 1000)
+
+    def measure(app) -> tuple[list[float], list[float]]:
+        app.retriever.retrieve("warm up the searcher")
+        lat = []
+        for q in questions:  # each question once: no question-cache hits
+            t0 = time.perf_counter()
+            hits = app.retriever.retrieve(q)
+            lat.append((time.perf_counter() - t0) * 1000)
+            assert len(hits) == 10
+        again = []
+        for q in questions[:20]:  # asked again: the question cache answers the encoders
+            t0 = time.perf_counter()
+            app.retriever.retrieve(q)
+            again.append((time.perf_counter() - t0) * 1000)
+        return lat, again
+
+    lat, again = measure(app)
+    # the same store searched with Chroma's own HNSW breadth (ef 100: approximate neighbours), fresh
+    # encoders (empty question caches)
+    fast_cfg = json.loads(json.dumps(cfg))
+    fast_cfg["chroma"]["ef_search"] = 100
+    clip2 = ClipEmbedder(model, str(ckpt), "cpu", runtime=clip.runtime, cache_dir=cache_dir / "onnx")
+    passages2 = SentenceEmbedder("all-MiniLM-L6-v2", "cpu", runtime=passages.runtime, cache_dir=cache_dir / "onnx")
+    lat100, again100 = measure(build(fast_cfg, clip=clip2, passages=passages2))
     import shutil
 
     shutil.rmtree(cfg["data_dir"], ignore_errors=True)
@@ -691,7 +703,9 @@ def stage_retrieval_at_scale(corpus: Path, model: str, items: int, cache: str) -
             "figures_and_pages": items, "passages": items, "store_build_s": round(build_s, 1),
             "ef_search": cfg["chroma"]["ef_search"], "questions": len(lat),
             "retrieval_ms_p50": pct(lat, 0.5), "retrieval_ms_p95": pct(lat, 0.95),
-            "repeated_question_ms_p50": pct(again, 0.5), "peak_rss_mb": peak_rss_mb()}
+            "repeated_question_ms_p50": pct(again, 0.5),
+            "ef100_retrieval_ms_p50": pct(lat100, 0.5), "ef100_retrieval_ms_p95": pct(lat100, 0.95),
+            "ef100_repeated_question_ms_p50": pct(again100, 0.5), "peak_rss_mb": peak_rss_mb()}
 
 
 # ---- driver ------------------------------------------------------------------------------------
@@ -779,8 +793,10 @@ def main() -> None:
         report["scale"] = run_stage(["scale", a.corpus, a.clip_model, str(a.store_items), a.models])
         print(json.dumps(report["scale"], indent=1), flush=True)
         if "error" not in report["scale"]:
-            print(f"retrieval at {a.store_items:,} items p50 {report['scale']['retrieval_ms_p50']} ms "
-                  f"(target <= 40 ms)", flush=True)
+            r = report["scale"]
+            print(f"retrieval at {a.store_items:,} items p50 {r['retrieval_ms_p50']} ms with ef_search "
+                  f"{r['ef_search']}, {r['ef100_retrieval_ms_p50']} ms with ef_search 100 (target <= 40 ms); "
+                  f"repeated question {r['repeated_question_ms_p50']} ms", flush=True)
     if "chroma" in only:
         report["chroma"] = run_stage(["chroma", a.sizes, "512", "200"])
         print(json.dumps(report["chroma"], indent=1), flush=True)
