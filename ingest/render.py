@@ -7,6 +7,8 @@ applied, relative to the CropBox), PDF points, top-left origin (``ingest.figures
 
 from __future__ import annotations
 
+import math
+
 import os
 from collections.abc import Sequence
 
@@ -43,6 +45,8 @@ def render_page(pdf_path: str | os.PathLike, page_number: int, boxes: Sequence[S
     ((400, 200), (230, 0, 115), (251, 209, 230), (255, 255, 255))
     """
     boxes = [_box(b) for b in boxes]
+    if not math.isfinite(float(dpi)):
+        raise ValueError(f"dpi must be a number, not {dpi}")
     doc = open_pdf(pdf_path)
     try:
         if not 1 <= int(page_number) <= doc.page_count:

@@ -206,6 +206,12 @@ def test_login_covers_every_api_route(server):
         assert browser.get(f"/api/documents/{sha}/pages/1.png").status_code == 401
         assert browser.post("/login", data={"username": USER, "password": PASSWORD}).status_code == 200
         assert browser.get(f"/api/documents/{sha}/pages/1.png").status_code == 200
+        # the cookie rides along on requests another site's page makes: it opens reads only
+        pdf = pdfgen.figure_doc(server[2] / "forged.pdf", pages=1).read_bytes()
+        assert browser.post("/api/documents", files=[("files", ("forged.pdf", pdf, "application/pdf"))]).status_code == 401
+        assert browser.post("/v1/chat/completions", content=json.dumps(
+            {"model": "mmrag", "messages": [{"role": "user", "content": "hi"}]}), headers={"Content-Type": "text/plain"}).status_code == 401
+        assert browser.delete(f"/api/documents/{sha}").status_code == 401
     from openai import AuthenticationError
 
     with pytest.raises(AuthenticationError):
@@ -296,6 +302,10 @@ def test_traversal_and_bad_input_get_one_line_errors_and_lose_nothing(server, ht
     one_line_error(http.get(f"/api/documents/{sha}/pages/one.png"), 400)
     one_line_error(http.get(f"/api/documents/{sha}/pages/1.png", params={"box": "1,2,3"}), 400)
     one_line_error(http.get(f"/api/documents/{sha}/pages/1.png", params={"dpi": "lots"}), 400)
+    one_line_error(http.get(f"/api/documents/{sha}/pages/1.png", params={"dpi": "nan"}), 400)
+    # a file part without a file name is refused, not stored under a stock name another such upload would replace
+    r = http.post("/api/documents", files=[("files", ("", b"%PDF-1.7 x", "application/pdf"))])
+    one_line_error(r, 400)
     chat = "/v1/chat/completions"
     assert "JSON" in one_line_error(http.post(chat, content=b"{not json", headers={"Content-Type": "application/json"}), 400)
     one_line_error(http.post(chat, json={"model": "mmrag"}), 400)
@@ -312,3 +322,31 @@ def test_traversal_and_bad_input_get_one_line_errors_and_lose_nothing(server, ht
     one_line_error(http.post("/api/documents", content=b"x", headers={"Content-Type": "text/plain"}), 400)
     assert http.get("/api/documents").json() == before
     assert pymupdf.open(stream=http.get(f"/api/documents/{sha}/pdf").content, filetype="pdf").page_count == 3
+
+
+def test_an_api_token_alone_also_closes_the_web_ui(tiny_clip_files, clip, passages, tmp_path, monkeypatch):
+    """With only ``MMRAG_API_TOKEN`` set (no user and password) the API wants the token, and so
+    does the web UI: its login takes any user name with the token as password."""
+    import copy
+
+    from mmrag.config import DEFAULTS
+    from ui.server import launch
+
+    cfg = copy.deepcopy(DEFAULTS)
+    cfg["data_dir"] = str(tmp_path / "data")
+    cfg["clip"].update(model=str(tiny_clip_files[0]), pretrained=str(tiny_clip_files[1]), device="cpu")
+    cfg["ui"].update(port=_free_port())
+    for k in ("MMRAG_USERNAME", "MMRAG_PASSWORD"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("MMRAG_API_TOKEN", TOKEN)
+    running, url = launch(build(cfg, clip=clip, passages=passages), prevent_thread_lock=True, quiet=True)
+    try:
+        with httpx.Client(base_url=url.rstrip("/"), timeout=60) as browser:
+            assert browser.get("/api/documents").status_code == 401
+            assert browser.get("/config").status_code == 401
+            assert browser.post("/login", data={"username": "anyone", "password": "wrong"}).status_code >= 400
+            assert browser.get("/config").status_code == 401
+            assert browser.post("/login", data={"username": "anyone", "password": TOKEN}).status_code == 200
+            assert browser.get("/config").status_code == 200
+    finally:
+        running.close()

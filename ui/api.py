@@ -109,7 +109,10 @@ class ApiAuth:
                 return False
             return hmac.compare_digest(user.encode(), self.user.encode()) & \
                 hmac.compare_digest(pw.encode(), (self.password or "").encode())
-        return bool(self.session and self.session(request))
+        # the UI's session cookie opens only reads (page links in a signed-in browser): a cookie
+        # rides along on cross-site requests, so it must never authorise an ingest, a remove or a
+        # model call another site's page could send
+        return request.method in ("GET", "HEAD") and bool(self.session and self.session(request))
 
 
 def api_auth(cfg: dict) -> ApiAuth | None:
@@ -437,7 +440,11 @@ def api_router(app, auth: ApiAuth | None) -> APIRouter:
         try:
             paths, names, refused = [], [], []
             for i, f in enumerate(files):
-                name = Path(f.filename or f"upload-{i + 1}.pdf").name or f"upload-{i + 1}.pdf"
+                name = Path(f.filename or "").name
+                if not name:  # a part without a file name: refused rather than named alike (same name replaces)
+                    refused.append(IngestResult(f"part {i + 1}", "failed",
+                                                f"part {i + 1}: refused, an uploaded file needs a file name"))
+                    continue
                 if not name.lower().endswith(".pdf"):
                     refused.append(IngestResult(name, "failed", f"{name}: refused, only .pdf files are accepted"))
                     continue

@@ -5,6 +5,7 @@ the API routes check the same credentials (HTTP Basic) or a bearer token themsel
 
 from __future__ import annotations
 
+import hmac
 import logging
 import secrets
 import threading
@@ -34,11 +35,22 @@ def create_app(app, demo: gr.Blocks | None = None) -> FastAPI:
     demo.queue(default_concurrency_limit=8)
     gr.mount_gradio_app(
         server, demo, path="/", server_name=cfg["ui"]["host"], server_port=int(cfg["ui"]["port"]),
-        auth=auth_from_env(cfg), max_file_size=f"{int(cfg['ui']['max_upload_mb'])}mb",
+        auth=ui_login(cfg, auth), max_file_size=f"{int(cfg['ui']['max_upload_mb'])}mb",
         allowed_paths=[str(Path(cfg["data_dir"]) / "images")], footer_links=["api"], ssr_mode=False)
     if auth is not None:
         auth.session = _ui_session(server)
     return server
+
+
+def ui_login(cfg: dict, auth):
+    """The web UI's login: the configured user and password; with only an API token set, any
+    user name with the token as password (the UI is never open while the API is closed);
+    None when neither is set."""
+    login = auth_from_env(cfg)
+    if login or auth is None or not auth.token:
+        return login
+    token = auth.token
+    return lambda _user, password: hmac.compare_digest(password.encode(), token.encode())
 
 
 def _ui_session(server: FastAPI):
