@@ -75,6 +75,15 @@ class Progress:
         """Figure descriptions done of total (``describe.mode: ingest`` and ``mmrag describe``)."""
 
 
+def failpoint(name: str) -> None:
+    """Crash-test hook: with ``MMRAG_FAILPOINT=name`` in the environment the process kills itself
+    (SIGKILL, as ``kill -9``) at this step, so a test can crash a write exactly where a random kill
+    rarely lands (tests/test_reliability.py). Does nothing otherwise."""
+    if os.environ.get("MMRAG_FAILPOINT") == name:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
 class Library:
     def __init__(self, cfg: dict, store: Store, clip: ImageTextEmbedder, passages: PassageEmbedder,
                  keyword: KeywordIndex | None = None):
@@ -166,6 +175,7 @@ class Library:
         self.keyword.commit()
         for sha in shas:
             self.store.delete_items(sha)
+        failpoint("purge:items")
         self.images.sweep(self.referenced_images())
         self.pdfs.delete(shas)
         self.store.delete_records(shas)

@@ -136,6 +136,22 @@ def test_kill_9_during_remove_and_replacement_leaves_whole_or_gone(make_cfg, wri
         outcomes.append(kill_while_writing(proc, data, rng.uniform(0.0, 0.6)))
         check()
     assert "killed" in outcomes
+    # and at the worst step, where a random kill rarely lands: the old version's (or the removed
+    # document's) items deleted, its record not yet
+    crash = dict(os.environ, MMRAG_FAILPOINT="purge:items")
+    if check() is None:
+        lib.ingest([doc])
+    current = check()
+    doc.write_bytes((v2 if current == file_sha(v1) else v1).read_bytes())
+    assert subprocess.run(cli(config, "ingest", "--quiet", str(doc)), cwd=ROOT, env=crash,
+                          capture_output=True).returncode == -signal.SIGKILL
+    assert check() == file_sha(doc)  # the new version, whole; the old one hidden
+    run_cli(config, "ingest", "--quiet", str(doc))  # finishes removing the old one
+    assert list(on_disk(data)) == [file_sha(doc)]
+    assert subprocess.run(cli(config, "remove", "doc.pdf"), cwd=ROOT, env=crash,
+                          capture_output=True).returncode == -signal.SIGKILL
+    assert check() is None  # gone, not listed with its items missing
+    assert json.loads(run_cli(config, "list", "--json").stdout) == []
     # a final ingest finishes whatever was interrupted and brings the current file back whole
     out = run_cli(config, "ingest", "--quiet", "--json", str(doc))
     [res] = json.loads(out.stdout)
