@@ -593,6 +593,7 @@ def build_ui(app) -> gr.Blocks:
                     stream.close()
                 events.put(("end", None))
 
+        final: dict = {}
         with answering:
             threading.Thread(target=produce, daemon=True, name="mmrag-answer").start()
             yield view({box: gr.update(stop_btn=True)})
@@ -624,9 +625,12 @@ def build_ui(app) -> gr.Blocks:
                         msgs.append({"role": "assistant", "kind": "figure", "path": figs[0].image, "key": figs[0].key})
                     hits = _cited_first(value)
                     remember_sources(conv["citations"], hits)
-                    yield view({gallery: _gallery_items(hits), gallery_keys: _gallery_keys(hits)})
+                    final = {gallery: _gallery_items(hits), gallery_keys: _gallery_keys(hits)}
+        # the answer with its Sources links shows in the event's last update, after the save: a
+        # citation followed as soon as its link appears must not race the answer's own updates
         save(owner, conv)
-        yield view({box: gr.update(stop_btn=False), conv_list: gr.update(choices=conv_choices(owner), value=conv["id"])})
+        yield view(final | {box: gr.update(stop_btn=False),
+                            conv_list: gr.update(choices=conv_choices(owner), value=conv["id"])})
 
     def stop_answer(conv_id):
         with runs_lock:
