@@ -38,6 +38,24 @@ def clip(tiny_clip_files):
     return ClipEmbedder(str(cfg), str(ckpt), "cpu", 32)
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for a server a test starts)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def llm():
+    """The local LLM test server (OpenAI-compatible and Ollama), one per test module."""
+    from tests.llm_server import LLMServer
+
+    with LLMServer() as s:
+        yield s
+
+
 @pytest.fixture(scope="session")
 def passages():
     from index.embedders import SentenceEmbedder

@@ -8,7 +8,6 @@ import io
 import json
 import os
 import re
-import socket
 import subprocess
 
 import httpx
@@ -18,23 +17,12 @@ from PIL import Image
 
 from mmrag.wiring import build
 from tests import pdfgen
+from tests.conftest import free_port
 from tests.llm_server import LLMServer
 from tests.test_pages import PANEL, magenta, rotated_cropped_doc
 
 USER, PASSWORD, TOKEN = "ada", "s3cret-pw", "tok-9f2c4e"
 QUESTION = "Which diagram shows the parser feeding the renderer?"
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def llm():
-    with LLMServer() as s:
-        yield s
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +38,7 @@ def server(tmp_path_factory, tiny_clip_files, clip, passages, llm):
     cfg["data_dir"] = str(tmp / "data")
     cfg["clip"].update(model=str(tiny_clip_files[0]), pretrained=str(tiny_clip_files[1]), device="cpu")
     cfg["llm"].update(model="openai/test-vlm", api_base=llm.api_base, vision=True, timeout_s=5)
-    cfg["ui"].update(port=_free_port(), max_upload_mb=5)
+    cfg["ui"].update(port=free_port(), max_upload_mb=5)
     env = {"MMRAG_USERNAME": USER, "MMRAG_PASSWORD": PASSWORD, "MMRAG_API_TOKEN": TOKEN}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
@@ -335,7 +323,7 @@ def test_an_api_token_alone_also_closes_the_web_ui(tiny_clip_files, clip, passag
     cfg = copy.deepcopy(DEFAULTS)
     cfg["data_dir"] = str(tmp_path / "data")
     cfg["clip"].update(model=str(tiny_clip_files[0]), pretrained=str(tiny_clip_files[1]), device="cpu")
-    cfg["ui"].update(port=_free_port())
+    cfg["ui"].update(port=free_port())
     for k in ("MMRAG_USERNAME", "MMRAG_PASSWORD"):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("MMRAG_API_TOKEN", TOKEN)

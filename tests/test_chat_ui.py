@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import copy
 import io
-import socket
 from pathlib import Path
 
 import pymupdf
 import pytest
 from PIL import Image
 
+from tests.conftest import free_port
 from tests.llm_server import LLMServer
 from tests.pdfgen import LOREM, vector_figure
 
@@ -23,12 +23,6 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--d
 FIG_RECT = pymupdf.Rect(300, 420, 540, 600)  # where pumps.pdf p.2 has its diagram (PDF points)
 FIG_INK = pymupdf.Rect(300, 440, 540, 600)  # what vector_figure draws in it: boxes from 20 pt down
 pytestmark = pytest.mark.browser
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_doc(path: Path, topic: str, fig_page: int, rect: pymupdf.Rect) -> Path:
@@ -47,12 +41,6 @@ def make_doc(path: Path, topic: str, fig_page: int, rect: pymupdf.Rect) -> Path:
 
 
 @pytest.fixture(scope="module")
-def llm():
-    with LLMServer() as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
 def served(tmp_path_factory, clip, passages, llm):
     from mmrag.config import DEFAULTS
     from mmrag.devtools import write_tiny_clip
@@ -66,7 +54,7 @@ def served(tmp_path_factory, clip, passages, llm):
     cfg["data_dir"] = str(tmp / "data")
     cfg["clip"].update(model=str(tiny[0]), pretrained=str(tiny[1]), device="cpu")
     cfg["llm"].update(model="openai/test-vlm", api_base=llm.api_base, vision=True, timeout_s=10)
-    cfg["ui"].update(port=_free_port(), max_upload_mb=5)
+    cfg["ui"].update(port=free_port(), max_upload_mb=5)
     cfg["describe"]["mode"] = "off"
     app = build(cfg, clip=clip, passages=passages)
     pumps = make_doc(tmp / "pumps.pdf", "centrifugal pump impeller", 2, FIG_RECT)
@@ -333,7 +321,7 @@ def test_with_login_the_conversations_belong_to_the_user(make_cfg, clip, passage
 
     monkeypatch.setenv("MMRAG_USERNAME", "ada")
     monkeypatch.setenv("MMRAG_PASSWORD", "s3cret")
-    cfg = make_cfg(ui={"port": _free_port()}, llm={"model": "openai/test-vlm", "api_base": llm.api_base,
+    cfg = make_cfg(ui={"port": free_port()}, llm={"model": "openai/test-vlm", "api_base": llm.api_base,
                                                   "vision": True, "timeout_s": 10}, describe={"mode": "off"})
     running = _launch(build(cfg, clip=clip, passages=passages))
     url = f"http://127.0.0.1:{cfg['ui']['port']}/"

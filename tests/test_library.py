@@ -6,7 +6,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import pytest
 from mmrag.errors import ModelMismatch
 from mmrag.wiring import build
 from tests import pdfgen
-from tests.conftest import ROOT, eval_pdf
+from tests.conftest import ROOT, eval_pdf, free_port
 
 
 def snapshot(app):
@@ -194,16 +193,10 @@ def test_kill_9_during_ingest_leaves_nothing_half_done(write_config, tmp_path):
     assert a == b
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def chroma_server(tmp_path_factory):
     exe = Path(sys.executable).with_name("chroma")
-    port = _free_port()
+    port = free_port()
     path = tmp_path_factory.mktemp("chroma-server")
     proc = subprocess.Popen([str(exe), "run", "--path", str(path), "--port", str(port), "--host", "127.0.0.1"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -3,29 +3,16 @@
 import json
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from mmrag.wiring import build
-from tests.conftest import ROOT, eval_pdf
+from tests.conftest import ROOT, eval_pdf, free_port
 from tests.llm_server import LLMServer
 
 CHROMIUM = "/usr/bin/chromium"
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def llm():
-    with LLMServer() as s:
-        yield s
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +29,7 @@ def served(tmp_path_factory, clip, passages, llm):
     cfg["data_dir"] = str(tmp / "data")
     cfg["clip"].update(model=str(tiny[0]), pretrained=str(tiny[1]), device="cpu")
     cfg["llm"].update(model="openai/test-vlm", api_base=llm.api_base, vision=True, timeout_s=5)
-    cfg["ui"].update(port=_free_port(), max_upload_mb=5)
+    cfg["ui"].update(port=free_port(), max_upload_mb=5)
     app = build(cfg, clip=clip, passages=passages)
     demo, _ = launch(app, prevent_thread_lock=True, quiet=True)
     yield app, f"http://127.0.0.1:{cfg['ui']['port']}/"
@@ -172,7 +159,7 @@ def test_login_covers_the_api(tmp_path, clip, passages, make_cfg, monkeypatch):
 
     monkeypatch.setenv("MMRAG_USERNAME", "ada")
     monkeypatch.setenv("MMRAG_PASSWORD", "s3cret")
-    cfg = make_cfg(ui={"port": _free_port()})
+    cfg = make_cfg(ui={"port": free_port()})
     demo, _ = launch(build(cfg, clip=clip, passages=passages), prevent_thread_lock=True, quiet=True)
     try:
         url = f"http://127.0.0.1:{cfg['ui']['port']}/"
