@@ -28,7 +28,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-EXPORT_VERSION = 2  # in meta.json: a folder exported by other code is rebuilt; raise it when the graphs change
+EXPORT_VERSION = 3  # in meta.json: a folder exported by other code is rebuilt; raise it when the graphs change
 MIN_COSINE = 0.99  # int8 is kept only when every probe vector is at least this close to fp32
 OPSET = 18
 
