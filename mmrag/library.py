@@ -394,19 +394,35 @@ class Library:
             raise BadDocument(f"{name}: {exc}") from None
 
     def _write_pages(self, pool, plan, name: str, progress: Progress, limits) -> dict:
+        """Receive the file's pages in order and embed + store them in batches of ``FLUSH_ITEMS``
+        images. With several extraction workers the batches are embedded and written by a
+        background thread (:class:`_BatchWriter`; ONNX Runtime, Chroma and tantivy release the
+        GIL) while this thread goes on receiving pages, so the workers never wait for an embedding
+        burst; with one worker this thread does it itself, taking turns with the worker page by
+        page as ingest did before it had workers. Either way batches are stored in page order, and
+        every batch is written (or the writer stopped) before this returns or raises, so a
+        rollback never races a write."""
         visual: list[tuple[VisualItem, bytes]] = []
         texts: list[TextItem] = []
         counts = {"figures": 0, "chunks": 0}
         warnings: list[str] = []
-        with closing(pool.pages(plan, self.cfg["ingest"], limits)) as pages:
-            for rec in pages:  # in page order, while the workers extract the next ones
-                warnings += rec.warnings
-                self._collect(rec, name, visual, texts, counts)
-                if len(visual) >= FLUSH_ITEMS:
-                    self._flush(visual, texts)
-                progress.page(rec.page)
-                limits.check()  # between pages too: the time spent embedding counts
-        self._flush(visual, texts)
+        writer = _BatchWriter(self._flush) if pool.size > 1 else None
+        flush = writer.submit if writer else self._flush
+        try:
+            with closing(pool.pages(plan, self.cfg["ingest"], limits)) as pages:
+                for rec in pages:  # in page order, while the workers extract the next ones
+                    warnings += rec.warnings
+                    self._collect(rec, name, visual, texts, counts)
+                    if len(visual) >= FLUSH_ITEMS:
+                        flush(visual, texts)
+                    progress.page(rec.page)
+                    limits.check()  # between pages too: the time spent embedding counts
+            flush(visual, texts)
+            if writer:
+                writer.finish()  # the last batch is stored (or its error raised here)
+        finally:
+            if writer:
+                writer.close(abort=True)  # after finish(): nothing left; after an error: stop
         return dict(counts, warnings=warnings)
 
     def _collect(self, rec: PageRecord, name: str, visual: list, texts: list, counts: dict) -> None:
@@ -610,6 +626,67 @@ class Library:
 
     def _embed_stored_images(self, items: list[VisualItem]) -> np.ndarray:
         return self.clip.embed_images([load_image(self.images.path(it.image)) for it in items])
+
+
+class _BatchWriter:
+    """A thread that embeds and stores batches (``flush(visual, texts)``) one after another, in
+    the order submitted, while the ingesting thread receives the next pages. At most one batch
+    waits while one is written, so memory stays bounded. The first error is raised to the
+    ingesting thread by the next ``submit`` or by ``finish``; batches after it are dropped (the
+    file is rolled back)."""
+
+    def __init__(self, flush: Callable[[list, list], None]):
+        import queue
+        import threading
+
+        self._flush = flush
+        self._queue: queue.Queue = queue.Queue(maxsize=1)
+        self._error: BaseException | None = None
+        self._abort = False
+        self._thread = threading.Thread(target=self._run, name="mmrag-ingest-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            batch = self._queue.get()
+            if batch is None:
+                return
+            if self._error is None and not self._abort:
+                try:
+                    self._flush(*batch)
+                except BaseException as exc:  # raised in the ingesting thread
+                    self._error = exc
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, _WriterStopped()
+            raise error
+
+    def submit(self, visual: list, texts: list) -> None:
+        """Hand over the collected items (the lists are emptied for the next batch); blocks while
+        a batch is being written and another already waits."""
+        self._raise()
+        if visual or texts:
+            self._queue.put((list(visual), list(texts)))
+            visual.clear()
+            texts.clear()
+
+    def finish(self) -> None:
+        """Wait until every submitted batch is stored; raise the writer's error if any."""
+        self.close()
+        self._raise()
+
+    def close(self, abort: bool = False) -> None:
+        """Stop after the batches already submitted, or (``abort``: the file failed) after the one
+        being written; either way no write is under way when this returns."""
+        self._abort = self._abort or abort
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+
+class _WriterStopped(MMRagError):
+    """A batch failed earlier in this file (already raised once)."""
 
 
 def _doc_dict(d: DocRecord) -> dict:

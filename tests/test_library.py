@@ -300,3 +300,45 @@ def test_keyword_search_filters_by_document_and_kind(app, tmp_path):
     assert tables and {h.kind for h in tables} == {"table"}
     assert {h.kind for h in keyword_hits(app, "parser renderer", kinds=["text"])} == {"text"}
     assert keyword_hits(app, "parser renderer", kinds=["page"]) == []
+
+
+class _FailsOnCall:
+    """The real passage model, except that its ``fail_on``-th call raises (a fault while a batch
+    is embedded, e.g. the model running out of memory on a long file)."""
+
+    def __init__(self, real, fail_on: int):
+        self.real, self.fail_on, self.calls = real, fail_on, 0
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+    def embed(self, texts):
+        self.calls += 1
+        if self.calls == self.fail_on:
+            raise RuntimeError("embedding failed on purpose")
+        return self.real.embed(texts)
+
+
+@pytest.mark.parametrize("workers", [2, 1])
+def test_a_batch_failing_mid_file_rolls_the_file_back_and_the_next_file_goes_in(make_cfg, clip, passages,
+                                                                               tmp_path, workers):
+    """A long file is embedded and written in several batches (in a background thread when there
+    are several extraction workers): the second batch fails, after the first was stored. The file
+    fails with the error, none of it stays (items, images, keyword terms, the PDF), and the next
+    file of the same command goes in whole, its pages stored in page order."""
+    from mmrag.library import FLUSH_ITEMS
+
+    faulty = _FailsOnCall(passages, fail_on=2)
+    app = build(make_cfg(ingest={"workers": workers}), clip=clip, passages=faulty)
+    long_pdf = pdfgen.figure_doc(tmp_path / "long.pdf", pages=FLUSH_ITEMS // 2 + 8)  # > 1 batch of images
+    short_pdf = pdfgen.figure_doc(tmp_path / "short.pdf", pages=3)
+    failed, added = app.library.ingest([long_pdf, short_pdf])
+    assert failed.status == "failed" and "embedding failed on purpose" in failed.message
+    assert faulty.calls >= 3  # the first batch was written before the failure, the next file after
+    assert added.status == "added" and added.pages == 3
+    snap = snapshot(app)
+    assert [d[0] for d in snap["docs"]] == ["short.pdf"]
+    assert app.library.store.list_docs(status=None) == app.library.store.list_docs()  # nothing pending
+    assert set(snap["files"]) == app.library.referenced_images()
+    pages = [it.page for batch in app.library.store.iter_items("visual") for it in batch if it.kind == "page"]
+    assert pages == [1, 2, 3]
