@@ -672,25 +672,13 @@ def stage_embed(corpus: Path, model: str, n: int, batch: int, cache: str) -> dic
             "peak_rss_mb": peak_rss_mb()}
 
 
-def stage_retrieval_at_scale(corpus: Path, model: str, items: int, cache: str) -> dict:
-    """Retrieval end to end (both encoders with the default runtime, Chroma queries, keyword
-    search, fusion, records) over ``items`` figures/pages and ``items`` passages: random unit
-    vectors inserted straight into the store (no ingest), synthetic passages for the keyword index."""
+def _build_scale_store(app, clip, passages, items: int) -> float:
+    """Fill ``app``'s store and keyword index with ``items`` seeded random figures/pages and as many
+    passages of synthetic text; returns the seconds it took."""
     import numpy as np
 
-    from index.embedders import ClipEmbedder, SentenceEmbedder
     from index.records import TextItem, VisualItem
-    from mmrag.config import DEFAULTS
-    from mmrag.wiring import build
 
-    cache_dir = Path(cache)
-    ckpt = _random_clip_checkpoint(model, cache_dir)
-    clip = ClipEmbedder(model, str(ckpt), "cpu", runtime=DEFAULTS["clip"]["runtime"], cache_dir=cache_dir / "onnx")
-    passages = SentenceEmbedder("all-MiniLM-L6-v2", "cpu", runtime=DEFAULTS["text_embedder"]["runtime"],
-                                cache_dir=cache_dir / "onnx")
-    cfg = json.loads(json.dumps(DEFAULTS))
-    cfg["data_dir"] = tempfile.mkdtemp(prefix="mmrag-bench-retrieval-")
-    app = build(cfg, clip=clip, passages=passages)
     store = app.library.store
     rng = np.random.default_rng(0)
     text = SyntheticText()
@@ -716,7 +704,37 @@ def stage_retrieval_at_scale(corpus: Path, model: str, items: int, cache: str) -
     store.set_docs({sha: {"doc": f"doc{int(sha, 16)}.pdf", "status": "complete", "pages": 50, "figures": per_doc}
                     for sha in docs})
     app.library.keyword.rebuild(batches, docs)
-    build_s = time.perf_counter() - t0
+    return round(time.perf_counter() - t0, 1)
+
+
+def stage_retrieval_at_scale(corpus: Path, model: str, items: int, cache: str, scale_dir: str = "") -> dict:
+    """Retrieval end to end (both encoders with the default runtime, Chroma queries, keyword
+    search, fusion, records) over ``items`` figures/pages and ``items`` passages: random unit
+    vectors inserted straight into the store (no ingest), synthetic passages for the keyword index.
+    ``scale_dir``: keep the store there and reuse it when a finished one of the same size is
+    there (building takes minutes; the build is the same each time: seeded vectors and text)."""
+    from index.embedders import ClipEmbedder, SentenceEmbedder
+    from mmrag.config import DEFAULTS
+    from mmrag.wiring import build
+
+    cache_dir = Path(cache)
+    ckpt = _random_clip_checkpoint(model, cache_dir)
+    clip = ClipEmbedder(model, str(ckpt), "cpu", runtime=DEFAULTS["clip"]["runtime"], cache_dir=cache_dir / "onnx")
+    passages = SentenceEmbedder("all-MiniLM-L6-v2", "cpu", runtime=DEFAULTS["text_embedder"]["runtime"],
+                                cache_dir=cache_dir / "onnx")
+    cfg = json.loads(json.dumps(DEFAULTS))
+    built = Path(scale_dir) / "mmrag-scale-built.json" if scale_dir else None
+    reuse = bool(built and built.is_file() and json.loads(built.read_text()).get("items") == items)
+    if scale_dir and not reuse:
+        import shutil
+
+        shutil.rmtree(scale_dir, ignore_errors=True)
+    cfg["data_dir"] = scale_dir or tempfile.mkdtemp(prefix="mmrag-bench-retrieval-")
+    app = build(cfg, clip=clip, passages=passages)
+    store = app.library.store
+    build_s = json.loads(built.read_text())["build_s"] if reuse else _build_scale_store(app, clip, passages, items)
+    if built and not reuse:
+        built.write_text(json.dumps({"items": items, "build_s": build_s}))
     assert store.count("visual") == items and store.count("text") == items
     questions = _questions(corpus)
 
@@ -745,7 +763,8 @@ def stage_retrieval_at_scale(corpus: Path, model: str, items: int, cache: str) -
     lat100, again100 = measure(build(fast_cfg, clip=clip2, passages=passages2))
     import shutil
 
-    shutil.rmtree(cfg["data_dir"], ignore_errors=True)
+    if not scale_dir:
+        shutil.rmtree(cfg["data_dir"], ignore_errors=True)
     return {"model": f"{model} (random init)", "clip_backend": clip.backend, "passage_backend": passages.backend,
             "figures_and_pages": items, "passages": items, "store_build_s": round(build_s, 1),
             "ef_search": cfg["chroma"]["ef_search"], "questions": len(lat),
@@ -797,6 +816,8 @@ def main() -> None:
     p.add_argument("--clip-model", default="ViT-B-32")
     p.add_argument("--images", type=int, default=256)
     p.add_argument("--store-items", type=int, default=100_000, help="figures/pages (and as many passages) for scale")
+    p.add_argument("--scale-dir", default="", help="keep the scale stage's store here and reuse it on later "
+                   "runs (default: a temporary folder, deleted)")
     p.add_argument("--models", default=str(ROOT / "bench-out" / "models"),
                    help="folder for the random-init CLIP checkpoint and the benchmark's ONNX exports")
     p.add_argument("--config", help="mmrag config for the retrieval stage (clip weights)")
@@ -813,7 +834,8 @@ def main() -> None:
         name, *rest = a.stage
         fn = {"extract": lambda: stage_extract(Path(rest[0]), rest[1]),
               "embed": lambda: stage_embed(Path(rest[0]), rest[1], int(rest[2]), int(rest[3]), rest[4]),
-              "scale": lambda: stage_retrieval_at_scale(Path(rest[0]), rest[1], int(rest[2]), rest[3]),
+              "scale": lambda: stage_retrieval_at_scale(Path(rest[0]), rest[1], int(rest[2]), rest[3],
+                                                   rest[4] if len(rest) > 4 else ""),
               "chroma": lambda: stage_chroma([int(s) for s in rest[0].split(",")], int(rest[1]), int(rest[2])),
               "retrieval": lambda: stage_retrieval(Path(rest[0]), rest[1] or None, [d for d in rest[2].split(",") if d]),
               "keyword": lambda: stage_keyword(rest[0], int(rest[1]), int(rest[2])),
@@ -839,7 +861,7 @@ def main() -> None:
                   f"image embedding {e['img_s']} img/s (reference fp32 batched {e['reference_img_s']} img/s, "
                   f"{e['img_speedup']}x; target >= 2.5x)", flush=True)
     if "scale" in only:
-        report["scale"] = run_stage(["scale", a.corpus, a.clip_model, str(a.store_items), a.models])
+        report["scale"] = run_stage(["scale", a.corpus, a.clip_model, str(a.store_items), a.models, a.scale_dir])
         print(json.dumps(report["scale"], indent=1), flush=True)
         if "error" not in report["scale"]:
             r = report["scale"]
