@@ -125,3 +125,33 @@ def test_search_is_exact_up_to_ef_search_items_even_on_an_index_made_before(tmp_
     old.add_visual([VisualItem(f"v{i}", "s", "d.pdf", 1, "vector", "") for i in range(len(vecs))], vecs)
     assert exact_answers(old) < len(queries)  # the narrow search really is approximate here
     assert exact_answers(open_store()) == len(queries)
+
+
+def test_the_listed_documents_follow_every_change_to_the_registry(tmp_path):
+    """The embedded store keeps the list of complete documents between searches; every change
+    must still show at once: its own writes (set_doc, set_docs, delete_records) and another
+    process's commit (which moves the generation file)."""
+    gen = tmp_path / "generation"
+
+    def open_store():
+        client = chromadb.PersistentClient(path=str(tmp_path / "chroma"), settings=Settings(anonymized_telemetry=False))
+        return Store(client, f"test|{DIM}", "test-text|8", generation=gen)
+
+    ours, other = open_store(), open_store()
+
+    def listed(status="complete"):
+        return [d.doc for d in ours.list_docs(status)]
+
+    assert listed() == []
+    ours.set_doc("s1", doc="a.pdf", status="complete")
+    assert listed() == listed() == ["a.pdf"]
+    ours.set_docs({"s1": {"status": "removing"}, "s2": {"doc": "b.pdf", "status": "complete"}})
+    assert listed() == ["b.pdf"] and listed("removing") == ["a.pdf"]
+    other.set_doc("s3", doc="c.pdf", status="complete")
+    other.bump()  # another process's commit
+    assert listed() == ["b.pdf", "c.pdf"]
+    ours.delete_records(["s2"])
+    assert listed() == ["c.pdf"]
+    got = ours.list_docs()
+    got.clear()  # a caller changing its list changes nothing kept
+    assert listed() == ["c.pdf"]
