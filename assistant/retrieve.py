@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,7 +19,9 @@ from .records import Hit, key_name
 log = logging.getLogger(__name__)
 
 SIGNALS = ("clip", "text", "keyword")
-_ENCODERS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mmrag-encode")  # the passage encoder's side
+# the passage side (encode, then its Chroma query) and the keyword search of each retrieval run
+# here beside the CLIP side; tasks never wait on each other, so concurrent retrievals only queue
+_SEARCH = ThreadPoolExecutor(max_workers=4, thread_name_prefix="mmrag-search")
 ALL_KINDS = KINDS
 
 
@@ -142,20 +144,30 @@ class Retriever:
             rankings[signal] = [u for u, _ in ranked]
             scored[signal] = ranked
 
-        qv, tv = self._encode(question, clip=bool(vis_kinds and question and "clip" in signals),
-                              text=bool(question and "text" in signals))
-        if qv is not None:
-            take("clip", self.store.query_visual(qv, n, visual_filter))
-        if vis_kinds and image is not None:
-            iv = self.clip.embed_images([image])[0]
-            take("image", self.store.query_visual(iv, n, visual_filter))
-        if prior and vis_kinds:
-            found = self._cited_figures(prior, library, visual_filter)
-            take("history", [Match(item, 1.0 - i / (len(found) + 1)) for i, item in enumerate(found)])
-        if tv is not None:
-            take("text", self.store.query_text(tv, n, text_filter))
+        # The signals are searched at the same time (the encoders, Chroma's queries and Tantivy
+        # release the GIL): the passage side and the keyword search in the pool, the CLIP side
+        # here. Their matches are taken in a fixed order (it decides ties and each unit's record),
+        # so the ranking is the one a sequential search gives.
+        jobs: dict[str, Future] = {}
+        if question and "text" in signals:
+            jobs["text"] = _SEARCH.submit(
+                lambda: self.store.query_text(self.passages.embed_query(question), n, text_filter))
         if question and "keyword" in signals:
-            take("keyword", self._keyword_matches(question, n, complete, text_filter))
+            jobs["keyword"] = _SEARCH.submit(self._keyword_matches, question, n, complete, text_filter)
+        try:
+            if vis_kinds and question and "clip" in signals:
+                take("clip", self.store.query_visual(self.clip.embed_query(question), n, visual_filter))
+            if vis_kinds and image is not None:
+                iv = self.clip.embed_images([image])[0]
+                take("image", self.store.query_visual(iv, n, visual_filter))
+            if prior and vis_kinds:
+                found = self._cited_figures(prior, library, visual_filter)
+                take("history", [Match(item, 1.0 - i / (len(found) + 1)) for i, item in enumerate(found)])
+        finally:
+            wait(jobs.values())  # an error above still lets them finish before it propagates
+        for signal in ("text", "keyword"):
+            if signal in jobs:
+                take(signal, jobs[signal].result())
         weights = dict(rcfg["weights"])
         weights.setdefault("image", weights.get("clip", 1.0))
         weights.setdefault("history", 1.0)
@@ -179,20 +191,6 @@ class Retriever:
             if len(hits) >= k:
                 break
         return self._describe(hits)
-
-    def _encode(self, question: str, clip: bool, text: bool):
-        """(CLIP vector or None, passage vector or None) for the question. Both encoders keep a
-        cache, so a question searched again encodes nothing; when both must run they run at the
-        same time (ONNX Runtime and torch release the GIL; each question session uses one core)."""
-        if clip and text:
-            other = _ENCODERS.submit(self.passages.embed_query, question)
-            try:
-                qv = self.clip.embed_query(question)
-            finally:
-                tv = other.result()
-            return qv, tv
-        return (self.clip.embed_query(question) if clip else None,
-                self.passages.embed_query(question) if text else None)
 
     def _describe(self, hits: list[Hit]) -> list[Hit]:
         """Figure hits carry their description (the figure's ``df-`` passage), when it has one."""
