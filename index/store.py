@@ -209,10 +209,8 @@ class Store:
         if col is not None:
             return col
         name, identity = NAMES[which], self.identity(which)
-        col = self.client.get_or_create_collection(
-            name, metadata={"mmrag:model": identity}, configuration=self._hnsw(), embedding_function=None)
-        if (col.configuration_json.get("hnsw") or {}).get("ef_search") != self.ef_search:
-            col.modify(configuration={"hnsw": {"ef_search": self.ef_search}})  # an index made before
+        col = self._breadth(self.client.get_or_create_collection(
+            name, metadata={"mmrag:model": identity}, configuration=self._hnsw(), embedding_function=None))
         stored = (col.metadata or {}).get("mmrag:model")
         if stored != identity and self.check:
             if col.count() > 0:
@@ -232,9 +230,17 @@ class Store:
         if which in self._checked:
             return self._checked[which]
         try:
-            return self.client.get_collection(NAMES[which], embedding_function=None)
+            return self._breadth(self.client.get_collection(NAMES[which], embedding_function=None))
         except NotFoundError:
             return None
+
+    def _breadth(self, col):
+        """``col`` searching with our ``ef_search`` (an index made before has another). Set before
+        anything reads the collection: the process loads its HNSW index on the first read (a
+        count, a get) with the breadth stored then, and keeps it for later queries."""
+        if (col.configuration_json.get("hnsw") or {}).get("ef_search") != self.ef_search:
+            col.modify(configuration={"hnsw": {"ef_search": self.ef_search}})
+        return col
 
     @property
     def visual(self):

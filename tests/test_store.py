@@ -125,6 +125,13 @@ def test_search_is_exact_up_to_ef_search_items_even_on_an_index_made_before(tmp_
     old.add_visual([VisualItem(f"v{i}", "s", "d.pdf", 1, "vector", "") for i in range(len(vecs))], vecs)
     assert exact_answers(old) < len(queries)  # the narrow search really is approximate here
     assert exact_answers(open_store()) == len(queries)
+    # the breadth is applied before anything loads the index: a count or a listing first (which
+    # loads it in this process) must not leave the searches narrow
+    old = open_store(ef_search=10)
+    assert exact_answers(old) < len(queries)
+    first_read = open_store()
+    assert first_read.count("visual") == len(vecs)
+    assert exact_answers(first_read) == len(queries)
 
 
 def test_the_listed_documents_follow_every_change_to_the_registry(tmp_path):
