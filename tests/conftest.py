@@ -107,6 +107,33 @@ def write_config(tmp_path, tiny_clip_files):
     return write
 
 
+@pytest.fixture(scope="session")
+def eval_dev(tmp_path_factory, tiny_clip_files):
+    """`mmrag eval` over the whole eval-dev corpus (about ten minutes on 2 cores), run once per
+    test session in a subprocess with ``--reuse``, so its index stays in ``data_dir`` for the
+    other tests that need the real corpus (tests/test_eval.py scores it, tests/test_encoders.py
+    checks the encoders' top-10 on it): the corpus is ingested once per session.
+
+    Returns config (its config.yaml), data_dir, run (the --run-out file) and the finished
+    process (returncode, stdout: the JSON report, stderr)."""
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+
+    import yaml
+
+    root = tmp_path_factory.mktemp("eval-dev")
+    body = {"data_dir": str(root / "data"),
+            "clip": {"model": str(tiny_clip_files[0]), "pretrained": str(tiny_clip_files[1]), "device": "cpu"}}
+    config = root / "config.yaml"
+    config.write_text(yaml.safe_dump(body))
+    run = root / "run.jsonl"
+    done = subprocess.run([sys.executable, "-m", "mmrag", "--config", str(config), "eval", "--corpus", str(EVAL),
+                           "--json", "--quiet", "--reuse", "--run-out", str(run)], cwd=ROOT, capture_output=True,
+                          text=True)
+    return SimpleNamespace(config=config, data_dir=root / "data", run=run, process=done)
+
+
 def eval_pdf(name: str) -> Path:
     path = PDFS / name
     if not path.exists():

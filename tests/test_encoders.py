@@ -1,6 +1,7 @@
-"""The ONNX runtime gives the fp32 torch vectors (the accuracy guard), its exports are cached by
-the weights' hash and rebuilt when broken, and a question is encoded once however often it is
-searched. The eval-dev top-10 comparison is in tests/test_eval.py (it shares that ingest)."""
+"""The ONNX runtime gives the fp32 torch vectors (the accuracy guard: cosine on real inputs, and
+the same top-10 items for the eval-dev questions over the eval-dev index), its exports are cached
+by the weights' hash and rebuilt when broken, and a question is encoded once however often it is
+searched."""
 
 import io
 import json
@@ -74,6 +75,87 @@ def test_onnx_passages_give_the_sentence_transformers_vectors(real_inputs, passa
     texts = questions + captions + texts
     assert worst_cosine(passages.embed(texts), reference.embed(texts)) >= MIN_COSINE
     assert passages.backend == "onnx" and reference.backend == "torch"
+
+
+TIE = 2e-6  # reference scores this close to the 10th are fp32 ties (e.g. two identical page renders)
+
+
+def top10_changes(questions_fast: np.ndarray, items_fast: np.ndarray, questions_ref: np.ndarray,
+                  items_ref: np.ndarray, ids: list[str]) -> tuple[list[str], int]:
+    """Brute-force top 10 per question both ways: (one line per question whose top-10 items
+    differ, beyond exact ties at rank 10; how many questions keep the items but in another order).
+
+    >>> q = np.array([[1.0, 0.0]]); items = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
+    >>> top10_changes(q, items, q, items, ["a", "b", "c"])
+    ([], 0)
+    """
+    k = min(10, len(ids))
+    fast, ref = questions_fast @ items_fast.T, questions_ref @ items_ref.T
+    changed, reordered = [], 0
+    for i in range(len(ref)):
+        a, b = np.argsort(-ref[i], kind="stable")[:k], np.argsort(-fast[i], kind="stable")[:k]
+        kth = ref[i][a[-1]]
+        moved = [j for j in set(a) ^ set(b) if abs(ref[i][j] - kth) > TIE]
+        if moved:
+            changed.append(f"question {i}: reference {[ids[j] for j in a]} served {[ids[j] for j in b]}")
+        elif list(a) != list(b):
+            reordered += 1
+    return changed, reordered
+
+
+@pytest.mark.slow
+def test_default_runtime_keeps_the_fp32_top10_for_every_eval_dev_question(eval_dev):
+    """Over the whole eval-dev index (the session's `mmrag eval` ingest), per signal, the default
+    runtime's vectors (figures and pages embedded again here, passages as stored) and fp32 torch's
+    give the same top-10 items for all 48 questions: CLIP question vs figure/page vectors,
+    passage-model question vs passage vectors. The tiny CLIP's random weights make its scores near-ties (the
+    10th and 11th differ by ~4e-4), so any loss of precision shows here: int8 image vectors moved
+    items for 25 of the 48 questions."""
+    from index.embedders import ClipEmbedder, SentenceEmbedder, load_image
+    from mmrag.config import DEFAULTS, load_config
+    from mmrag.wiring import build
+
+    assert eval_dev.process.returncode == 0, eval_dev.process.stderr[-2000:]
+    cfg = load_config(eval_dev.config)
+    app = build(cfg)
+    clip, passages = app.library.clip, app.library.passages
+    assert (clip.runtime, passages.runtime) == (DEFAULTS["clip"]["runtime"], DEFAULTS["text_embedder"]["runtime"])
+    reference_clip = ClipEmbedder(cfg["clip"]["model"], cfg["clip"]["pretrained"], "cpu", runtime="torch")
+    reference_passages = SentenceEmbedder(cfg["text_embedder"]["model"], "cpu", runtime="torch")
+    questions = [json.loads(line)["query"] for line in (EVAL / "queries.jsonl").read_text().splitlines() if line.strip()]
+    assert len(questions) == 48
+
+    visual = app.library.store.visual_items()
+    assert len(visual) > 500 and {v.kind for v in visual} >= {"page", "raster", "vector"}
+    served_visual, reference_visual = [], []
+    for i in range(0, len(visual), 32):
+        images = [load_image(app.library.images.path(v.image)) for v in visual[i:i + 32]]
+        served_visual.append(clip.embed_images(images))
+        reference_visual.append(reference_clip.embed_images(images))
+    served_visual, reference_visual = np.concatenate(served_visual), np.concatenate(reference_visual)
+    assert worst_cosine(served_visual, reference_visual) >= MIN_COSINE
+    served = np.stack([clip.embed_query(q) for q in questions])
+    reference = reference_clip.embed_texts(questions)
+    assert worst_cosine(served, reference) >= MIN_COSINE
+    changed, _ = top10_changes(served, served_visual, reference, reference_visual, [v.id for v in visual])
+    assert clip.backend == "onnx" and not changed, \
+        f"CLIP ({clip.backend}): {len(changed)} of 48 questions get other top-10 figures/pages than fp32 torch:\n" + \
+        "\n".join(changed[:3])
+
+    # the passages as ingest stored them (the default runtime's vectors: embedding them again here
+    # would double the test's time), against fp32 sentence-transformers
+    got = app.library.store.text.get(include=["documents", "embeddings"])
+    ids, texts, served_text = got["ids"], got["documents"], np.asarray(got["embeddings"], np.float32)
+    assert len(ids) > 1000
+    reference_text = reference_passages.embed(texts)
+    assert worst_cosine(served_text, reference_text) >= MIN_COSINE
+    served = np.stack([passages.embed_query(q) for q in questions])
+    reference = reference_passages.embed(questions)
+    assert worst_cosine(served, reference) >= MIN_COSINE
+    changed, _ = top10_changes(served, served_text, reference, reference_text, ids)
+    assert passages.backend == "onnx" and not changed, \
+        f"passages ({passages.backend}): {len(changed)} of 48 questions get other top-10 passages than fp32 " \
+        f"torch:\n" + "\n".join(changed[:3])
 
 
 def test_export_is_keyed_by_the_weights_and_a_broken_cache_is_rebuilt(tmp_path, tiny_clip_files):

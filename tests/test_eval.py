@@ -1,21 +1,17 @@
 """`mmrag eval` on the whole eval-dev corpus (about ten minutes on 2 cores): the bars of the
-ingest, assistant and evaluation issues, checked on every CI run."""
+ingest, assistant and evaluation issues, checked on every CI run. The run is the session's
+``eval_dev`` fixture (tests/conftest.py), whose index tests/test_encoders.py reuses."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import EVAL, ROOT
+from tests.conftest import ROOT
 
 
 @pytest.mark.slow
-def test_eval_dev_scores(write_config, tmp_path):
-    config = write_config()
-    run = tmp_path / "run.jsonl"
-    out = subprocess.run([sys.executable, "-m", "mmrag", "--config", str(config), "eval", "--corpus", str(EVAL),
-                          "--json", "--quiet", "--run-out", str(run)], cwd=ROOT, capture_output=True, text=True)
+def test_eval_dev_scores(eval_dev):
+    out, run = eval_dev.process, eval_dev.run
     assert out.returncode == 0, out.stderr[-2000:]
     r = json.loads(out.stdout)
     (ROOT / "bench-out").mkdir(exist_ok=True)
