@@ -476,6 +476,7 @@ class ClipEmbedder:
 
 
 _POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
 
 
 def _preprocess_pool() -> ThreadPoolExecutor:
@@ -484,8 +485,9 @@ def _preprocess_pool() -> ThreadPoolExecutor:
     cores (the resize of a 612×792 render took ~17 ms of the ~65 ms per image under load); the
     pixels are the same as one image at a time."""
     global _POOL
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=onnxrt.threads(), thread_name_prefix="mmrag-preprocess")
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max_workers=onnxrt.threads(), thread_name_prefix="mmrag-preprocess")
     return _POOL
 
 

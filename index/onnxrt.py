@@ -139,7 +139,10 @@ def cached_build(root: Path, key: str, build: Callable[[Path], dict], rebuild: b
 
     ``build(folder)`` writes the model files into an empty temporary folder and returns the meta
     (with ``files``: the names it wrote); the folder is renamed into place only once complete, so
-    a crash mid-export leaves no half cache. Raises whatever ``build`` raises, or OSError."""
+    a crash mid-export leaves no half cache. The folder's name ends in ``-v`` and
+    :data:`EXPORT_VERSION`, so installs of two versions sharing a cache keep a folder each
+    instead of rebuilding each other's. Raises whatever ``build`` raises, or OSError."""
+    key = f"{key}-v{EXPORT_VERSION}"
     final = root / key
     meta = None if rebuild else read_meta(final)
     if meta is not None:

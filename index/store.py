@@ -205,11 +205,13 @@ class Store:
     def _vectors(self, which: str):
         """The collection for vector work: created if missing, its model checked."""
         self.refresh()
-        col = self._checked.get(which)
+        with self._lock:  # the client and its collections as one pair: refresh() swaps both
+            client, checked = self.client, self._checked
+        col = checked.get(which)
         if col is not None:
             return col
         name, identity = NAMES[which], self.identity(which)
-        col = self._breadth(self.client.get_or_create_collection(
+        col = self._breadth(client.get_or_create_collection(
             name, metadata={"mmrag:model": identity}, configuration=self._hnsw(), embedding_function=None))
         stored = (col.metadata or {}).get("mmrag:model")
         if stored != identity and self.check:
@@ -219,7 +221,9 @@ class Store:
                     f"{identity}; mixing models gives meaningless results. Run `mmrag reindex` to re-embed "
                     f"the stored images and texts with the configured model, or restore the old model in config.yaml.")
             col.modify(metadata={**(col.metadata or {}), "mmrag:model": identity})  # empty: now it is ours
-        self._checked[which] = col
+        with self._lock:
+            if checked is self._checked:  # not when a refresh re-opened meanwhile: its client is newer
+                checked[which] = col
         return col
 
     def _plain(self, which: str):
@@ -227,8 +231,9 @@ class Store:
         from chromadb.errors import NotFoundError
 
         self.refresh()
-        if which in self._checked:
-            return self._checked[which]
+        col = self._checked.get(which)
+        if col is not None:
+            return col
         try:
             return self._breadth(self.client.get_collection(NAMES[which], embedding_function=None))
         except NotFoundError:

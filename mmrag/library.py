@@ -680,9 +680,19 @@ class _BatchWriter:
         """Stop after the batches already submitted, or (``abort``: the file failed) after the one
         being written; either way no write is under way when this returns."""
         self._abort = self._abort or abort
-        if self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join()
+        interrupted: BaseException | None = None
+        stop_sent = False
+        while self._thread.is_alive():  # a second Ctrl-C here must not let the rollback race a write
+            try:
+                if not stop_sent:
+                    self._queue.put(None)
+                    stop_sent = True
+                self._thread.join()
+            except BaseException as exc:  # KeyboardInterrupt: abort, wait on, raise it afterwards
+                self._abort = True
+                interrupted = interrupted or exc
+        if interrupted is not None:
+            raise interrupted
 
 
 class _WriterStopped(MMRagError):
