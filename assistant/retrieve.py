@@ -22,6 +22,28 @@ SIGNALS = ("clip", "text", "keyword")
 # the passage side (encode, then its Chroma query) and the keyword search of each retrieval run
 # here beside the CLIP side; tasks never wait on each other, so concurrent retrievals only queue
 _SEARCH = ThreadPoolExecutor(max_workers=4, thread_name_prefix="mmrag-search")
+
+
+class OneByOne:
+    """An executor that runs each task when it is submitted, in the caller's thread: put in place
+    of ``_SEARCH``, retrieval searches its signals one after another (the reference order that
+    tests and the benchmark compare the concurrent search with).
+
+    >>> OneByOne().submit(sum, [1, 2]).result()
+    3
+    >>> OneByOne().submit(int, "x").exception()
+    ValueError("invalid literal for int() with base 10: 'x'")
+    """
+
+    def submit(self, fn, *args) -> Future:
+        f: Future = Future()
+        try:
+            f.set_result(fn(*args))
+        except Exception as exc:
+            f.set_exception(exc)
+        return f
+
+
 ALL_KINDS = KINDS
 
 

@@ -814,20 +814,6 @@ def _recall_vs_exact(col, n: int = 50, queries: int = 100) -> dict:
     return {f"recall@{n}": round(float(np.mean(r_n)), 3), "recall@10": round(float(np.mean(r_10)), 3)}
 
 
-class _OneByOne:
-    """An executor that runs each task when it is submitted, in the caller's thread."""
-
-    def submit(self, fn, *args):
-        from concurrent.futures import Future
-
-        f = Future()
-        try:
-            f.set_result(fn(*args))
-        except Exception as exc:
-            f.set_exception(exc)
-        return f
-
-
 def stage_retrieval_at_scale(corpus: Path, model: str, items: int, cache: str, scale_dir: str, ef: int) -> dict:
     """Retrieval end to end (both encoders with the default runtime, Chroma queries, keyword
     search, fusion, records) over ``items`` figures/pages and ``items`` passages: random unit
@@ -889,7 +875,7 @@ def stage_retrieval_at_scale(corpus: Path, model: str, items: int, cache: str, s
     if not ef:
         import assistant.retrieve as retrieve_module
 
-        retrieve_module._SEARCH = _OneByOne()  # the signals one after another
+        retrieve_module._SEARCH = retrieve_module.OneByOne()  # the signals one after another
         store._cache_docs, store._complete = False, None  # the document list read at every search
         before = [0.0] * len(questions)
         for _ in range(2):  # the encoders answered by their cache, as in `again`

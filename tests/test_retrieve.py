@@ -4,7 +4,6 @@ gives, and an error on the passage side reaches the caller."""
 
 import copy
 import threading
-from concurrent.futures import Future
 
 import pytest
 
@@ -26,18 +25,6 @@ def app(tmp_path_factory, tiny_clip_files, clip, passages):
     app = build(cfg, clip=clip, passages=passages)
     app.library.ingest([pdfgen.figure_doc(tmp / "manual.pdf", pages=3), pdfgen.figure_doc(tmp / "other.pdf", pages=2)])
     return app
-
-
-class OneByOne:
-    """An executor that runs each task at once, in the caller's thread: retrieval signal by signal."""
-
-    def submit(self, fn, *args):
-        f = Future()
-        try:
-            f.set_result(fn(*args))
-        except Exception as exc:
-            f.set_exception(exc)
-        return f
 
 
 def test_the_passage_side_is_searched_while_the_clip_side_is(app, monkeypatch):
@@ -71,7 +58,7 @@ def test_the_passage_side_is_searched_while_the_clip_side_is(app, monkeypatch):
                                      {"docs": ["other.pdf"]}], ids=str)
 def test_the_ranking_is_the_one_a_search_signal_by_signal_gives(app, monkeypatch, filters):
     together = [app.retriever.retrieve(q, **filters) for q in QUESTIONS]
-    monkeypatch.setattr(retrieve_module, "_SEARCH", OneByOne())
+    monkeypatch.setattr(retrieve_module, "_SEARCH", retrieve_module.OneByOne())
     assert together == [app.retriever.retrieve(q, **filters) for q in QUESTIONS]
     assert all(together) and any(len({s for h in hits for s in h.signals}) > 1 for hits in together)  # fused
 
