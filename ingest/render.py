@@ -8,7 +8,6 @@ applied, relative to the CropBox), PDF points, top-left origin (``ingest.figures
 from __future__ import annotations
 
 import math
-
 import os
 from collections.abc import Sequence
 

@@ -84,6 +84,7 @@ def failpoint(name: str) -> None:
 
         os.kill(os.getpid(), signal.SIGKILL)
 
+
 class Library:
     def __init__(self, cfg: dict, store: Store, clip: ImageTextEmbedder, passages: PassageEmbedder,
                  keyword: KeywordIndex | None = None):
