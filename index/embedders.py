@@ -5,7 +5,9 @@ first embedding, not when made: commands that embed nothing (list, remove) never
 
 Each serves through one of two runtimes (``runtime``): ``torch``, the fp32 reference, or
 ``onnx``, ONNX Runtime on fp32 graphs exported from the same weights on first use
-(``index/onnxrt.py``: cached by the weights' hash). A question's vectors are kept
+(``index/onnxrt.py``: cached by the weights' hash), or, with ``precision="int8"`` (opt-in,
+onnx only), on int8 dynamically quantised copies of them where they pass the probe check (faster;
+near-tied items can change places in a top 10: ``index/onnxrt.py``). A question's vectors are kept
 in a small LRU (:class:`QueryCache`), so a repeated question, an ablation or a re-query costs no
 encoder call.
 """
@@ -56,6 +58,7 @@ class PassageEmbedder(Protocol):
 
 
 RUNTIMES = ("torch", "onnx")
+PRECISIONS = ("fp32", "int8")
 
 
 class QueryCache:
@@ -100,6 +103,23 @@ def _check_runtime(key: str, runtime: str) -> str:
     if runtime not in RUNTIMES:
         raise BadSetting(f"{key}: unknown runtime '{runtime}' (use {' or '.join(RUNTIMES)})")
     return runtime
+
+
+def _check_precision(key: str, precision: str, runtime: str) -> str:
+    """``precision`` when it is known and possible with ``runtime``, else BadSetting naming ``key``.
+
+    >>> _check_precision("clip.precision", "int8", "onnx")
+    'int8'
+    >>> _check_precision("clip.precision", "int8", "torch")
+    Traceback (most recent call last):
+    ...
+    index.errors.BadSetting: clip.precision: int8 needs runtime onnx (the torch runtime is the fp32 reference)
+    """
+    if precision not in PRECISIONS:
+        raise BadSetting(f"{key}: unknown precision '{precision}' (use {' or '.join(PRECISIONS)})")
+    if precision == "int8" and runtime != "onnx":
+        raise BadSetting(f"{key}: int8 needs runtime onnx (the torch runtime is the fp32 reference)")
+    return precision
 
 
 def _key_hash(*parts: object) -> str:
@@ -209,22 +229,28 @@ class ClipEmbedder:
 
     ``runtime``: ``onnx`` (default) serves both towers through ONNX Runtime, exported from these
     weights on first use into ``cache_dir`` (default :func:`onnxrt.cache_root`); ``torch`` is the
-    fp32 reference. When the export cannot be made (an exotic model), or the device is a GPU that
+    fp32 reference. ``precision``: ``fp32`` (default) or ``int8`` (onnx on CPU only: each tower's
+    int8 copy serves where its probe cosine to fp32 is ≥ ``onnxrt.MIN_COSINE``, else fp32 with a
+    warning; ``served`` then says which precision each tower runs). When the export cannot be made (an exotic model), or the device is a GPU that
     this onnxruntime build cannot use, the torch runtime serves instead and ``backend`` says so.
 
     Nothing is loaded until the first embedding: ``identity`` and ``dim`` come from the model
     config and the checkpoint's hash, so the index's model guard runs without the weights."""
 
     def __init__(self, model: str, pretrained: str | None, device: str = "auto", batch_size: int = 32,
-                 runtime: str = "onnx", cache_dir: str | os.PathLike | None = None):
+                 runtime: str = "onnx", cache_dir: str | os.PathLike | None = None, precision: str = "fp32"):
         self.model_name = model
         self.pretrained = pretrained or None
         self.device_name = device
         self.batch_size = batch_size
         self.runtime = _check_runtime("clip.runtime", runtime)
+        self.precision = _check_precision("clip.precision", precision, self.runtime)
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.backend: str | None = None  # the runtime in use once loaded: "torch" or "onnx"
-        self.onnx_meta: dict | None = None
+        self.onnx_meta: dict | None = None  # the fp32 export's meta.json
+        self.int8_meta: dict | None = None  # with precision int8: the int8 folder's meta.json
+        self.served: dict[str, str] = {}  # once loaded: tower ("text", "image") -> "fp32" or "int8"
+        self._graphs: dict[str, Path] = {}
         self._identity: str | None = None
         self._lock = threading.RLock()
         self._queries = QueryCache()
@@ -286,6 +312,8 @@ class ClipEmbedder:
                                 name, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
             if self.backend is None:
                 self._load_torch(name)
+                if self.precision == "int8":
+                    log.warning("clip.precision int8: the torch runtime serves (see above), in fp32")
             return self
 
     def _onnx_device_ok(self) -> bool:
@@ -318,6 +346,7 @@ class ClipEmbedder:
         self.tokenizer = open_clip.get_tokenizer(name)
         self.model = model
         self.backend = "torch"
+        self.served = {"text": "fp32", "image": "fp32"}
         self._check_dim(name)
 
     def _check_dim(self, name: str) -> None:
@@ -343,8 +372,12 @@ class ClipEmbedder:
         self.preprocess = image_transform_v2(PreprocessCfg(**meta["preprocess"]), is_train=False)
         self.onnx_meta = meta
         self._sessions = {}
+        self._graphs = {t: self.onnx_folder / meta[t]["fp32"] for t in ("text", "image")}
+        self.served = {"text": "fp32", "image": "fp32"}
         self.backend = "onnx"
         try:
+            if self.precision == "int8":
+                self._use_int8(name, root, rebuild)
             self._check_dim(name)
             self._session("image")
         except (WeightsUnavailable, BadSetting):
@@ -363,13 +396,53 @@ class ClipEmbedder:
             with self._lock:  # made once per tower
                 s = self._sessions.get(tower)
                 if s is None:
-                    part = self.onnx_meta[tower]
-                    cuda = self.device.startswith("cuda")
-                    # an int8 graph (dynamic quantisation) would run on CPU kernels only: the GPU gets fp32
                     s = self._sessions[tower] = onnxrt.session(
-                        self.onnx_folder / (part["fp32"] if cuda else part["file"]), cuda,
+                        self._graphs[tower], self.device.startswith("cuda"),
                         1 if tower == "text" else None)  # text: questions and 8 labels (onnxrt.session)
         return s
+
+    def _use_int8(self, name: str, root: Path, rebuild: bool) -> None:
+        """Serve each tower's int8 copy where it passes the probe check: built once from the fp32
+        graphs into ``<fp32 key>-int8`` (:func:`onnxrt.int8_graph`), then reused."""
+        if self.device.startswith("cuda"):  # dynamic quantisation runs on CPU kernels only
+            log.warning("clip.precision int8: int8 graphs run on the CPU only; on %s both towers serve fp32",
+                        self.device)
+            return
+        self.int8_folder, meta = onnxrt.cached_build(root, self._onnx_key(name) + "-int8", self._build_int8,
+                                                     rebuild=rebuild)
+        self.int8_meta = meta
+        for tower in ("text", "image"):
+            part = meta[tower]
+            if part["serves"] == "int8":
+                self._graphs[tower], self.served[tower] = self.int8_folder / part["file"], "int8"
+            else:
+                log.warning("clip.precision int8: the %s tower serves fp32: %s", tower, part["why"])
+
+    def _build_int8(self, out: Path) -> dict:
+        """int8 copies of both fp32 graphs in ``out``, each checked on the probe set against its fp32
+        graph (texts one at a time, as questions come; the probe images as one batch)."""
+        log.info("quantising %s to int8 (once for these weights)", self.onnx_folder.name)
+        texts, images = onnxrt.PROBE_TEXTS, onnxrt.probe_images()
+        pixels = np.stack([self.preprocess(im).numpy() for im in images])
+
+        def run_text(path: Path) -> np.ndarray:
+            s = onnxrt.session(path)
+            out = []
+            for t in texts:
+                tokens = self.tokenizer([t]).numpy().astype(np.int64)
+                if self.onnx_meta["trim"]:
+                    tokens = tokens[:, :int(tokens.argmax(axis=1).max()) + 1]
+                out.append(s.run(None, {"tokens": tokens})[0])
+            return np.concatenate(out)
+
+        def run_image(path: Path) -> np.ndarray:
+            return onnxrt.session(path).run(None, {"pixels": pixels})[0]
+
+        text = onnxrt.int8_graph(self._graphs["text"], out, "text.int8.onnx", run_text)
+        image = onnxrt.int8_graph(self._graphs["image"], out, "image.int8.onnx", run_image)
+        return {"model": self.onnx_meta["model"], "identity": self.identity, "precision": "int8",
+                "fp32_folder": self.onnx_folder.name, "text": text, "image": image,
+                "files": text["files"] + image["files"]}
 
     def _export(self, name: str, folder: Path) -> dict:
         """Export both towers from the torch model into ``folder`` (fp32, checked against torch on the probes)."""
@@ -421,10 +494,9 @@ class ClipEmbedder:
         def run_image(path: Path) -> np.ndarray:
             return onnxrt.session(path).run(None, {"pixels": pixels.numpy()})[0]
 
-        # both towers serve fp32: int8 kept cosine >= 0.999 but moved near-tied items in the top 10
-        # (onnxrt's docstring; tests/test_encoders.py guards it on the eval-dev index)
-        text_meta = onnxrt.choose_precision(folder, run_text, ref_text, "text.onnx", None)
-        image_meta = onnxrt.choose_precision(folder, run_image, ref_image, "image.onnx", None)
+        # fp32 graphs; int8 copies are made beside them only with precision int8 (_use_int8)
+        text_meta = onnxrt.choose_precision(folder, run_text, ref_text, "text.onnx")
+        image_meta = onnxrt.choose_precision(folder, run_image, ref_image, "image.onnx")
         pp = {k: list(v) if isinstance(v, tuple) else v for k, v in model.visual.preprocess_cfg.items()}
         return {"model": name, "identity": self.identity, "trim": trim, "preprocess": pp,
                 "text": dict(text_meta, fp32="text.onnx"), "image": dict(image_meta, fp32="image.onnx"),
@@ -536,17 +608,23 @@ class SentenceEmbedder:
     exported from the folder's weights on first use (as sentence-transformers computes it:
     tokenizer with the model's max_seq_length, masked mean of the token vectors, unit length);
     it applies to local folders whose modules are Transformer, mean Pooling and Normalize, others
-    (and ``torch``) use sentence-transformers itself, the fp32 reference."""
+    (and ``torch``) use sentence-transformers itself, the fp32 reference. ``precision``: ``fp32``
+    (default) or ``int8`` (onnx on CPU only: the int8 copy serves when its probe cosine to fp32
+    is ≥ ``onnxrt.MIN_COSINE``, else fp32 with a warning: all-MiniLM-L6-v2's is 0.977, so it
+    serves fp32; ``served`` says which)."""
 
     def __init__(self, model: str = "all-MiniLM-L6-v2", device: str = "auto", batch_size: int = 64,
-                 runtime: str = "onnx", cache_dir: str | os.PathLike | None = None):
+                 runtime: str = "onnx", cache_dir: str | os.PathLike | None = None, precision: str = "fp32"):
         self.model_name = model
         self.device_name = device
         self.batch_size = batch_size
         self.runtime = _check_runtime("text_embedder.runtime", runtime)
+        self.precision = _check_precision("text_embedder.precision", precision, self.runtime)
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.backend: str | None = None
-        self.onnx_meta: dict | None = None
+        self.onnx_meta: dict | None = None  # the fp32 export's meta.json
+        self.int8_meta: dict | None = None  # with precision int8: the int8 folder's meta.json
+        self.served: str | None = None  # once loaded: "fp32" or "int8"
         self.model = None
         self._dim: int | None = None
         self._lock = threading.RLock()
@@ -584,7 +662,10 @@ class SentenceEmbedder:
                                 str(exc).splitlines()[0] if str(exc) else "")
             if self.backend is None:
                 self.model = self._st_model(folder, device)
-                self.backend = "torch"
+                self.backend, self.served = "torch", "fp32"
+                if self.precision == "int8":
+                    log.warning("text_embedder.precision int8: sentence-transformers serves %s, in fp32 (int8 needs "
+                                "the onnx runtime on a local mean-pooling model folder, on the CPU)", self.model_name)
             return self
 
     def _st_model(self, folder: Path | None, device: str):
@@ -643,7 +724,9 @@ class SentenceEmbedder:
         self.onnx_meta = meta
         try:
             cuda = self.device.startswith("cuda")
-            graph = self.onnx_folder / (meta["fp32"] if cuda else meta["file"])
+            graph, self.served = self.onnx_folder / meta["fp32"], "fp32"
+            if self.precision == "int8":
+                graph = self._int8_graph(root, key, rebuild) or graph
             self._session = onnxrt.session(graph, cuda)  # batches of passages: every core
             self._one = onnxrt.session(graph, cuda, 1) if not cuda else self._session  # a question
             self.backend = "onnx"
@@ -655,6 +738,35 @@ class SentenceEmbedder:
             log.warning("the cached ONNX model in %s is unreadable (%s); exporting it again", self.onnx_folder,
                         type(exc).__name__)
             self._load_onnx(folder, plan, rebuild=True)
+
+    def _int8_graph(self, root: Path, key: str, rebuild: bool) -> Path | None:
+        """The int8 graph to serve (built once from the fp32 graph into ``<key>-int8`` and checked on
+        the probe texts against it: :func:`onnxrt.int8_graph`), or None (and a warning) when fp32 serves."""
+        if self.device.startswith("cuda"):
+            log.warning("text_embedder.precision int8: int8 graphs run on the CPU only; on %s fp32 serves", self.device)
+            return None
+        fp32 = self.onnx_folder / self.onnx_meta["fp32"]
+
+        def build(out: Path) -> dict:
+            log.info("quantising %s to int8 (once for these weights)", self.model_name)
+
+            def run(path: Path) -> np.ndarray:
+                self._session, self._one = onnxrt.session(path), None
+                try:
+                    return self._vectors(onnxrt.PROBE_TEXTS)
+                finally:
+                    self._session = None
+
+            part = onnxrt.int8_graph(fp32, out, "model.int8.onnx", run)
+            return dict(part, model=self.model_name, precision="int8", fp32_folder=self.onnx_folder.name)
+
+        self.int8_folder, meta = onnxrt.cached_build(root, key + "-int8", build, rebuild=rebuild)
+        self.int8_meta = meta
+        if meta["serves"] != "int8":
+            log.warning("text_embedder.precision int8: %s serves fp32: %s", self.model_name, meta["why"])
+            return None
+        self.served = "int8"
+        return self.int8_folder / meta["file"]
 
     def _export(self, folder: Path, out: Path) -> dict:
         import torch
@@ -692,7 +804,7 @@ class SentenceEmbedder:
             finally:
                 self._session = None
 
-        meta = onnxrt.choose_precision(out, run, reference, "model.onnx", None)  # fp32: see onnxrt
+        meta = onnxrt.choose_precision(out, run, reference, "model.onnx")  # int8 only when asked: _int8_graph
         return dict(meta, fp32="model.onnx", model=self.model_name, torch=torch.__version__)
 
     def _vectors(self, texts: list[str]) -> np.ndarray:

@@ -7,12 +7,20 @@ folder is rebuilt, and a folder appears only complete (built under a temporary n
 renamed). Each graph is checked against the torch model on a fixed probe set (texts,
 figure-like images: :func:`probe_images`) and the cosines written to the folder's ``meta.json``.
 
-Every tower serves fp32. :func:`choose_precision` can keep an int8 dynamically quantised copy when
-its probe cosine is ≥ :data:`MIN_COSINE`, but no tower uses it: int8 kept cosine ≥ 0.999 and still
-failed the accuracy guard (the same top-10 items as fp32 torch for the eval-dev questions,
-tests/test_encoders.py): the image tower's int8 vectors moved near-tied figures for 25 of 48
-questions, the CLIP text tower's reordered near-ties for 15 (one across rank 10), MiniLM's cosine was
-0.977 (docs/BENCHMARKS.md).
+Every tower serves fp32 by default. ``precision: int8`` (``clip.precision``,
+``text_embedder.precision``; opt-in) adds an int8 dynamically quantised copy of each fp32 graph
+(:func:`int8_graph`) in a folder of its own, named by the fp32 folder's key plus ``-int8``: the
+fp32 graphs are shared (switching precision back and forth exports nothing again, and never serves
+the other precision's graph). Its ``meta.json`` records, per graph, which file serves and the
+probe cosine of the int8 vectors to the fp32 graph's: a graph whose int8 copy falls below
+:data:`MIN_COSINE` on any probe serves fp32 (the embedder logs a warning saying so on every load).
+
+What int8 trades: the image tower ran 52.8 vs 20.4 img/s (model only, batch 32, 2 cores), the
+CLIP text tower ~2.5× faster; it kept cosine ≥ 0.999 on the probes and still changed the top 10
+of near-tied items: on the tests' random-weight CLIP (10th and 11th scores ~4e-4 apart) the image
+tower's int8 vectors moved figures for 25 of the 48 eval-dev questions, the text tower's for 15;
+MiniLM's int8 cosine was 0.977, so the passage model always falls back to fp32
+(docs/BENCHMARKS.md). That is why fp32 is the default and int8 is the user's informed choice.
 
 Only ``index/embedders.py`` uses this module.
 """
@@ -243,31 +251,37 @@ def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def choose_precision(folder: Path, run: Callable[[Path], np.ndarray], reference: np.ndarray,
-                     fp32: str = "model.onnx", int8: str | None = "model.int8.onnx") -> dict:
-    """Check the exported fp32 graph against the torch ``reference`` vectors (they must agree to
-    1e-4: anything less is an export bug, raised as RuntimeError), quantise it to int8 (unless
-    ``int8`` is None), and keep the int8 file only when ``run`` on it gives cosine ≥ MIN_COSINE
-    for every probe. Returns the meta entries: ``file`` (the graph CPU serving uses), ``files``,
-    the two minimum cosines."""
+                     fp32: str = "model.onnx") -> dict:
+    """Check the exported fp32 graph ``folder/fp32`` against the torch ``reference`` vectors (they
+    must agree to 1e-4: anything less is an export bug, raised as RuntimeError). Returns the meta
+    entries: ``file`` (the graph that serves), ``files``, ``fp32_min_cosine``. An int8 copy is made
+    separately, only when asked for (:func:`int8_graph`)."""
     got = run(folder / fp32)
     fp32_cos = min_cosine(got, reference)
     if fp32_cos < 1 - 1e-4:
         raise RuntimeError(f"the exported graph does not reproduce the torch model (cosine {fp32_cos:.5f})")
-    meta = {"file": fp32, "files": [fp32], "fp32_min_cosine": round(fp32_cos, 6), "int8_min_cosine": None}
-    if int8 is None:
-        return meta
+    return {"file": fp32, "files": [fp32], "fp32_min_cosine": round(fp32_cos, 6)}
+
+
+def int8_graph(src: Path, out: Path, name: str, run: Callable[[Path], np.ndarray]) -> dict:
+    """Quantise the fp32 graph ``src`` to int8 as ``out/name`` (:func:`quantize`) and keep it when
+    ``run`` on it gives probe vectors with cosine ≥ :data:`MIN_COSINE` to ``run`` on ``src`` for
+    every probe (``run(path)``: the probe set's (n, d) vectors through the graph at ``path``).
+
+    Returns the meta entry: ``serves`` (``"int8"`` or ``"fp32"``), ``file`` (``name``, or None
+    when fp32 serves), ``files``, ``int8_min_cosine`` (None when quantisation failed) and ``why``
+    (None, or the reason fp32 serves, in words). Never raises for a graph that cannot be
+    quantised: fp32 then serves."""
+    reference = run(src)
     try:
-        quantize(folder / fp32, folder / int8)
-        int8_cos = min_cosine(run(folder / int8), reference)
+        quantize(src, out / name)
+        cos = min_cosine(run(out / name), reference)
     except Exception as exc:  # quantisation is an optimisation: fp32 serves when it fails
-        log.warning("int8 quantisation of %s failed (%s: %s); serving fp32", folder.name, type(exc).__name__, exc)
-        (folder / int8).unlink(missing_ok=True)
-        return meta
-    meta["int8_min_cosine"] = round(int8_cos, 6)
-    if int8_cos >= MIN_COSINE:
-        meta.update(file=int8, files=[fp32, int8])
-    else:
-        log.info("%s: int8 cosine to fp32 is %.4f < %.2f on the probe set: serving fp32", folder.name, int8_cos,
-                 MIN_COSINE)
-        (folder / int8).unlink()
-    return meta
+        (out / name).unlink(missing_ok=True)
+        return {"serves": "fp32", "file": None, "files": [], "int8_min_cosine": None,
+                "why": f"int8 quantisation failed ({type(exc).__name__}: {str(exc)[:200]})"}
+    if cos >= MIN_COSINE:
+        return {"serves": "int8", "file": name, "files": [name], "int8_min_cosine": round(cos, 6), "why": None}
+    (out / name).unlink()
+    return {"serves": "fp32", "file": None, "files": [], "int8_min_cosine": round(cos, 6),
+            "why": f"the int8 graph's cosine to fp32 is {cos:.4f} < {MIN_COSINE} on the probe set"}

@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 DEFAULT_EF_SEARCH = 2000
 
@@ -18,12 +18,23 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def _int8_needs_onnx(value: str, info: ValidationInfo) -> str:
+    """``precision`` int8 is an ONNX Runtime graph: with ``runtime: torch`` it is refused."""
+    if value == "int8" and info.data.get("runtime") == "torch":
+        raise ValueError("int8 needs runtime: onnx (runtime: torch is the fp32 reference); use fp32 or set "
+                         "runtime: onnx")
+    return value
+
+
 class ClipSettings(Section):
     model: str = "ViT-B-32"  # open_clip model name, or the path of a JSON open_clip model config
     pretrained: str | None = "laion2b_s34b_b79k"  # pretrained tag, or the path of a local checkpoint
     device: str = "auto"  # auto (CUDA when present, else CPU), cpu, mps, cuda, cuda:N
     batch_size: int = Field(32, gt=0)
     runtime: Literal["torch", "onnx"] = "onnx"  # onnx: ONNX Runtime export of these weights; torch: fp32 reference
+    # fp32: exact; int8: dynamically quantised ONNX graphs (onnx only), faster, near-ties may reorder
+    precision: Literal["fp32", "int8"] = "fp32"
+    _precision = field_validator("precision")(_int8_needs_onnx)
 
     @field_validator("device")
     @classmethod
@@ -37,6 +48,8 @@ class TextEmbedderSettings(Section):
     model: str = "all-MiniLM-L6-v2"  # sentence-transformers model name or local folder
     batch_size: int = Field(64, gt=0)
     runtime: Literal["torch", "onnx"] = "onnx"  # onnx: ONNX Runtime export; torch: sentence-transformers
+    precision: Literal["fp32", "int8"] = "fp32"  # as clip.precision (int8 falls back to fp32 below the probe check)
+    _precision = field_validator("precision")(_int8_needs_onnx)
 
 
 class ChromaSettings(Section):

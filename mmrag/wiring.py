@@ -33,11 +33,11 @@ class App:
 
 
 def build_clip(c: ClipSettings) -> ClipEmbedder:
-    return ClipEmbedder(c.model, c.pretrained, c.device, c.batch_size, c.runtime)
+    return ClipEmbedder(c.model, c.pretrained, c.device, c.batch_size, c.runtime, precision=c.precision)
 
 
 def build_passages(t: TextEmbedderSettings, device: str = "auto") -> SentenceEmbedder:
-    return SentenceEmbedder(t.model, device, t.batch_size, t.runtime)
+    return SentenceEmbedder(t.model, device, t.batch_size, t.runtime, precision=t.precision)
 
 
 def build(cfg: dict, clip=None, passages=None, client=None, llm=None, check: bool = True) -> App:

@@ -36,6 +36,9 @@ def test_unknown_config_key_is_a_clear_error(tmp_path):
     ("ingest:\n  chunk_size: 0\n", "ingest.chunk_size' = 0 is not allowed: it should be greater than 0"),
     ("retrieval:\n  fusoin: rrf\n", "unknown config key 'retrieval.fusoin' (known: k, candidates, fusion,"),
     ("llm: gpt-4o\n", "config key 'llm' must be a mapping, not 'gpt-4o'"),
+    ("clip:\n  precision: int8\n  runtime: torch\n",
+     "clip.precision' = 'int8' is not allowed: int8 needs runtime: onnx (runtime: torch is the fp32 reference)"),
+    ("text_embedder:\n  precision: fp16\n", "text_embedder.precision' = 'fp16' is not allowed: it should be 'fp32' or 'int8'"),
 ])
 def test_a_bad_config_stops_every_command_with_one_line(tmp_path, body, says):
     bad = tmp_path / "c.yaml"

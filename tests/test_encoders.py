@@ -216,3 +216,76 @@ def test_a_question_is_encoded_once_however_often_it_is_searched(app, clip, pass
                                                                  {"role": "assistant", "content": "See [a.pdf p.1]."}])
     assert len(calls["clip"]) == len(calls["text"]) == 2  # the rewritten question, once per encoder
     assert calls["clip"][1] == calls["text"][1] == [follow.standalone] and follow.standalone != question
+
+
+def test_int8_precision_serves_the_int8_graphs_and_fp32_comes_back_exactly(real_inputs, tmp_path, tiny_clip_files):
+    """``clip.precision: int8`` serves each tower's int8 copy (it passes the probe check on the tiny
+    CLIP), built once beside the fp32 export without exporting again; switching back to fp32 gives
+    the fp32 vectors exactly, and switching to int8 again quantises nothing again."""
+    from index.embedders import ClipEmbedder
+
+    questions, captions, _, figures = real_inputs
+    texts, images = questions[:12] + captions[:4], figures[:12]
+    cache = tmp_path / "models"
+    cfg, ckpt = str(tiny_clip_files[0]), str(tiny_clip_files[1])
+
+    def vectors(precision: str):
+        e = ClipEmbedder(cfg, ckpt, "cpu", runtime="onnx", cache_dir=cache, precision=precision)
+        return e, np.concatenate([e.embed_texts(texts), np.stack([e.embed_query(q) for q in questions[:4]])]), \
+            e.embed_images(images)
+
+    fp32, fp32_text, fp32_images = vectors("fp32")
+    assert fp32.served == {"text": "fp32", "image": "fp32"} and fp32.int8_meta is None
+    export_stamp = (fp32.onnx_folder / "meta.json").stat().st_mtime_ns
+
+    int8, int8_text, int8_images = vectors("int8")
+    assert int8.backend == "onnx" and int8.served == {"text": "int8", "image": "int8"}
+    assert int8.onnx_folder == fp32.onnx_folder and int8.int8_folder != fp32.onnx_folder
+    assert (fp32.onnx_folder / "meta.json").stat().st_mtime_ns == export_stamp  # the fp32 export is shared
+    on_disk = json.loads((int8.int8_folder / "meta.json").read_text())
+    assert {t: on_disk[t]["file"] for t in ("text", "image")} == {"text": "text.int8.onnx", "image": "image.int8.onnx"}
+    assert min(on_disk[t]["int8_min_cosine"] for t in ("text", "image")) >= MIN_COSINE
+    # the int8 graphs really serve: their vectors move far beyond fp32 rounding (~1e-6), yet stay close
+    for served, reference in ((int8_text, fp32_text), (int8_images, fp32_images)):
+        assert np.abs(served - reference).max() > 1e-3
+        assert worst_cosine(served, reference) >= MIN_COSINE
+    int8_stamp = (int8.int8_folder / "meta.json").stat().st_mtime_ns
+
+    back, back_text, back_images = vectors("fp32")
+    assert back.served == {"text": "fp32", "image": "fp32"}
+    assert np.allclose(back_text, fp32_text, atol=1e-6) and np.allclose(back_images, fp32_images, atol=1e-6)
+    again, again_text, again_images = vectors("int8")
+    assert again.served == {"text": "int8", "image": "int8"}
+    assert np.allclose(again_text, int8_text, atol=1e-6) and np.allclose(again_images, int8_images, atol=1e-6)
+    assert (int8.int8_folder / "meta.json").stat().st_mtime_ns == int8_stamp  # quantised once
+    assert (fp32.onnx_folder / "meta.json").stat().st_mtime_ns == export_stamp
+    assert sorted(p.name for p in cache.iterdir()) == sorted([fp32.onnx_folder.name, int8.int8_folder.name])
+
+
+def test_int8_passage_model_falls_back_to_fp32_through_the_probe_check(real_inputs, passages, caplog):
+    """MiniLM's int8 copy is too far from fp32 on the probe texts (cosine ~0.977 < 0.99): with
+    ``text_embedder.precision: int8`` the fp32 graph serves, the int8 folder records why, and every
+    load warns (the decision is cached: nothing is quantised again)."""
+    import logging
+
+    from index.embedders import SentenceEmbedder
+    from index.onnxrt import MIN_COSINE as PROBE_MIN
+
+    questions, captions, texts, _ = real_inputs
+    texts = questions[:8] + texts[:8]
+    for attempt in range(2):  # the first builds the int8 folder, the second reads its decision
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="index.embedders"):
+            int8 = SentenceEmbedder("all-MiniLM-L6-v2", "cpu", precision="int8")
+            got = int8.embed(texts)
+        assert int8.backend == "onnx" and int8.served == "fp32"
+        meta = json.loads((int8.int8_folder / "meta.json").read_text())
+        assert meta["serves"] == "fp32" and meta["file"] is None and meta["int8_min_cosine"] < PROBE_MIN
+        assert not list(int8.int8_folder.glob("*.onnx"))
+        warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert any("text_embedder.precision int8" in w and f"{meta['int8_min_cosine']:.4f} < 0.99" in w
+                   for w in warned), warned
+        if attempt == 0:
+            stamp = (int8.int8_folder / "meta.json").stat().st_mtime_ns
+    assert (int8.int8_folder / "meta.json").stat().st_mtime_ns == stamp
+    assert np.allclose(got, passages.embed(texts), atol=1e-6)  # the fp32 vectors, exactly
