@@ -10,7 +10,9 @@ Stages (each in its own process, so peak RSS is the stage's own):
             blocks of the corpus) with the default runtime vs bare fp32 batched open_clip /
             sentence-transformers; cosine of each to the reference and how many questions get another
             brute-force top 10 (CLIP: over the page images; passage model: over the text blocks);
-            first-use (export) time
+            first-use (export) time. Then the same figures with the opt-in `precision: int8` (the
+            `int8` entry: which graph each tower serves, question encode p50/p95, img/s, cosines and
+            top-10 changes against the same fp32 reference), so the speed and what it costs sit side by side
   scale     retrieval end to end (both encoders, Chroma, keyword, fusion) at --store-items figures/pages and
             as many passages (random vectors inserted straight into the store, synthetic passage text)
   chroma    Chroma query latency p50/p95 at 10k/100k/1M stored vectors, index size on disk
@@ -754,7 +756,71 @@ def stage_embed(corpus: Path, model: str, n: int, batch: int, cache: str) -> dic
             "passage_min_cosine_to_reference": round(min_cosine(ours_pv, ref_pv), 5),
             "top10_clip_questions_vs_page_images": top10_changed(ours_q, ours, ref_q, ref),
             "top10_passage_questions_vs_passages": top10_changed(ours_p, ours_pv, ref_p, ref_pv),
+            "int8": _embed_int8(model, ckpt, batch, cache_dir / "onnx", questions, images, texts,
+                                {"q": ref_q, "p": ref_p, "img": ref, "pv": ref_pv, "img_s": ref_img_s}, ours_pv,
+                                top10_changed, lat["ref"]),
             "peak_rss_mb": peak_rss_mb()}
+
+
+def _embed_int8(model: str, ckpt: Path, batch: int, cache: Path, questions: list[str], images: list, texts: list[str],
+                ref: dict, ours_pv, top10_changed, ref_ms: list[float]) -> dict:
+    """The embed stage's figures with ``precision: int8`` (the same weights and cache; the int8
+    graphs are quantised from the cached fp32 exports on first use): which graph serves per tower,
+    question encode latency (both encoders at once, as the retriever runs them), image img/s, the
+    cosine of each to the bare fp32 reference ``ref`` (vectors the caller measured) and how many
+    questions get another brute-force top 10 than the reference."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    from index.embedders import ClipEmbedder, SentenceEmbedder
+    from index.onnxrt import min_cosine
+
+    clip = ClipEmbedder(model, str(ckpt), "cpu", batch, runtime="onnx", cache_dir=cache, precision="int8")
+    passages = SentenceEmbedder("all-MiniLM-L6-v2", "cpu", runtime="onnx", cache_dir=cache, precision="int8")
+    t0 = time.perf_counter()
+    clip.embed_texts(["warm up"])
+    passages.embed(["warm up"])
+    first_use_s = time.perf_counter() - t0  # quantisation and probe check on a cold cache, else loading
+    side = ThreadPoolExecutor(1)
+
+    def together(q: str):
+        other = side.submit(passages.embed, [q])
+        try:
+            a = clip.embed_texts([q])
+        finally:
+            b = other.result()
+        return a, b
+
+    for q in questions[:3]:
+        together(q)
+    ms, ours_q, ours_p = [], [], []
+    for q in questions * 2:
+        t0 = time.perf_counter()
+        a, b = together(q)
+        ms.append((time.perf_counter() - t0) * 1000)
+        if len(ours_q) < len(questions):
+            ours_q.append(a[0]), ours_p.append(b[0])
+    clip.embed_images(images[:2])
+    t0 = time.perf_counter()
+    img = np.concatenate([clip.embed_images(images[i:i + batch]) for i in range(0, len(images), batch)])
+    img_s = len(images) / (time.perf_counter() - t0)
+    # passages: the default's vectors when fp32 serves (the same graph), else embedded here
+    pv = ours_pv if passages.served == "fp32" else passages.embed(texts)
+    m8, p8 = clip.int8_meta or {}, passages.int8_meta or {}
+    return {"clip_served": dict(clip.served), "passage_served": passages.served,
+            "int8_min_cosine_probe": {"clip_text": m8.get("text", {}).get("int8_min_cosine"),
+                                      "clip_image": m8.get("image", {}).get("int8_min_cosine"),
+                                      "passage": p8.get("int8_min_cosine")},
+            "first_use_s": round(first_use_s, 1),
+            "question_encode_ms_p50": pct(ms, 0.5), "question_encode_ms_p95": pct(ms, 0.95),
+            "ratio_p50": round(pct(ms, 0.5) / max(pct(ref_ms, 0.5), 1e-9), 3),
+            "img_s": round(img_s, 2), "img_speedup": round(img_s / ref["img_s"], 2),
+            "question_min_cosine_to_reference": {"clip": round(min_cosine(np.stack(ours_q), np.stack(ref["q"])), 5),
+                                                 "passage": round(min_cosine(np.stack(ours_p), np.stack(ref["p"])), 5)},
+            "image_min_cosine_to_reference": round(min_cosine(img, ref["img"]), 5),
+            "top10_clip_questions_vs_page_images": top10_changed(ours_q, img, ref["q"], ref["img"]),
+            "top10_passage_questions_vs_passages": top10_changed(ours_p, pv, ref["p"], ref["pv"])}
 
 
 def _build_scale_store(app, clip, passages, items: int) -> float:
@@ -983,6 +1049,13 @@ def main() -> None:
                   f"{e['passage_speedup']}x)\n"
                   f"top 10 changed vs the reference: CLIP {e['top10_clip_questions_vs_page_images']}, "
                   f"passages {e['top10_passage_questions_vs_passages']}", flush=True)
+            i = e["int8"]
+            print(f"with precision int8 (serving: CLIP {i['clip_served']}, passages {i['passage_served']}): "
+                  f"question encode p50/p95 {i['question_encode_ms_p50']}/{i['question_encode_ms_p95']} ms "
+                  f"(ratio {i['ratio_p50']}), image embedding {i['img_s']} img/s ({i['img_speedup']}x); cosine "
+                  f"questions {i['question_min_cosine_to_reference']}, images {i['image_min_cosine_to_reference']}; "
+                  f"top 10 changed: CLIP {i['top10_clip_questions_vs_page_images']}, "
+                  f"passages {i['top10_passage_questions_vs_passages']}", flush=True)
     if "scale" in only:
         folder = a.scale_dir or tempfile.mkdtemp(prefix="mmrag-bench-scale-")
         scale = [run_stage(["scale", a.corpus, a.clip_model, str(a.store_items), a.models, folder, str(ef)])
