@@ -403,20 +403,34 @@ class ClipEmbedder:
 
     def _use_int8(self, name: str, root: Path, rebuild: bool) -> None:
         """Serve each tower's int8 copy where it passes the probe check: built once from the fp32
-        graphs into ``<fp32 key>-int8`` (:func:`onnxrt.int8_graph`), then reused."""
+        graphs into ``<fp32 key>-int8`` (:func:`onnxrt.int8_graph`), then reused. An unreadable
+        int8 graph is quantised again once (the fp32 export is kept)."""
         if self.device.startswith("cuda"):  # dynamic quantisation runs on CPU kernels only
             log.warning("clip.precision int8: int8 graphs run on the CPU only; on %s both towers serve fp32",
                         self.device)
             return
-        self.int8_folder, meta = onnxrt.cached_build(root, self._onnx_key(name) + "-int8", self._build_int8,
-                                                     rebuild=rebuild)
-        self.int8_meta = meta
+        fp32_graphs = dict(self._graphs)
+        for again in (False, True):
+            self.int8_folder, meta = onnxrt.cached_build(root, self._onnx_key(name) + "-int8", self._build_int8,
+                                                         rebuild=rebuild or again)
+            self.int8_meta = meta
+            int8 = [t for t in ("text", "image") if meta[t]["serves"] == "int8"]
+            self._graphs.update({t: self.int8_folder / meta[t]["file"] for t in int8})
+            try:
+                for tower in int8:
+                    self._session(tower)  # the serving sessions, made now: a broken file shows here
+                break
+            except Exception as exc:
+                self._sessions, self._graphs = {}, dict(fp32_graphs)
+                if rebuild or again:
+                    raise
+                log.warning("the cached int8 model in %s is unreadable (%s); quantising it again", self.int8_folder,
+                            type(exc).__name__)
         for tower in ("text", "image"):
-            part = meta[tower]
-            if part["serves"] == "int8":
-                self._graphs[tower], self.served[tower] = self.int8_folder / part["file"], "int8"
+            if tower in int8:
+                self.served[tower] = "int8"
             else:
-                log.warning("clip.precision int8: the %s tower serves fp32: %s", tower, part["why"])
+                log.warning("clip.precision int8: the %s tower serves fp32: %s", tower, meta[tower]["why"])
 
     def _build_int8(self, out: Path) -> dict:
         """int8 copies of both fp32 graphs in ``out``, each checked on the probe set against its fp32
@@ -760,11 +774,20 @@ class SentenceEmbedder:
             part = onnxrt.int8_graph(fp32, out, "model.int8.onnx", run)
             return dict(part, model=self.model_name, precision="int8", fp32_folder=self.onnx_folder.name)
 
-        self.int8_folder, meta = onnxrt.cached_build(root, key + "-int8", build, rebuild=rebuild)
-        self.int8_meta = meta
-        if meta["serves"] != "int8":
-            log.warning("text_embedder.precision int8: %s serves fp32: %s", self.model_name, meta["why"])
-            return None
+        for again in (False, True):  # an unreadable int8 graph is quantised again once (the fp32 export is kept)
+            self.int8_folder, meta = onnxrt.cached_build(root, key + "-int8", build, rebuild=rebuild or again)
+            self.int8_meta = meta
+            if meta["serves"] != "int8":
+                log.warning("text_embedder.precision int8: %s serves fp32: %s", self.model_name, meta["why"])
+                return None
+            try:
+                onnxrt.session(self.int8_folder / meta["file"], False, 1)
+                break
+            except Exception as exc:
+                if rebuild or again:
+                    raise
+                log.warning("the cached int8 model in %s is unreadable (%s); quantising it again", self.int8_folder,
+                            type(exc).__name__)
         self.served = "int8"
         return self.int8_folder / meta["file"]
 

@@ -261,6 +261,14 @@ def test_int8_precision_serves_the_int8_graphs_and_fp32_comes_back_exactly(real_
     assert (fp32.onnx_folder / "meta.json").stat().st_mtime_ns == export_stamp
     assert sorted(p.name for p in cache.iterdir()) == sorted([fp32.onnx_folder.name, int8.int8_folder.name])
 
+    broken = int8.int8_folder / "image.int8.onnx"  # a truncated int8 file: quantised again, not exported again
+    broken.write_bytes(broken.read_bytes()[:1000])
+    fixed, fixed_text, fixed_images = vectors("int8")
+    assert fixed.served == {"text": "int8", "image": "int8"} and broken.stat().st_size > 1000
+    assert np.allclose(fixed_images, int8_images, atol=1e-6) and np.allclose(fixed_text, int8_text, atol=1e-6)
+    assert (fp32.onnx_folder / "meta.json").stat().st_mtime_ns == export_stamp
+    assert not [p for p in cache.iterdir() if p.name.startswith(".")]
+
 
 def test_int8_passage_model_falls_back_to_fp32_through_the_probe_check(real_inputs, passages, caplog):
     """MiniLM's int8 copy is too far from fp32 on the probe texts (cosine ~0.977 < 0.99): with
