@@ -297,3 +297,20 @@ def test_int8_passage_model_falls_back_to_fp32_through_the_probe_check(real_inpu
             stamp = (int8.int8_folder / "meta.json").stat().st_mtime_ns
     assert (int8.int8_folder / "meta.json").stat().st_mtime_ns == stamp
     assert np.allclose(got, passages.embed(texts), atol=1e-6)  # the fp32 vectors, exactly
+
+
+def test_the_precision_setting_reaches_the_served_graphs(make_cfg):
+    """``clip.precision`` / ``text_embedder.precision`` in the config choose what the app's encoders
+    serve: int8 for both tiny-CLIP towers, fp32 for MiniLM (its probe fallback); the default fp32."""
+    from mmrag.wiring import build
+
+    app = build(make_cfg(clip={"precision": "int8"}, text_embedder={"precision": "int8"}))
+    clip, passages = app.library.clip, app.library.passages
+    clip.embed_query("a bar chart of the planets"), passages.embed_query("a bar chart of the planets")
+    assert clip.served == {"text": "int8", "image": "int8"} and passages.served == "fp32"
+    assert passages.int8_meta["serves"] == "fp32"  # asked for, refused by the probe check
+
+    default = build(make_cfg())
+    default.library.clip.embed_query("a bar chart of the planets")
+    assert default.library.clip.served == {"text": "fp32", "image": "fp32"}
+    assert default.library.clip.int8_meta is None
