@@ -229,10 +229,11 @@ class ClipEmbedder:
 
     ``runtime``: ``onnx`` (default) serves both towers through ONNX Runtime, exported from these
     weights on first use into ``cache_dir`` (default :func:`onnxrt.cache_root`); ``torch`` is the
-    fp32 reference. ``precision``: ``fp32`` (default) or ``int8`` (onnx on CPU only: each tower's
-    int8 copy serves where its probe cosine to fp32 is ≥ ``onnxrt.MIN_COSINE``, else fp32 with a
-    warning; ``served`` then says which precision each tower runs). When the export cannot be made (an exotic model), or the device is a GPU that
+    fp32 reference. When the export cannot be made (an exotic model), or the device is a GPU that
     this onnxruntime build cannot use, the torch runtime serves instead and ``backend`` says so.
+    ``precision``: ``fp32`` (default) or ``int8`` (onnx on CPU only: each tower's int8 copy serves
+    where its probe cosine to fp32 is ≥ ``onnxrt.MIN_COSINE``, else fp32 with a warning; ``served``
+    then says which precision each tower runs; BadSetting for an unknown value or int8 with torch).
 
     Nothing is loaded until the first embedding: ``identity`` and ``dim`` come from the model
     config and the checkpoint's hash, so the index's model guard runs without the weights."""
