@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import hugepages
 from .errors import ModelMismatch, StorageFault, explain_storage_error
 from .records import (DocRecord, Filter, TextItem, VisualItem, doc_from_chroma, doc_to_meta, text_from_chroma,
                       visual_from_chroma)
@@ -127,7 +128,8 @@ class Store:
     registry or another process moves the generation, as the collections' in-memory indexes do;
     other statuses (recovery's) are always read, and so is everything from a server (it may be
     shared by processes that do not share the generation file). Queries may run from several
-    threads."""
+    threads. In the embedded mode, a collection's first vector query also moves the process's
+    large loaded memory (its HNSW index) to 2 MB pages, in the background (``_huge_pages``)."""
 
     def __init__(self, client, visual_identity: str | Callable[[], str], text_identity: str | Callable[[], str],
                  check: bool = True, ef_search: int = DEFAULT_EF_SEARCH,
@@ -143,7 +145,9 @@ class Store:
         self._lock = threading.RLock()  # refresh, and the document lists below
         self._complete: list[DocRecord] | None = None  # list_docs() while nothing changed
         self._docs_version = 0  # moves at every registry change this store makes or sees
-        self._cache_docs = bool(client.get_settings().is_persistent)
+        self._local = bool(client.get_settings().is_persistent)  # embedded: the indexes live in this process
+        self._cache_docs = self._local
+        self._paged: set[int] = set()  # ids of the collections whose loaded index got huge pages
         self._seen = self._stamp()
         self._resume_swaps()
         self.docs = client.get_or_create_collection(DOCS, embedding_function=None)
@@ -381,6 +385,12 @@ class Store:
         front); the exact filtered query only when fewer than n survive that and the collection
         has more to give."""
         col = self._vectors(which)
+        try:
+            return self._nearest_in(col, which, vector, n, flt)
+        finally:
+            self._huge_pages(col)
+
+    def _nearest_in(self, col, which: str, vector, n: int, flt: Filter | None) -> list[Match]:
         if flt is None:
             return self._query(col, which, vector, n, None)
         if flt.nothing(which):
@@ -391,6 +401,15 @@ class Store:
             if len(kept) >= n or len(got) < size:
                 return kept[:n]
         return self._query(col, which, vector, n, flt.where(which))
+
+    def _huge_pages(self, col) -> None:
+        """After a collection's first vector query here (Chroma has loaded its HNSW index into
+        this process's memory then), back the large resident memory with 2 MB pages, in the
+        background (``index/hugepages.py``: ~10% off a query at 100k items, same results).
+        Embedded mode only: a server keeps its indexes in its own process."""
+        if self._local and id(col) not in self._paged:
+            self._paged.add(id(col))
+            hugepages.collapse_in_background()
 
     def query_visual(self, vector, n: int, flt: Filter | None = None) -> list[Match]:
         """The ``n`` figures/pages nearest to a CLIP vector that ``flt`` accepts, nearest first."""

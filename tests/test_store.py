@@ -162,3 +162,68 @@ def test_the_listed_documents_follow_every_change_to_the_registry(tmp_path):
     got = ours.list_docs()
     got.clear()  # a caller changing its list changes nothing kept
     assert listed() == ["c.pdf"]
+
+
+def _huge_bytes(lo: int, hi: int) -> int:
+    """AnonHugePages of this process's mappings that overlap [lo, hi)."""
+    total, inside = 0, False
+    for line in open("/proc/self/smaps"):
+        head = line.split(" ", 1)[0]
+        if "-" in head and ":" not in head:
+            a, b = (int(x, 16) for x in head.split("-"))
+            inside = a < hi and b > lo
+        elif inside and line.startswith("AnonHugePages:"):
+            total += int(line.split()[1]) << 10
+    return total
+
+
+def _thp_possible() -> bool:
+    import platform
+    import sys
+    from pathlib import Path
+
+    if not sys.platform.startswith("linux"):
+        return False
+    enabled = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    major, minor = (int(x) for x in platform.release().split(".")[:2])
+    return enabled.is_file() and "[never]" not in enabled.read_text() and (major, minor) >= (6, 1)
+
+
+def test_large_resident_memory_moves_to_huge_pages_with_its_bytes_unchanged():
+    """What a loaded 100k-item HNSW index gets (index/hugepages.py): 2 MB pages where the kernel
+    can (Linux 6.1+, THP not off), nothing elsewhere; the data is the same either way."""
+    import ctypes
+    import hashlib
+
+    from index import hugepages
+
+    # plain malloc'd memory, as a C++ index has (numpy asks for huge pages itself), every page written
+    data = bytearray(range(256)) * (640 << 10)  # 160 MB
+    before = hashlib.sha256(data).hexdigest()
+    lo = ctypes.addressof((ctypes.c_char * len(data)).from_buffer(data))
+    assert _huge_bytes(lo, lo + len(data)) < 8 << 20
+    collapsed = hugepages.collapse_large_regions()
+    if _thp_possible():
+        assert collapsed >= 128 << 20
+        assert _huge_bytes(lo, lo + len(data)) >= 128 << 20
+    else:
+        assert collapsed == 0
+    assert hashlib.sha256(data).hexdigest() == before
+    assert hugepages.collapse_large_regions() < 2 << 20  # done once: the same ranges are not collapsed again
+
+
+def test_the_first_query_of_each_loaded_collection_starts_the_move_to_huge_pages(tmp_path, monkeypatch):
+    from index import hugepages
+
+    calls = []
+    monkeypatch.setattr(hugepages, "collapse_in_background", lambda *a: calls.append(a))
+    client = chromadb.PersistentClient(path=str(tmp_path / "chroma"), settings=Settings(anonymized_telemetry=False))
+    store = Store(client, f"test|{DIM}", "test-text|8")
+    rng = np.random.default_rng(1)
+    store.add_visual([visual(i) for i in range(30)], rng.standard_normal((30, DIM)).astype(np.float32))
+    store.add_text([text(i) for i in range(30)], rng.standard_normal((30, 8)).astype(np.float32))
+    store.query_visual(rng.standard_normal(DIM), 5)
+    store.query_visual(rng.standard_normal(DIM), 5, Filter.of(kinds=["page"]))
+    assert len(calls) == 1
+    store.query_text(rng.standard_normal(8), 5)
+    assert len(calls) == 2
