@@ -197,6 +197,7 @@ def test_large_resident_memory_moves_to_huge_pages_with_its_bytes_unchanged():
 
     from index import hugepages
 
+    hugepages.settle()  # no move started by an earlier test (every ONNX session starts one) races this one
     # plain malloc'd memory, as a C++ index has (numpy asks for huge pages itself), every page written
     data = bytearray(range(256)) * (640 << 10)  # 160 MB
     before = hashlib.sha256(data).hexdigest()
