@@ -166,6 +166,53 @@ def test_a_citation_opens_its_page_with_the_figure_highlighted(served, llm, brow
     page.close()
 
 
+# The page's queue event stream (Gradio's /queue/data) as a slow or busy connection delivers it:
+# the message that says the server closed the stream arrives 3 s late, everything before it on time.
+LATE_CLOSE_JS = """(() => {
+  const fetch0 = window.fetch;
+  window.fetch = async (...args) => {
+    const r = await fetch0(...args);
+    const url = String((args[0] && args[0].url) || args[0]);
+    if (!url.includes('/queue/data') || !r.body) return r;
+    const dec = new TextDecoder(), enc = new TextEncoder();
+    const late = new TransformStream({ async transform(chunk, out) {
+      const text = dec.decode(chunk, {stream: true});
+      const at = text.indexOf('"msg":"close_stream"');
+      if (at < 0) { out.enqueue(enc.encode(text)); return; }
+      const start = text.lastIndexOf('data:', at);
+      if (start > 0) out.enqueue(enc.encode(text.slice(0, start)));
+      await new Promise(done => setTimeout(done, 3000));
+      out.enqueue(enc.encode(text.slice(Math.max(start, 0))));
+    } });
+    return new Response(r.body.pipeThrough(late), {status: r.status, statusText: r.statusText, headers: r.headers});
+  };
+})()"""
+
+
+def test_a_citation_clicked_as_its_answer_ends_opens_its_page(served, llm, browser):
+    """The moment an answer ends, its citation and a retrieved figure each open their page, also
+    when the page learns late that the server closed its event stream (the race behind a citation
+    that opened nothing: a click sent just then had its result left on the server)."""
+    app, url = served
+    llm.reply = "The impeller is drawn in {fig}."
+    page = browser.new_page(viewport={"width": 1500, "height": 1000})
+    try:
+        page.add_init_script(LATE_CLOSE_JS)
+        page.goto(url)
+        ask(page, "Where is the centrifugal pump impeller drawn?")
+        page.get_by_text("Sources:").wait_for(timeout=60_000)
+        page.locator('#chat a[href*="#cite="]').first.click()
+        page.locator("#source-info").get_by_text("[pumps.pdf p.2 fig.1]").wait_for(timeout=30_000)
+        assert page.locator("#page-view img").count() == 1
+        shown = page.locator("#page-view img").get_attribute("src")
+        page.locator("#cited img").nth(1).click()
+        page.wait_for_function("s => { const i = document.querySelector('#page-view img');"
+                               " return i && i.getAttribute('src') !== s; }", arg=shown, timeout=30_000)
+        assert "[pumps.pdf p.2 fig.1]" not in page.locator("#source-info").inner_text()
+    finally:
+        page.close()
+
+
 def test_the_scope_decides_what_is_cited_and_lists_stay_current(served, llm, browser):
     """Choosing documents limits the sources to them; after a reload the Remove list and the
     scope list name every document; removing asks first, then all lists follow."""

@@ -380,6 +380,7 @@ def build_ui(app) -> gr.Blocks:
     cfg = app.cfg
     max_mb = float(cfg["ui"]["max_upload_mb"])
     ingest_lock = threading.Lock()
+    viewing = threading.BoundedSemaphore(8)  # page views at once: the queue's limit, which they skip
     answering = threading.BoundedSemaphore(8)  # answers streamed at once, all conversations together
     store = ConversationStore(Path(cfg["data_dir"]) / "conversations.sqlite3")
     live: dict[str, dict] = {}  # conversation id -> the conversation being answered (shared by its events)
@@ -640,6 +641,10 @@ def build_ui(app) -> gr.Blocks:
 
     # ---- following a citation ----------------------------------------------------------------------
     def show_source(owner, conv_id, key):
+        with viewing:
+            return _show_source(owner, conv_id, key)
+
+    def _show_source(owner, conv_id, key):
         conv = conversation(owner, conv_id)
         info = (conv or {}).get("citations", {}).get(key)
         if info is None:
@@ -762,26 +767,35 @@ def build_ui(app) -> gr.Blocks:
 
         panels = [gallery, gallery_keys, page_view, where]
         library_outs = [table, choice, scope_box]
+        # Everything but answering and the Library's ingest skips the queue: one HTTP request brings
+        # its result. A queued event's result comes on the page's shared event stream, which Gradio's
+        # browser client (6.31) can lose when the event is sent the moment another queued event of
+        # the page ends: the server closes the stream as the other ends, and if the page gets the new
+        # event's id before the closing message it opens no new stream, so the result waits on the
+        # server until some later queued event reopens one (a citation clicked as its answer ended
+        # opened nothing). Left exposed: a question or an ingest sent at that very moment after an
+        # answer or an ingest of the same page ends (docs/ARCHITECTURE.md, web chat).
+        quick = {"queue": False, **private}
         demo.load(on_load, [browser_state], [browser_state, owner_state, conv_state, conv_list, chatbot] + panels
-                  + library_outs, **private)
+                  + library_outs, **quick)
         demo.load(None, None, None, js=CITE_JS, **private)
-        library_tab.select(library_shown, [scope_box, choice], library_outs, show_progress="hidden", **private)
+        library_tab.select(library_shown, [scope_box, choice], library_outs, show_progress="hidden", **quick)
         box.submit(send, [box, browser_state, conv_state, scope_box],
                    [box, chatbot, conv_state, owner_state, browser_state, conv_list] + panels + library_outs,
                    trigger_mode="multiple", concurrency_limit=None, show_progress="minimal", **private)
-        box.stop(stop_answer, [conv_state], None, queue=False, **private)
-        new_btn.click(new_chat, [owner_state], [conv_state, chatbot, conv_list] + panels, **private)
-        chatbot.clear(new_chat, [owner_state], [conv_state, chatbot, conv_list] + panels, **private)
-        conv_list.input(open_chat, [owner_state, conv_list], [conv_state, chatbot, conv_list] + panels, **private)
-        del_btn.click(delete_chat, [owner_state, conv_state], [conv_state, chatbot, conv_list] + panels, **private)
+        box.stop(stop_answer, [conv_state], None, **quick)
+        new_btn.click(new_chat, [owner_state], [conv_state, chatbot, conv_list] + panels, **quick)
+        chatbot.clear(new_chat, [owner_state], [conv_state, chatbot, conv_list] + panels, **quick)
+        conv_list.input(open_chat, [owner_state, conv_list], [conv_state, chatbot, conv_list] + panels, **quick)
+        del_btn.click(delete_chat, [owner_state, conv_state], [conv_state, chatbot, conv_list] + panels, **quick)
         cite_go.click(follow_link, [owner_state, conv_state, cite_href], [page_view, where],
-                      js="(o, c, h) => [o, c, window.mmragCite || h]", **private)
-        gallery.select(select_figure, [owner_state, conv_state, gallery_keys], [page_view, where], **private)
+                      js="(o, c, h) => [o, c, window.mmragCite || h]", **quick)
+        gallery.select(select_figure, [owner_state, conv_state, gallery_keys], [page_view, where], **quick)
         add.click(ingest_panel, [uploads, scope_box], [status, uploads] + library_outs, concurrency_id="ingest",
                   concurrency_limit=1, **private)
-        drop.click(ask_remove, [choice], [status, confirm_md, confirm_row], **private)
-        yes.click(remove_doc, [choice, scope_box], [status, confirm_row] + library_outs, **private)
-        no.click(cancel_remove, None, [confirm_row], **private)
+        drop.click(ask_remove, [choice], [status, confirm_md, confirm_row], **quick)
+        yes.click(remove_doc, [choice, scope_box], [status, confirm_row] + library_outs, **quick)
+        no.click(cancel_remove, None, [confirm_row], **quick)
         gr.api(api_ingest, api_name="ingest", concurrency_id="ingest", concurrency_limit=1)
         gr.api(api_ask, api_name="ask", concurrency_limit=8)
     demo.conversations = store  # for tests and the server that mounts the app
