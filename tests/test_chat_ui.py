@@ -213,6 +213,41 @@ def test_a_citation_clicked_as_its_answer_ends_opens_its_page(served, llm, brows
         page.close()
 
 
+# The page's load event (fn_index 0, a plain POST since it skips the queue) reaching the server
+# 2.5 s late, as from a busy server or connection; window.mmragLoadLanded says when it has landed.
+LATE_LOAD_JS = """(() => {
+  const fetch0 = window.fetch;
+  window.fetch = async (...args) => {
+    const body = args[1] && typeof args[1].body === 'string' ? args[1].body : '';
+    if (!String(args[0]).includes('/run/') || !body.includes('"fn_index":0,')) return fetch0(...args);
+    await new Promise(done => setTimeout(done, 2500));
+    try { return await fetch0(...args); } finally { window.mmragLoadLanded = true; }
+  };
+})()"""
+
+
+def test_a_question_sent_before_the_page_has_loaded_keeps_its_conversation(served, llm, browser):
+    """A question answered before the page's load event reached the server: the late load leaves
+    the page's conversation alone, so the answer stays and its citation opens its page (the load
+    used to reset the conversation behind it: "not a source of this conversation")."""
+    app, url = served
+    llm.reply = "The impeller is drawn in {fig}."
+    page = browser.new_page(viewport={"width": 1500, "height": 1000})
+    try:
+        page.add_init_script(LATE_LOAD_JS)
+        page.goto(url)
+        ask(page, "Where is the impeller drawn, before the load?")
+        page.get_by_text("Sources:").wait_for(timeout=60_000)
+        page.wait_for_function("window.mmragLoadLanded === true", timeout=30_000)
+        page.wait_for_timeout(500)  # the load's update applied
+        assert "The impeller is drawn in" in page.locator("#chat").inner_text()
+        page.locator('#chat a[href*="#cite="]').first.click()
+        page.locator("#source-info").get_by_text("highlighted on the page").wait_for(timeout=30_000)
+        assert page.locator("#page-view img").count() == 1
+    finally:
+        page.close()
+
+
 def test_the_scope_decides_what_is_cited_and_lists_stay_current(served, llm, browser):
     """Choosing documents limits the sources to them; after a reload the Remove list and the
     scope list name every document; removing asks first, then all lists follow."""

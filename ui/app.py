@@ -436,20 +436,36 @@ def build_ui(app) -> gr.Blocks:
         return f"user:{user}" if user else f"browser:{browser_id}" if browser_id else ""
 
     def on_load(browser_id, request: gr.Request):
+        """The page's first event, normally: its latest conversation and the library lists. A
+        question sent before it ran (a user faster than the page's load, a busy server) has already
+        chosen the page's conversation; the load then leaves it alone and fills only the library
+        lists (it once reset the page's conversation id behind the answer, so the answer's citation
+        opened nothing: "not a source of this conversation")."""
+        session = getattr(request, "session_hash", None)
+
+        def claim(conv_id: str) -> bool:  # whether no other event of the page has chosen one meanwhile
+            with runs_lock:
+                if session and shown.get(session, "") != "":
+                    return False
+                if session:
+                    shown[session] = conv_id
+                return True
+
         owner = owner_of(browser_id, request)
-        show(request, "")
+        if not claim(""):
+            return library_updates()
         if not owner:  # a browser that never sent anything: its id comes with its first question
-            return {owner_state: gr.skip(), browser_state: gr.skip(), conv_state: "", chatbot: [],
-                    conv_list: gr.update(choices=[], value=None)} | panels_reset() | library_updates()
+            out = {owner_state: gr.skip(), browser_state: gr.skip(), conv_state: "", chatbot: [],
+                   conv_list: gr.update(choices=[], value=None)} | panels_reset() | library_updates()
+            return out if claim("") else library_updates()
         convs = store.list(owner)
         current = conversation(owner, convs[0]["id"]) if convs else None
         with runs_lock:
             run = runs.get(current["id"]) if current else None
-        show(request, current["id"] if current else "")
         out = {browser_state: browser_id, owner_state: owner, conv_state: current["id"] if current else "",
                conv_list: gr.update(choices=conv_choices(owner), value=current["id"] if current else None),
                chatbot: render_chat(current, list(run.pending) if run else ())}
-        return out | panels_reset() | library_updates()
+        return out | panels_reset() | library_updates() if claim(current["id"] if current else "") else library_updates()
 
     def new_chat(owner, request: gr.Request):
         show(request, "")
@@ -540,11 +556,13 @@ def build_ui(app) -> gr.Blocks:
                 pending = list(run.pending)
                 here = session is None or shown.get(session, conv["id"]) == conv["id"]
             out = {chatbot: render_chat(conv, pending)} | (more or {})
-            if not here:
+            if here:  # the page's conversation is this one (whatever a late page load set meanwhile)
+                out |= {conv_state: conv["id"], owner_state: owner}
+            else:
                 out = {k: v for k, v in out.items() if k not in (chatbot, gallery, gallery_keys, page_view, where)}
                 if conv_list in out:  # the list gains the title, the selection stays the page's
                     out[conv_list] = gr.update(choices=conv_choices(owner))
-            return out
+            return out or {chatbot: gr.skip()}  # never {}: Gradio takes an empty dict for one value and fails the event
 
         for note in notes:
             msgs.append({"role": "assistant", "kind": "note", "text": note})
