@@ -11,6 +11,7 @@ import os
 import queue
 import re
 import secrets
+import tempfile
 import threading
 import uuid
 from collections import deque
@@ -363,17 +364,27 @@ CITE_JS = """() => {
 
 def _secret(data_dir: Path) -> str:
     """A key kept in data_dir that encrypts the browser id in the browser's storage; stable across
-    restarts, so a browser finds its conversations again."""
+    restarts, so a browser finds its conversations again. Servers starting at once on one data_dir
+    agree on it: each writes a candidate to its own temporary file and hard-links it to
+    ``ui-secret``, which only the first link does (the file appears whole or not at all); all then
+    read that one."""
     path = data_dir / "ui-secret"
     try:
         return path.read_text().strip()
     except FileNotFoundError:
-        data_dir.mkdir(parents=True, exist_ok=True)
-        value = secrets.token_hex(16)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        pass
+    data_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=data_dir, prefix=".ui-secret-")  # mode 0600
+    try:
         with os.fdopen(fd, "w") as f:
-            f.write(value)
-        return value
+            f.write(secrets.token_hex(16))
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass  # another server's went in first: use that one
+    finally:
+        os.unlink(tmp)
+    return path.read_text().strip()
 
 
 def build_ui(app) -> gr.Blocks:
