@@ -1,5 +1,5 @@
 """The web UI's server-side state: the browser-id secret is one per data folder even when servers
-start at once."""
+start at once; a long-running server keeps nothing per answered conversation or closed page."""
 
 from __future__ import annotations
 
@@ -33,3 +33,37 @@ def test_servers_starting_at_once_on_one_data_dir_share_one_secret(tmp_path):
             assert len(kept) == 32 and got == [kept] * 6, (trial, kept, got)
             assert _secret_at((str(folder), 0.0)) == kept
             assert [p.name for p in folder.iterdir()] == ["ui-secret"]  # no temporary file left behind
+
+
+def _fn(demo, name: str):
+    return next(f.fn for f in demo.fns.values() if f.name == name)
+
+
+def test_the_server_keeps_nothing_of_answered_questions_or_closed_pages(make_cfg, clip, passages, llm):
+    """A long-running server does not grow with the questions it answered or the pages it served:
+    once a conversation's questions are answered its run state goes, and a page's entry goes when
+    the page closes (Gradio's unload event)."""
+    from types import SimpleNamespace
+
+    from mmrag.wiring import build
+    from ui.app import build_ui
+
+    cfg = make_cfg(llm={"model": "openai/test-vlm", "api_base": llm.api_base, "vision": True, "timeout_s": 10},
+                   describe={"mode": "off"})
+    demo = build_ui(build(cfg, clip=clip, passages=passages))
+    send, state = _fn(demo, "send"), demo.ui_state
+    convs = set()
+    for n in range(3):
+        page = SimpleNamespace(session_hash=f"page-{n}", username=None)
+        list(send({"text": f"question {n}", "files": []}, "browser-1", "", [], page, progress=None))
+        conv = demo.conversations.list("browser:browser-1")[0]["id"]
+        answer = demo.conversations.load("browser:browser-1", conv)["messages"][-1]
+        assert answer["kind"] == "answer" and answer["text"], answer  # answered (the library is empty: it says so)
+        convs.add(conv)
+    assert len(convs) == 3 and state["runs"] == {} and state["live"] == {}
+    assert set(state["shown"]) == {"page-0", "page-1", "page-2"}
+    unload = next((f.fn for f in demo.fns.values() if any(t[1] == "unload" for t in f.targets)), None)
+    assert unload is not None, "no unload event: a closed page's entry would stay"
+    for n in range(3):
+        unload(SimpleNamespace(session_hash=f"page-{n}", username=None))
+    assert state["shown"] == {}

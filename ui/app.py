@@ -395,9 +395,9 @@ def build_ui(app) -> gr.Blocks:
     answering = threading.BoundedSemaphore(8)  # answers streamed at once, all conversations together
     store = ConversationStore(Path(cfg["data_dir"]) / "conversations.sqlite3")
     live: dict[str, dict] = {}  # conversation id -> the conversation being answered (shared by its events)
-    runs: dict[str, _Run] = {}
+    runs: dict[str, _Run] = {}  # conversation id -> its questions being answered (dropped when all are)
     runs_lock = threading.Lock()
-    shown: dict[str, str] = {}  # page (Gradio session) -> the conversation it shows now
+    shown: dict[str, str] = {}  # page (Gradio session) -> the conversation it shows now (until it closes)
 
     def show(request, conv_id: str) -> None:
         session = getattr(request, "session_hash", None)
@@ -416,10 +416,6 @@ def build_ui(app) -> gr.Blocks:
         if conv is not None:
             conv["owner"] = owner
         return conv
-
-    def run_of(conv_id: str) -> _Run:
-        with runs_lock:
-            return runs.setdefault(conv_id, _Run())
 
     def conv_choices(owner: str):
         return [(c["title"], c["id"]) for c in store.list(owner)] if owner else []
@@ -478,6 +474,11 @@ def build_ui(app) -> gr.Blocks:
                chatbot: render_chat(current, list(run.pending) if run else ())}
         return out | panels_reset() | library_updates() if claim(current["id"] if current else "") else library_updates()
 
+    def page_closed(request: gr.Request):
+        """The page was closed or reloaded (Gradio's unload): forget which conversation it showed."""
+        with runs_lock:
+            shown.pop(getattr(request, "session_hash", None), None)
+
     def new_chat(owner, request: gr.Request):
         show(request, "")
         return {conv_state: "", chatbot: [], conv_list: gr.update(choices=conv_choices(owner), value=None)} | panels_reset()
@@ -500,6 +501,8 @@ def build_ui(app) -> gr.Blocks:
                 if run is not None:
                     run.pending.clear()
                     run.stop.set()
+                    if not run.busy:
+                        del runs[conv_id]
         return new_chat(owner, request)
 
     def save(owner: str, conv: dict) -> None:
@@ -527,8 +530,8 @@ def build_ui(app) -> gr.Blocks:
             store.save(owner, conv)
         cid = conv["id"]
         show(request, cid)
-        run = run_of(cid)
-        with runs_lock:
+        with runs_lock:  # one step with the worker's last check: a finishing worker never drops this run
+            run = runs.setdefault(cid, _Run())
             live[cid] = conv
             run.pending.append({"text": text, "files": files, "scope": list(scope or [])})
             worker = not run.busy
@@ -544,9 +547,11 @@ def build_ui(app) -> gr.Blocks:
         try:
             while True:
                 with runs_lock:
-                    if not run.pending:
+                    if not run.pending:  # answered all: nothing of the run is kept
                         run.busy, done = False, True
                         live.pop(cid, None)
+                        if runs.get(cid) is run:
+                            del runs[cid]
                         break
                     item = run.pending.popleft()
                 yield from answer(conv, run, owner, item, progress, getattr(request, "session_hash", None))
@@ -554,6 +559,8 @@ def build_ui(app) -> gr.Blocks:
             if not done:  # closed early (the page went away): the next send answers what is left
                 with runs_lock:
                     run.busy = False
+                    if not run.pending and runs.get(cid) is run:
+                        del runs[cid]
             save(owner, conv)
 
     def answer(conv, run, owner, item, progress, session):
@@ -808,6 +815,7 @@ def build_ui(app) -> gr.Blocks:
         demo.load(on_load, [browser_state], [browser_state, owner_state, conv_state, conv_list, chatbot] + panels
                   + library_outs, **quick)
         demo.load(None, None, None, js=CITE_JS, **private)
+        demo.unload(page_closed)
         library_tab.select(library_shown, [scope_box, choice], library_outs, show_progress="hidden", **quick)
         box.submit(send, [box, browser_state, conv_state, scope_box],
                    [box, chatbot, conv_state, owner_state, browser_state, conv_list] + panels + library_outs,
@@ -828,6 +836,7 @@ def build_ui(app) -> gr.Blocks:
         gr.api(api_ingest, api_name="ingest", concurrency_id="ingest", concurrency_limit=1)
         gr.api(api_ask, api_name="ask", concurrency_limit=8)
     demo.conversations = store  # for tests and the server that mounts the app
+    demo.ui_state = {"runs": runs, "live": live, "shown": shown}  # for tests: what the server holds per conversation/page
     return demo
 
 
