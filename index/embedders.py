@@ -250,6 +250,7 @@ class ClipEmbedder:
         self.backend: str | None = None  # the runtime in use once loaded: "torch" or "onnx"
         self.onnx_meta: dict | None = None  # the fp32 export's meta.json
         self.int8_meta: dict | None = None  # with precision int8: the int8 folder's meta.json
+        self.int8_folder: Path | None = None  # with precision int8: where the int8 graphs live
         self.served: dict[str, str] = {}  # once loaded: tower ("text", "image") -> "fp32" or "int8"
         self._graphs: dict[str, Path] = {}
         self._identity: str | None = None
@@ -378,7 +379,14 @@ class ClipEmbedder:
         self.backend = "onnx"
         try:
             if self.precision == "int8":
-                self._use_int8(name, root, rebuild)
+                try:
+                    self._use_int8(name, root, rebuild)
+                except Exception as exc:  # int8 is an optimisation: its failure must not cost the fp32 export
+                    self._sessions = {}
+                    self._graphs = {t: self.onnx_folder / meta[t]["fp32"] for t in ("text", "image")}
+                    self.served = {"text": "fp32", "image": "fp32"}
+                    log.warning("clip.precision int8: the int8 graphs could not be made or read (%s: %s); both "
+                                "towers serve fp32", type(exc).__name__, exc)
             self._check_dim(name)
             self._session("image")
         except (WeightsUnavailable, BadSetting):
@@ -510,8 +518,8 @@ class ClipEmbedder:
             return onnxrt.session(path).run(None, {"pixels": pixels.numpy()})[0]
 
         # fp32 graphs; int8 copies are made beside them only with precision int8 (_use_int8)
-        text_meta = onnxrt.choose_precision(folder, run_text, ref_text, "text.onnx")
-        image_meta = onnxrt.choose_precision(folder, run_image, ref_image, "image.onnx")
+        text_meta = onnxrt.check_fp32_export(folder, run_text, ref_text, "text.onnx")
+        image_meta = onnxrt.check_fp32_export(folder, run_image, ref_image, "image.onnx")
         pp = {k: list(v) if isinstance(v, tuple) else v for k, v in model.visual.preprocess_cfg.items()}
         return {"model": name, "identity": self.identity, "trim": trim, "preprocess": pp,
                 "text": dict(text_meta, fp32="text.onnx"), "image": dict(image_meta, fp32="image.onnx"),
@@ -639,6 +647,7 @@ class SentenceEmbedder:
         self.backend: str | None = None
         self.onnx_meta: dict | None = None  # the fp32 export's meta.json
         self.int8_meta: dict | None = None  # with precision int8: the int8 folder's meta.json
+        self.int8_folder: Path | None = None  # with precision int8: where the int8 graphs live
         self.served: str | None = None  # once loaded: "fp32" or "int8"
         self.model = None
         self._dim: int | None = None
@@ -741,7 +750,12 @@ class SentenceEmbedder:
             cuda = self.device.startswith("cuda")
             graph, self.served = self.onnx_folder / meta["fp32"], "fp32"
             if self.precision == "int8":
-                graph = self._int8_graph(root, key, rebuild) or graph
+                try:
+                    graph = self._int8_graph(root, key, rebuild) or graph
+                except Exception as exc:  # int8 is an optimisation: its failure must not cost the fp32 export
+                    self.served = "fp32"
+                    log.warning("text_embedder.precision int8: the int8 graph could not be made or read (%s: %s); "
+                                "fp32 serves", type(exc).__name__, exc)
             self._session = onnxrt.session(graph, cuda)  # batches of passages: every core
             self._one = onnxrt.session(graph, cuda, 1) if not cuda else self._session  # a question
             self.backend = "onnx"
@@ -828,7 +842,7 @@ class SentenceEmbedder:
             finally:
                 self._session = None
 
-        meta = onnxrt.choose_precision(out, run, reference, "model.onnx")  # int8 only when asked: _int8_graph
+        meta = onnxrt.check_fp32_export(out, run, reference, "model.onnx")  # int8 only when asked: _int8_graph
         return dict(meta, fp32="model.onnx", model=self.model_name, torch=torch.__version__)
 
     def _vectors(self, texts: list[str]) -> np.ndarray:

@@ -259,7 +259,7 @@ def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float((a * b).sum(1).min())
 
 
-def choose_precision(folder: Path, run: Callable[[Path], np.ndarray], reference: np.ndarray,
+def check_fp32_export(folder: Path, run: Callable[[Path], np.ndarray], reference: np.ndarray,
                      fp32: str = "model.onnx") -> dict:
     """Check the exported fp32 graph ``folder/fp32`` against the torch ``reference`` vectors (they
     must agree to 1e-4: anything less is an export bug, raised as RuntimeError). Returns the meta

@@ -270,6 +270,39 @@ def test_int8_precision_serves_the_int8_graphs_and_fp32_comes_back_exactly(real_
     assert not [p for p in cache.iterdir() if p.name.startswith(".")]
 
 
+def test_an_int8_build_that_fails_leaves_the_fp32_onnx_export_serving(real_inputs, tmp_path, tiny_clip_files,
+                                                                       monkeypatch, caplog):
+    """int8 asked for, but its folder cannot be made (a full disk, a read-only shared cache: here
+    the write of the int8 folder fails): the fp32 ONNX graphs serve, with a warning, and the fp32
+    export is neither rebuilt nor replaced by the slower torch runtime."""
+    import logging
+
+    from index import onnxrt
+    from index.embedders import ClipEmbedder
+
+    questions, _, _, figures = real_inputs
+    cache = tmp_path / "models"
+    cfg, ckpt = str(tiny_clip_files[0]), str(tiny_clip_files[1])
+    fp32 = ClipEmbedder(cfg, ckpt, "cpu", runtime="onnx", cache_dir=cache)
+    want = fp32.embed_images(figures[:4])
+    stamp = (fp32.onnx_folder / "meta.json").stat().st_mtime_ns
+    build = onnxrt.cached_build
+
+    def no_room_for_int8(root, key, *args, **kwargs):
+        if key.endswith("-int8"):
+            raise OSError(28, "No space left on device")
+        return build(root, key, *args, **kwargs)
+
+    monkeypatch.setattr(onnxrt, "cached_build", no_room_for_int8)
+    with caplog.at_level(logging.WARNING, logger="index.embedders"):
+        int8 = ClipEmbedder(cfg, ckpt, "cpu", runtime="onnx", cache_dir=cache, precision="int8")
+        got = int8.embed_images(figures[:4])
+    assert int8.backend == "onnx" and int8.served == {"text": "fp32", "image": "fp32"}
+    assert np.allclose(got, want, atol=1e-6)
+    assert (fp32.onnx_folder / "meta.json").stat().st_mtime_ns == stamp  # not exported again
+    assert any("No space left on device" in r.getMessage() and "serve fp32" in r.getMessage() for r in caplog.records)
+
+
 def test_int8_passage_model_falls_back_to_fp32_through_the_probe_check(real_inputs, passages, caplog):
     """MiniLM's int8 copy is too far from fp32 on the probe texts (cosine ~0.977 < 0.99): with
     ``text_embedder.precision: int8`` the fp32 graph serves, the int8 folder records why, and every
