@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import re
 import sys
 import threading
@@ -21,9 +22,10 @@ log = logging.getLogger(__name__)
 MADV_COLLAPSE = 25
 HUGE = 2 << 20
 _HEADER = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S+) \S+ \S+ \S+ *(.*)$")
-_done: set[tuple[int, int]] = set()  # ranges already collapsed in this process
+_done: set[int] = set()  # 2 MB chunks (their start) collapsed in this process
+_again = False  # asked again while the thread runs
 _lock = threading.Lock()
-_threads: list[threading.Thread] = []
+_threads: list[threading.Thread] = []  # the one collapsing thread, while it runs
 
 
 def large_regions(smaps: str, min_bytes: int) -> list[tuple[int, int]]:
@@ -103,20 +105,38 @@ def _present(lo: int, hi: int) -> list[bool]:
     return ((entries >> np.uint64(63)) & np.uint64(1)).astype(bool).tolist()
 
 
+def thp_allowed(setting: str | None = None) -> bool:
+    """Whether the system lets a process ask for 2 MB pages: Linux with ``transparent_hugepage``
+    set to ``always`` or ``madvise`` (``setting``: that file's text, read from
+    ``/sys/kernel/mm/transparent_hugepage/enabled`` when None). MADV_COLLAPSE itself ignores the
+    setting, so an admin's ``never`` is honoured here.
+
+    >>> thp_allowed("always [madvise] never"), thp_allowed("always madvise [never]")
+    (True, False)
+    """
+    if setting is None:
+        try:
+            with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+                setting = f.read()
+        except OSError:
+            return False
+    return "[never]" not in setting
+
+
 def collapse_large_regions(min_mb: int = 64) -> int:
     """Back the resident 2 MB chunks (``resident_runs``) of this process's large anonymous
-    regions (``large_regions``) with 2 MB pages, each range once per process. Returns the bytes
-    the kernel collapsed (0 where it cannot: not Linux, a kernel without ``MADV_COLLAPSE``, THP
-    off). Took 0.55 s for a 100k-item HNSW index (206 MB) and 3.2 s for everything a retrieval
-    process at 100k holds (1,268 MB: both indexes, every encoder's weights); the memory stays
-    readable and writable meanwhile."""
-    if not sys.platform.startswith("linux"):
-        return 0
+    regions (``large_regions``) with 2 MB pages, one madvise per chunk, each chunk once per
+    process (a chunk the kernel refused is tried again at the next call). Returns the bytes the
+    kernel collapsed (0 where it cannot or must not: not Linux, a kernel without
+    ``MADV_COLLAPSE``, THP ``never``: :func:`thp_allowed`). Took 0.55 s for a 100k-item HNSW index
+    (206 MB) and 3.2 s for everything a retrieval process at 100k holds (1,268 MB: both indexes,
+    every encoder's weights); the memory stays readable and writable meanwhile."""
+    if not sys.platform.startswith("linux") or not thp_allowed() or os.sysconf("SC_PAGE_SIZE") != 4096:
+        return 0  # (pagemap offsets and chunk sizes here assume 4 KB base pages)
     try:
         with open("/proc/self/smaps") as f:
             text = f.read()
-        libc = ctypes.CDLL(None, use_errno=True)
-        madvise = libc.madvise
+        madvise = ctypes.CDLL(None).madvise
         madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     except (OSError, AttributeError):
         return 0
@@ -127,22 +147,42 @@ def collapse_large_regions(min_mb: int = 64) -> int:
         except OSError:
             return done
         for lo, hi in runs:
-            with _lock:
-                if (lo, hi) in _done:
-                    continue
-                _done.add((lo, hi))
-            if madvise(lo, hi - lo, MADV_COLLAPSE) == 0:  # a failure (range in use, no THP) keeps 4 KB pages
-                done += hi - lo
+            for chunk in range(lo, hi, HUGE):
+                with _lock:
+                    if chunk in _done:
+                        continue
+                # per chunk: MADV_COLLAPSE fails a whole range when one chunk fails (in use, no THP)
+                if madvise(chunk, HUGE, MADV_COLLAPSE) == 0:
+                    done += HUGE
+                    with _lock:
+                        _done.add(chunk)
     log.debug("collapsed %d MB into huge pages", done >> 20)
     return done
 
 
+def _collapse_while_asked(min_mb: int) -> None:
+    global _again
+    while True:
+        collapse_large_regions(min_mb)
+        with _lock:
+            if not _again:
+                _threads.clear()
+                return
+            _again = False
+
+
 def collapse_in_background(min_mb: int = 64) -> None:
-    """``collapse_large_regions`` on a daemon thread (ctypes releases the GIL, so searches go on)."""
-    t = threading.Thread(target=collapse_large_regions, args=(min_mb,), name="mmrag-hugepages", daemon=True)
+    """``collapse_large_regions`` on a daemon thread (ctypes releases the GIL, so searches go on).
+    One thread at a time: asked while it runs, it scans once more when done (new sessions and
+    indexes load while it works)."""
+    global _again
     with _lock:
-        _threads[:] = [x for x in _threads if x.is_alive()] + [t]
-    t.start()
+        if _threads:
+            _again = True
+            return
+        t = threading.Thread(target=_collapse_while_asked, args=(min_mb,), name="mmrag-hugepages", daemon=True)
+        _threads.append(t)
+        t.start()
 
 
 def settle() -> None:

@@ -175,6 +175,7 @@ class Store:
             if self.client.get_settings().is_persistent:
                 self.client = fresh_local_client(self.client)
             self._checked = {}
+            self._paged.clear()  # the re-opened collections load their indexes anew (new objects, maybe old ids)
             self._docs_changed()
             for attempt in range(50):  # a reindex in another process may be between delete and rename
                 try:
@@ -405,7 +406,8 @@ class Store:
     def _huge_pages(self, col) -> None:
         """After a collection's first vector query here (Chroma has loaded its HNSW index into
         this process's memory then), back the large resident memory with 2 MB pages, in the
-        background (``index/hugepages.py``: ~10% off a query at 100k items, same results).
+        background (``index/hugepages.py``: the CLIP-space query at 100k items 17.7 instead of 19.5 ms
+        p50 inside retrieval, same results).
         Embedded mode only: a server keeps its indexes in its own process."""
         if self._local and id(col) not in self._paged:
             self._paged.add(id(col))

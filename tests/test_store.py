@@ -213,6 +213,21 @@ def test_large_resident_memory_moves_to_huge_pages_with_its_bytes_unchanged():
     assert hugepages.collapse_large_regions() < 2 << 20  # done once: the same ranges are not collapsed again
 
 
+def test_moves_asked_for_at_once_share_one_thread():
+    """Every ONNX session and loaded collection asks for the move; on 2 cores a thread each would
+    compete with the first question: one thread does it, scanning again if asked meanwhile."""
+    import threading
+
+    from index import hugepages
+
+    hugepages.settle()
+    for _ in range(20):
+        hugepages.collapse_in_background()
+    assert sum(t.name == "mmrag-hugepages" for t in threading.enumerate()) <= 1
+    hugepages.settle()
+    assert not [t for t in threading.enumerate() if t.name == "mmrag-hugepages"]
+
+
 def test_the_first_query_of_each_loaded_collection_starts_the_move_to_huge_pages(tmp_path, monkeypatch):
     from index import hugepages
 
