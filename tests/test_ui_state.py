@@ -67,3 +67,11 @@ def test_the_server_keeps_nothing_of_answered_questions_or_closed_pages(make_cfg
     for n in range(3):
         unload(SimpleNamespace(session_hash=f"page-{n}", username=None))
     assert state["shown"] == {}
+
+    # a page closed while its answer streams (Gradio closes the event's generator): nothing stays
+    page = SimpleNamespace(session_hash="page-closed", username=None)
+    events = send({"text": "a question whose page closes", "files": []}, "browser-1", "", [], page, progress=None)
+    next(events)  # the question is queued and shown
+    next(events)  # the answer has started
+    events.close()
+    assert state["runs"] == {} and state["live"] == {}

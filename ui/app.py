@@ -382,6 +382,12 @@ def _secret(data_dir: Path) -> str:
             os.link(tmp, path)
         except FileExistsError:
             pass  # another server's went in first: use that one
+        except OSError:  # a filesystem without hard links (FAT, some network shares): exclusive create
+            try:
+                with open(path, "x") as f:
+                    f.write(Path(tmp).read_text())
+            except FileExistsError:
+                pass
     finally:
         os.unlink(tmp)
     return path.read_text().strip()
@@ -561,6 +567,7 @@ def build_ui(app) -> gr.Blocks:
                     run.busy = False
                     if not run.pending and runs.get(cid) is run:
                         del runs[cid]
+                        live.pop(cid, None)
             save(owner, conv)
 
     def answer(conv, run, owner, item, progress, session):
