@@ -14,7 +14,9 @@ Stages (each in its own process, so peak RSS is the stage's own):
             `int8` entry: which graph each tower serves, question encode p50/p95, img/s, cosines and
             top-10 changes against the same fp32 reference), so the speed and what it costs sit side by side
   scale     retrieval end to end (both encoders, Chroma, keyword, fusion) at --store-items figures/pages and
-            as many passages (random vectors inserted straight into the store, synthetic passage text)
+            as many passages (random vectors inserted straight into the store, synthetic passage text); with the
+            default ef_search, Chroma's 100, and the opt-in int8 encoders (and how many questions' ten hits
+            then differ from the default's)
   chroma    Chroma query latency p50/p95 at 10k/100k/1M stored vectors, index size on disk
   retrieval retrieval latency p50/p95 (no LLM) and question -> first streamed token against a local server;
             then figure descriptions (`mmrag describe` on every figure) against the same local server:
@@ -883,7 +885,8 @@ def _recall_vs_exact(col, n: int = 50, queries: int = 100) -> dict:
     return {f"recall@{n}": round(float(np.mean(r_n)), 3), "recall@10": round(float(np.mean(r_10)), 3)}
 
 
-def stage_retrieval_at_scale(corpus: Path, model: str, items: int, cache: str, scale_dir: str, ef: int) -> dict:
+def stage_retrieval_at_scale(corpus: Path, model: str, items: int, cache: str, scale_dir: str, ef: int,
+                             precision: str = "fp32") -> dict:
     """Retrieval end to end (both encoders with the default runtime, Chroma queries, keyword
     search, fusion, records) over ``items`` figures/pages and ``items`` passages: random unit
     vectors inserted straight into the store (no ingest), synthetic passages for the keyword index.
@@ -893,16 +896,19 @@ def stage_retrieval_at_scale(corpus: Path, model: str, items: int, cache: str, s
     the breadth it was opened with, so a second store in the same process would not change it.
     With the default, the same retrieval is also measured as it was before issue 17 (signals
     searched one after another, the document list read at every search) for repeated questions,
-    where that is exactly the earlier code path."""
+    where that is exactly the earlier code path. ``precision``: both encoders' setting (``int8``:
+    the opt-in run; ``top10``, each question's hit ids, lets the driver count the questions whose
+    hits differ from the default's)."""
     from index.embedders import ClipEmbedder, SentenceEmbedder
     from mmrag.config import DEFAULTS
     from mmrag.wiring import build
 
     cache_dir = Path(cache)
     ckpt = _random_clip_checkpoint(model, cache_dir)
-    clip = ClipEmbedder(model, str(ckpt), "cpu", runtime=DEFAULTS["clip"]["runtime"], cache_dir=cache_dir / "onnx")
+    clip = ClipEmbedder(model, str(ckpt), "cpu", runtime=DEFAULTS["clip"]["runtime"], cache_dir=cache_dir / "onnx",
+                        precision=precision)
     passages = SentenceEmbedder("all-MiniLM-L6-v2", "cpu", runtime=DEFAULTS["text_embedder"]["runtime"],
-                                cache_dir=cache_dir / "onnx")
+                                cache_dir=cache_dir / "onnx", precision=precision)
     cfg = json.loads(json.dumps(DEFAULTS))
     cfg["chroma"]["ef_search"] = ef or cfg["chroma"]["ef_search"]
     built = Path(scale_dir) / "mmrag-scale-built.json"
@@ -931,6 +937,7 @@ def stage_retrieval_at_scale(corpus: Path, model: str, items: int, cache: str, s
             hits = app.retriever.retrieve(q)
             lat.append((time.perf_counter() - t0) * 1000)
             assert len(hits) == 10
+            top10.append([h.id for h in hits])
         again = []
         for q in questions:  # asked again: the question cache answers the encoders
             t0 = time.perf_counter()
@@ -938,7 +945,14 @@ def stage_retrieval_at_scale(corpus: Path, model: str, items: int, cache: str, s
             again.append((time.perf_counter() - t0) * 1000)
         return lat, again
 
+    top10: list[list[str]] = []
     lat, again = measure(app)
+    if precision != "fp32":
+        out = {"precision": precision, "clip_served": dict(clip.served), "passage_served": passages.served,
+               "ef_search": cfg["chroma"]["ef_search"], "questions": len(lat),
+               "retrieval_ms_p50": pct(lat, 0.5), "retrieval_ms_p95": pct(lat, 0.95),
+               "repeated_question_ms_p50": pct(again, 0.5), "repeated_question_ms_p95": pct(again, 0.95)}
+        return {**out, "top10": top10, "peak_rss_mb": peak_rss_mb()}
     out = {"model": f"{model} (random init)", "clip_backend": clip.backend, "passage_backend": passages.backend,
            "figures_and_pages": items, "passages": items, "store_build_s": round(build_s, 1),
            "ef_search": cfg["chroma"]["ef_search"], "questions": len(lat),
@@ -959,7 +973,7 @@ def stage_retrieval_at_scale(corpus: Path, model: str, items: int, cache: str, s
     # what the HNSW breadth buys: the store's vector queries against brute force (random unit
     # queries over random unit vectors, the hardest case for HNSW; real embeddings cluster)
     out["recall_vs_exact"] = {which: _recall_vs_exact(getattr(store, which)) for which in ("visual", "text")}
-    return {**out, "peak_rss_mb": peak_rss_mb()}
+    return {**out, "top10": top10, "peak_rss_mb": peak_rss_mb()}
 
 
 # ---- driver ------------------------------------------------------------------------------------
@@ -1023,7 +1037,7 @@ def main() -> None:
         fn = {"extract": lambda: stage_extract(Path(rest[0]), rest[1]),
               "embed": lambda: stage_embed(Path(rest[0]), rest[1], int(rest[2]), int(rest[3]), rest[4]),
               "scale": lambda: stage_retrieval_at_scale(Path(rest[0]), rest[1], int(rest[2]), rest[3], rest[4],
-                                                   int(rest[5])),
+                                                   int(rest[5]), rest[6]),
               "chroma": lambda: stage_chroma([int(s) for s in rest[0].split(",")], int(rest[1]), int(rest[2])),
               "retrieval": lambda: stage_retrieval(Path(rest[0]), rest[1] or None, [d for d in rest[2].split(",") if d]),
               "keyword": lambda: stage_keyword(rest[0], int(rest[1]), int(rest[2])),
@@ -1064,15 +1078,19 @@ def main() -> None:
                   f"passages {i['top10_passage_questions_vs_passages']}", flush=True)
     if "scale" in only:
         folder = a.scale_dir or tempfile.mkdtemp(prefix="mmrag-bench-scale-")
-        scale = [run_stage(["scale", a.corpus, a.clip_model, str(a.store_items), a.models, folder, str(ef)])
-                 for ef in (0, 100)]  # the default, then Chroma's own breadth on the same store
+        scale = [run_stage(["scale", a.corpus, a.clip_model, str(a.store_items), a.models, folder, str(ef), precision])
+                 for ef, precision in ((0, "fp32"), (100, "fp32"), (0, "int8"))]
+        # the default, Chroma's own breadth on the same store, the opt-in int8 encoders
         if not a.scale_dir:
             import shutil
 
             shutil.rmtree(folder, ignore_errors=True)
-        report["scale"] = {**scale[0], "ef100": scale[1]}
+        ids = [x.pop("top10", None) for x in scale]
+        if ids[0] and ids[2]:  # int8: questions whose ten hits differ from the default's (ids or order)
+            scale[2]["questions_with_other_hits_than_default"] = sum(a != b for a, b in zip(ids[0], ids[2]))
+        report["scale"] = {**scale[0], "ef100": scale[1], "int8": scale[2]}
         print(json.dumps(report["scale"], indent=1), flush=True)
-        r, f = scale
+        r, f, q = scale
         if "error" not in r and "error" not in f:
             print(f"retrieval at {a.store_items:,} items, ef_search {r['ef_search']}: p50/p95 "
                   f"{r['retrieval_ms_p50']}/{r['retrieval_ms_p95']} ms (target p50 <= 40 ms); repeated question "
@@ -1084,6 +1102,11 @@ def main() -> None:
                   f"{r['recall_vs_exact']['visual']['recall@50']}/{r['recall_vs_exact']['text']['recall@50']}, "
                   f"ef_search 100 {f['recall_vs_exact']['visual']['recall@50']}/"
                   f"{f['recall_vs_exact']['text']['recall@50']}", flush=True)
+        if "error" not in q:
+            print(f"with precision int8 (serving CLIP {q['clip_served']}, passages {q['passage_served']}): "
+                  f"{q['retrieval_ms_p50']}/{q['retrieval_ms_p95']} ms, repeated {q['repeated_question_ms_p50']}/"
+                  f"{q['repeated_question_ms_p95']} ms; questions whose ten hits differ from the default's: "
+                  f"{q.get('questions_with_other_hits_than_default')} of {q['questions']}", flush=True)
     if "chroma" in only:
         report["chroma"] = run_stage(["chroma", a.sizes, "512", "200"])
         print(json.dumps(report["chroma"], indent=1), flush=True)
