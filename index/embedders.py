@@ -222,6 +222,29 @@ class _ClipTextTower:
         return Tower().eval()
 
 
+def _trim_tokens(tokens):
+    """CLIP token rows (numpy or torch, (batch, context)) cut after the batch's last end-of-text
+    token, the highest id (so argmax finds it): under the causal mask the positions after it change
+    nothing the pooled vector reads.
+
+    >>> _trim_tokens(np.array([[7, 9, 0, 0], [7, 5, 9, 0]]))
+    array([[7, 9, 0],
+           [7, 5, 9]])
+    """
+    return tokens[:, :int(tokens.argmax(-1).max()) + 1]
+
+
+def _run_text_graph(path: Path, tokenizer, texts: list[str], trim: bool) -> np.ndarray:
+    """Raw vectors (len(texts), dim) of the CLIP text graph at ``path``, one text at a time as
+    questions come (the probe check of an export or an int8 copy)."""
+    s = onnxrt.session(path)
+    out = []
+    for t in texts:
+        tokens = tokenizer([t]).numpy().astype(np.int64)
+        out.append(s.run(None, {"tokens": _trim_tokens(tokens) if trim else tokens})[0])
+    return np.concatenate(out)
+
+
 class ClipEmbedder:
     """open_clip model. ``model`` is an open_clip model name, or the path of a JSON model config
     (registered under its file stem); ``pretrained`` is a pretrained tag (fetched on first use) or
@@ -373,18 +396,14 @@ class ClipEmbedder:
         self.tokenizer = open_clip.get_tokenizer(name)
         self.preprocess = image_transform_v2(PreprocessCfg(**meta["preprocess"]), is_train=False)
         self.onnx_meta = meta
-        self._sessions = {}
-        self._graphs = {t: self.onnx_folder / meta[t]["fp32"] for t in ("text", "image")}
-        self.served = {"text": "fp32", "image": "fp32"}
+        self._serve_fp32()
         self.backend = "onnx"
         try:
             if self.precision == "int8":
                 try:
                     self._use_int8(name, root, rebuild)
                 except Exception as exc:  # int8 is an optimisation: its failure must not cost the fp32 export
-                    self._sessions = {}
-                    self._graphs = {t: self.onnx_folder / meta[t]["fp32"] for t in ("text", "image")}
-                    self.served = {"text": "fp32", "image": "fp32"}
+                    self._serve_fp32()
                     log.warning("clip.precision int8: the int8 graphs could not be made or read (%s: %s); both "
                                 "towers serve fp32", type(exc).__name__, exc)
             self._check_dim(name)
@@ -410,6 +429,12 @@ class ClipEmbedder:
                         1 if tower == "text" else None)  # text: questions and 8 labels (onnxrt.session)
         return s
 
+    def _serve_fp32(self) -> None:
+        """Both towers on the fp32 graphs of the export (``onnx_meta``), sessions made anew."""
+        self._sessions = {}
+        self._graphs = {t: self.onnx_folder / self.onnx_meta[t]["fp32"] for t in ("text", "image")}
+        self.served = {"text": "fp32", "image": "fp32"}
+
     def _use_int8(self, name: str, root: Path, rebuild: bool) -> None:
         """Serve each tower's int8 copy where it passes the probe check: built once from the fp32
         graphs into ``<fp32 key>-int8`` (:func:`onnxrt.int8_graph`), then reused. An unreadable
@@ -418,7 +443,6 @@ class ClipEmbedder:
             log.warning("clip.precision int8: int8 graphs run on the CPU only; on %s both towers serve fp32",
                         self.device)
             return
-        fp32_graphs = dict(self._graphs)
         for again in (False, True):
             self.int8_folder, meta = onnxrt.cached_build(root, self._onnx_key(name) + "-int8", self._build_int8,
                                                          rebuild=rebuild or again)
@@ -430,7 +454,7 @@ class ClipEmbedder:
                     self._session(tower)  # the serving sessions, made now: a broken file shows here
                 break
             except Exception as exc:
-                self._sessions, self._graphs = {}, dict(fp32_graphs)
+                self._serve_fp32()
                 if rebuild or again:
                     raise
                 log.warning("the cached int8 model in %s is unreadable (%s); quantising it again", self.int8_folder,
@@ -449,14 +473,7 @@ class ClipEmbedder:
         pixels = np.stack([self.preprocess(im).numpy() for im in images])
 
         def run_text(path: Path) -> np.ndarray:
-            s = onnxrt.session(path)
-            out = []
-            for t in texts:
-                tokens = self.tokenizer([t]).numpy().astype(np.int64)
-                if self.onnx_meta["trim"]:
-                    tokens = tokens[:, :int(tokens.argmax(axis=1).max()) + 1]
-                out.append(s.run(None, {"tokens": tokens})[0])
-            return np.concatenate(out)
+            return _run_text_graph(path, self.tokenizer, texts, self.onnx_meta["trim"])
 
         def run_image(path: Path) -> np.ndarray:
             return onnxrt.session(path).run(None, {"pixels": pixels})[0]
@@ -480,7 +497,7 @@ class ClipEmbedder:
         text = _ClipTextTower.module(model, trim)
         sample = tok(["a bar chart of the planets", "x"])
         if trim:
-            sample = sample[:, :int(sample.argmax(dim=-1).max()) + 1]
+            sample = _trim_tokens(sample)
         ctx = int(tok(["x"]).shape[1])
         seq = Dim("seq", min=2, max=ctx) if trim else None
         onnxrt.export(text, (sample,), folder / "text.onnx", ["tokens"], {"tokens": {0: Dim("batch", max=4096), **({1: seq} if trim else {})}})
@@ -505,14 +522,7 @@ class ClipEmbedder:
             ref_image = model.encode_image(pixels).float().numpy()
 
         def run_text(path: Path) -> np.ndarray:
-            s = onnxrt.session(path)
-            out = []
-            for t in texts:
-                tokens = tok([t]).numpy().astype(np.int64)
-                if trim:
-                    tokens = tokens[:, :int(tokens.argmax(axis=1).max()) + 1]
-                out.append(s.run(None, {"tokens": tokens})[0])
-            return np.concatenate(out)
+            return _run_text_graph(path, tok, texts, trim)
 
         def run_image(path: Path) -> np.ndarray:
             return onnxrt.session(path).run(None, {"pixels": pixels.numpy()})[0]
@@ -553,7 +563,7 @@ class ClipEmbedder:
         if self.backend == "onnx":
             tokens = self.tokenizer(texts).numpy().astype(np.int64)  # truncates to the context length
             if self.onnx_meta["trim"]:
-                tokens = tokens[:, :int(tokens.argmax(axis=1).max()) + 1]
+                tokens = _trim_tokens(tokens)
             return self._session("text").run(None, {"tokens": tokens})[0]
         with self._torch.inference_mode():
             tokens = self.tokenizer(texts)
@@ -753,7 +763,6 @@ class SentenceEmbedder:
                 try:
                     graph = self._int8_graph(root, key, rebuild) or graph
                 except Exception as exc:  # int8 is an optimisation: its failure must not cost the fp32 export
-                    self.served = "fp32"
                     log.warning("text_embedder.precision int8: the int8 graph could not be made or read (%s: %s); "
                                 "fp32 serves", type(exc).__name__, exc)
             self._session = onnxrt.session(graph, cuda)  # batches of passages: every core
