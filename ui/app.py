@@ -423,6 +423,13 @@ def build_ui(app) -> gr.Blocks:
             conv["owner"] = owner
         return conv
 
+    def forget(conv_id: str, run: _Run) -> None:
+        """Drop a conversation's run and live copy once it has nothing left to answer (under
+        runs_lock); a run that replaced it meanwhile stays."""
+        if runs.get(conv_id) is run:
+            del runs[conv_id]
+            live.pop(conv_id, None)
+
     def conv_choices(owner: str):
         return [(c["title"], c["id"]) for c in store.list(owner)] if owner else []
 
@@ -465,20 +472,23 @@ def build_ui(app) -> gr.Blocks:
                 return True
 
         owner = owner_of(browser_id, request)
-        if not claim(""):
+        if not claim(""):  # a question came first: checked before reading the conversations
             return library_updates()
         if not owner:  # a browser that never sent anything: its id comes with its first question
-            out = {owner_state: gr.skip(), browser_state: gr.skip(), conv_state: "", chatbot: [],
-                   conv_list: gr.update(choices=[], value=None)} | panels_reset() | library_updates()
-            return out if claim("") else library_updates()
-        convs = store.list(owner)
-        current = conversation(owner, convs[0]["id"]) if convs else None
-        with runs_lock:
-            run = runs.get(current["id"]) if current else None
-        out = {browser_state: browser_id, owner_state: owner, conv_state: current["id"] if current else "",
-               conv_list: gr.update(choices=conv_choices(owner), value=current["id"] if current else None),
-               chatbot: render_chat(current, list(run.pending) if run else ())}
-        return out | panels_reset() | library_updates() if claim(current["id"] if current else "") else library_updates()
+            conv_id, out = "", {owner_state: gr.skip(), browser_state: gr.skip(), conv_state: "", chatbot: [],
+                                conv_list: gr.update(choices=[], value=None)}
+        else:
+            convs = store.list(owner)
+            current = conversation(owner, convs[0]["id"]) if convs else None
+            conv_id = current["id"] if current else ""
+            with runs_lock:
+                run = runs.get(conv_id) if current else None
+            out = {browser_state: browser_id, owner_state: owner, conv_state: conv_id,
+                   conv_list: gr.update(choices=conv_choices(owner), value=conv_id or None),
+                   chatbot: render_chat(current, list(run.pending) if run else ())}
+        if not claim(conv_id):  # a question came while the conversations were read
+            return library_updates()
+        return out | panels_reset() | library_updates()
 
     def page_closed(request: gr.Request):
         """The page was closed or reloaded (Gradio's unload): forget which conversation it showed."""
@@ -555,9 +565,7 @@ def build_ui(app) -> gr.Blocks:
                 with runs_lock:
                     if not run.pending:  # answered all: nothing of the run is kept
                         run.busy, done = False, True
-                        live.pop(cid, None)
-                        if runs.get(cid) is run:
-                            del runs[cid]
+                        forget(cid, run)
                         break
                     item = run.pending.popleft()
                 yield from answer(conv, run, owner, item, progress, getattr(request, "session_hash", None))
@@ -565,9 +573,8 @@ def build_ui(app) -> gr.Blocks:
             if not done:  # closed early (the page went away): the next send answers what is left
                 with runs_lock:
                     run.busy = False
-                    if not run.pending and runs.get(cid) is run:
-                        del runs[cid]
-                        live.pop(cid, None)
+                    if not run.pending:
+                        forget(cid, run)
             save(owner, conv)
 
     def answer(conv, run, owner, item, progress, session):
