@@ -620,6 +620,39 @@ def _questions(corpus: Path) -> list[str]:
     return [json.loads(line)["query"] for line in (corpus / "queries.jsonl").read_text().splitlines() if line.strip()]
 
 
+def top10_changed(qa, ia, qb, ib) -> dict:
+    """Questions whose brute-force top 10 (set) differs between ours (questions ``qa`` over items
+    ``ia``) and the reference (``qb`` over ``ib``), and those with the same items in another order."""
+    import numpy as np
+
+    sa, sb = np.asarray(qa) @ ia.T, np.asarray(qb) @ ib.T
+    k = min(10, ia.shape[0])
+    sets = [(set(np.argsort(-x)[:k]), set(np.argsort(-y)[:k]), list(np.argsort(-x)[:k]) == list(np.argsort(-y)[:k]))
+            for x, y in zip(sa, sb)]
+    return {"items": int(ia.shape[0]), "questions": len(sets), "other_top10": sum(a != b for a, b, _ in sets),
+            "same_items_other_order": sum(a == b and not same for a, b, same in sets)}
+
+
+def _encode_together(side, clip, passages, q: str):
+    """As the retriever encodes a question: the passage model on the ``side`` thread, CLIP here."""
+    other = side.submit(passages.embed, [q])
+    try:
+        a = clip.embed_texts([q])
+    finally:
+        b = other.result()
+    return a, b
+
+
+def _embed_images_timed(clip, images: list, batch: int):
+    """``clip``'s vectors for ``images`` in batches of ``batch`` (after a warm-up) and images/s."""
+    import numpy as np
+
+    clip.embed_images(images[:2])
+    t0 = time.perf_counter()
+    vectors = np.concatenate([clip.embed_images(images[i:i + batch]) for i in range(0, len(images), batch)])
+    return vectors, len(images) / (time.perf_counter() - t0)
+
+
 def stage_embed(corpus: Path, model: str, n: int, batch: int, cache: str) -> dict:
     """Question encode latency and image embedding throughput: mmrag's encoders with their
     default runtime beside bare fp32 open_clip + sentence-transformers, same process, same weights."""
@@ -664,13 +697,8 @@ def stage_embed(corpus: Path, model: str, n: int, batch: int, cache: str) -> dic
 
     side = ThreadPoolExecutor(1)
 
-    def ours_together(q: str):  # as the retriever encodes a question: the passage model on another thread
-        other = side.submit(passages.embed, [q])
-        try:
-            a = clip.embed_texts([q])
-        finally:
-            b = other.result()
-        return a, b
+    def ours_together(q: str):
+        return _encode_together(side, clip, passages, q)
 
     questions = _questions(corpus)
     for q in questions[:3]:
@@ -701,10 +729,7 @@ def stage_embed(corpus: Path, model: str, n: int, batch: int, cache: str) -> dic
 
     pngs = _corpus_images(corpus, n)
     images = [load_image(b) for b in pngs]  # both sides get decoded images
-    clip.embed_images(images[:2])
-    t0 = time.perf_counter()
-    ours = np.concatenate([clip.embed_images(images[i:i + batch]) for i in range(0, len(images), batch)])
-    ours_img_s = len(images) / (time.perf_counter() - t0)
+    ours, ours_img_s = _embed_images_timed(clip, images, batch)
     t0 = time.perf_counter()
     ref = []
     with torch.inference_mode():
@@ -724,15 +749,6 @@ def stage_embed(corpus: Path, model: str, n: int, batch: int, cache: str) -> dic
     ref_pv = ref_st.encode(texts, batch_size=64, convert_to_numpy=True, show_progress_bar=False,
                            normalize_embeddings=True)
     ref_pass_s = len(texts) / (time.perf_counter() - t0)
-
-    def top10_changed(qa, ia, qb, ib) -> dict:
-        """Questions whose brute-force top 10 (set) differs between ours and the reference."""
-        sa, sb = np.asarray(qa) @ ia.T, np.asarray(qb) @ ib.T
-        k = min(10, ia.shape[0])
-        sets = [(set(np.argsort(-x)[:k]), set(np.argsort(-y)[:k]), list(np.argsort(-x)[:k]) == list(np.argsort(-y)[:k]))
-                for x, y in zip(sa, sb)]
-        return {"items": int(ia.shape[0]), "questions": len(sets), "other_top10": sum(a != b for a, b, _ in sets),
-                "same_items_other_order": sum(a == b and not same for a, b, same in sets)}
 
     meta = clip.onnx_meta or {}
     return {"model": f"{model} (random init, seed 0)", "threads": torch.get_num_threads(),
@@ -760,12 +776,12 @@ def stage_embed(corpus: Path, model: str, n: int, batch: int, cache: str) -> dic
             "top10_passage_questions_vs_passages": top10_changed(ours_p, ours_pv, ref_p, ref_pv),
             "int8": _embed_int8(model, ckpt, batch, cache_dir / "onnx", questions, images, texts,
                                 {"q": ref_q, "p": ref_p, "img": ref, "pv": ref_pv, "img_s": ref_img_s}, ours_pv,
-                                top10_changed, lat["ref"]),
+                                lat["ref"]),
             "peak_rss_mb": peak_rss_mb()}
 
 
 def _embed_int8(model: str, ckpt: Path, batch: int, cache: Path, questions: list[str], images: list, texts: list[str],
-                ref: dict, ours_pv, top10_changed, ref_ms: list[float]) -> dict:
+                ref: dict, ours_pv, ref_ms: list[float]) -> dict:
     """The embed stage's figures with ``precision: int8`` (the same weights and cache; the int8
     graphs are quantised from the cached fp32 exports on first use): which graph serves per tower,
     question encode latency (both encoders at once, as the retriever runs them), image img/s, the
@@ -790,12 +806,7 @@ def _embed_int8(model: str, ckpt: Path, batch: int, cache: Path, questions: list
     side = ThreadPoolExecutor(1)
 
     def together(q: str):
-        other = side.submit(passages.embed, [q])
-        try:
-            a = clip.embed_texts([q])
-        finally:
-            b = other.result()
-        return a, b
+        return _encode_together(side, clip, passages, q)
 
     for q in questions[:3]:
         together(q)
@@ -806,10 +817,7 @@ def _embed_int8(model: str, ckpt: Path, batch: int, cache: Path, questions: list
         ms.append((time.perf_counter() - t0) * 1000)
         if len(ours_q) < len(questions):
             ours_q.append(a[0]), ours_p.append(b[0])
-    clip.embed_images(images[:2])
-    t0 = time.perf_counter()
-    img = np.concatenate([clip.embed_images(images[i:i + batch]) for i in range(0, len(images), batch)])
-    img_s = len(images) / (time.perf_counter() - t0)
+    img, img_s = _embed_images_timed(clip, images, batch)
     # passages: the default's vectors when fp32 serves (the same graph), else embedded here
     pv = ours_pv if passages.served == "fp32" else passages.embed(texts)
     m8, p8 = clip.int8_meta or {}, passages.int8_meta or {}
