@@ -194,23 +194,38 @@ def test_large_resident_memory_moves_to_huge_pages_with_its_bytes_unchanged():
     can (Linux 6.1+, THP not off), nothing elsewhere; the data is the same either way."""
     import ctypes
     import hashlib
+    import mmap
 
     from index import hugepages
 
     hugepages.settle()  # no move started by an earlier test (every ONNX session starts one) races this one
-    # plain malloc'd memory, as a C++ index has (numpy asks for huge pages itself), every page written
-    data = bytearray(range(256)) * (640 << 10)  # 160 MB
-    before = hashlib.sha256(data).hexdigest()
-    lo = ctypes.addressof((ctypes.c_char * len(data)).from_buffer(data))
-    assert _huge_bytes(lo, lo + len(data)) < 8 << 20
-    collapsed = hugepages.collapse_large_regions()
-    if _thp_possible():
-        assert collapsed >= 128 << 20
-        assert _huge_bytes(lo, lo + len(data)) >= 128 << 20
-    else:
-        assert collapsed == 0
-    assert hashlib.sha256(data).hexdigest() == before
-    assert hugepages.collapse_large_regions() < 2 << 20  # done once: the same ranges are not collapsed again
+    # private anonymous memory, as a C++ index mallocs, every page written. It starts in 4 KB pages
+    # whatever the system's THP mode: with ``always`` the kernel would hand out 2 MB pages at the
+    # first write, so the writes happen under MADV_NOHUGEPAGE, lifted afterwards (MADV_HUGEPAGE is
+    # the only way to lift it; khugepaged's own scan moves a few MB a minute, far slower than this)
+    size = 160 << 20
+    mem = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):
+        mem.madvise(mmap.MADV_NOHUGEPAGE)
+    mem[:] = bytes(range(256)) * (size // 256)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        mem.madvise(mmap.MADV_HUGEPAGE)
+    before = hashlib.sha256(mem).hexdigest()
+    view = (ctypes.c_char * size).from_buffer(mem)
+    lo = ctypes.addressof(view)
+    try:
+        assert _huge_bytes(lo, lo + size) < 8 << 20
+        collapsed = hugepages.collapse_large_regions()
+        if _thp_possible():
+            assert collapsed >= 128 << 20
+            assert _huge_bytes(lo, lo + size) >= 128 << 20
+        else:
+            assert collapsed == 0
+        assert hashlib.sha256(mem).hexdigest() == before
+        assert hugepages.collapse_large_regions() < 2 << 20  # done once: the same ranges are not collapsed again
+    finally:
+        del view
+        mem.close()
 
 
 def test_moves_asked_for_at_once_share_one_thread():
