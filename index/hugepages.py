@@ -6,7 +6,9 @@ transparent huge pages (``madvise(MADV_COLLAPSE)``, Linux 6.1+, even where the s
 17.5 instead of 21 ms p50 on its own and 17.7 instead of 19.5 ms inside retrieval (the
 hits of the 48 eval-dev questions byte for byte the same: only the page size changes, not a
 byte of the data). Only resident 2 MB chunks are collapsed, so the index's room to grow stays
-unallocated. Elsewhere (another OS, an older kernel, THP ``never``) it does nothing."""
+unallocated. Elsewhere (another OS, an older kernel, THP ``never``) it does nothing; with THP
+``always`` the kernel already backs large allocations with 2 MB pages at their first write, and
+regions mostly huge already are skipped."""
 
 from __future__ import annotations
 
