@@ -137,7 +137,7 @@ def native_zoom(info: dict) -> float:
     return max(info["width"] / sx if sx else 0.0, info["height"] / sy if sy else 0.0)
 
 
-def _ink_items(page: pymupdf.Page, skip_xrefs: set[int]) -> list[tuple[BBox, str, int, float]]:
+def _ink_items(page: pymupdf.Page) -> list[tuple[BBox, str, int, float]]:
     """(box in displayed coordinates, "path" | "image", image xref, image native zoom)."""
     page_area = abs(page.rect)
     items: list[tuple[BBox, str, int, float]] = []
@@ -148,7 +148,7 @@ def _ink_items(page: pymupdf.Page, skip_xrefs: set[int]) -> list[tuple[BBox, str
                 items.append((tuple(r), "path", 0, 0.0))
     for info in page.get_image_info(xrefs=True):
         r = display_rect(page, info["bbox"]) & page.rect
-        if r.is_empty or info.get("xref", 0) in skip_xrefs or abs(r) >= BACKGROUND * page_area:
+        if r.is_empty or abs(r) >= BACKGROUND * page_area:
             continue
         try:
             zoom = native_zoom(info)
@@ -156,6 +156,25 @@ def _ink_items(page: pymupdf.Page, skip_xrefs: set[int]) -> list[tuple[BBox, str
             zoom = 0.0
         items.append((tuple(r), "image", info.get("xref", 0), zoom))
     return items
+
+
+def captioned_xrefs(placed: list[tuple[BBox, int]], lines: list[tuple[str, BBox]]) -> set[int]:
+    """Of the images ``placed`` on a page as ``(box, xref)`` that the document places on many
+    pages (decoration by default: logos, banners, stamps), those this page captions as figures
+    are: a figure shown again (a schematic repeated in each chapter). Every placement on the page
+    of such an image stays in its figures; the others are dropped.
+
+    >>> logo, pump = ((500, 20, 560, 60), 7), ((100, 200, 280, 335), 9)
+    >>> captioned_xrefs([logo, pump], [("Fig. 2. The pump.", (100, 350, 300, 360))])
+    {9}
+    >>> captioned_xrefs([logo], [("Fig. 2. The pump.", (100, 350, 300, 360))])  # too far from the logo
+    set()
+    """
+    if not placed:
+        return set()
+    boxes = [b for b, _ in placed]
+    captions = assign_captions([(b, "raster") for b in boxes], caption_blocks(lines, boxes))
+    return {xref for (_, xref), caption in zip(placed, captions) if caption}
 
 
 def _merge_overlapping(cands: list[Candidate]) -> list[Candidate]:
@@ -270,8 +289,13 @@ def _text_area(box: BBox, lines: list[tuple[str, BBox]]) -> float:
 
 def find_figures(page: pymupdf.Page, lines: list[tuple[str, BBox]], skip_xrefs: set[int],
                  min_side: float) -> list[Candidate]:
-    """Figure regions of a born-digital page, in reading order."""
-    items = _ink_items(page, skip_xrefs)
+    """Figure regions of a born-digital page, in reading order. Images whose xref is in
+    ``skip_xrefs`` (placed on many pages) count only where the page captions them (``captioned_xrefs``)."""
+    items = _ink_items(page)
+    repeated = [(it[0], it[2]) for it in items if it[1] == "image" and it[2] in skip_xrefs]
+    if repeated:
+        dropped = skip_xrefs - captioned_xrefs(repeated, lines)
+        items = [it for it in items if not (it[1] == "image" and it[2] in dropped)]
     if not items:
         return []
     size = (page.rect.width, page.rect.height)

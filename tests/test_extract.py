@@ -90,21 +90,27 @@ def test_image_with_alpha_mask_is_composited_onto_white(tmp_path, cfg):
     assert img.getpixel((w // 8, h // 2)) == (255, 255, 255) and img.getpixel((7 * w // 8, h // 2)) == (0, 0, 255)
 
 
-def test_tiny_and_repeated_images_are_decoration(tmp_path, cfg):
+def test_tiny_and_repeated_images_are_decoration_unless_captioned(tmp_path, cfg):
     doc = pymupdf.open()
     logo = pdfgen.png_bytes((0, 128, 0), (40, 40))
     big = pdfgen.png_bytes((0, 0, 200), (200, 150))
+    schematic = pdfgen.png_bytes((200, 30, 30), (120, 90))
     for i in range(6):
         page = doc.new_page()
         page.insert_image(pymupdf.Rect(500, 20, 560, 60), stream=logo)  # logo on every page
         bullet = pdfgen.png_bytes((40 * i, 0, 0), (20, 20))  # a different tiny image on each page
         page.insert_image(pymupdf.Rect(72, 700, 82, 710), stream=bullet)
         page.insert_text((72, 100), f"Page {i} text.")
-    page.insert_image(pymupdf.Rect(100, 200, 400, 420), stream=big)  # the one real figure
+        if i % 2 == 0:  # one schematic shown again on three pages, captioned each time: a figure
+            page.insert_image(pymupdf.Rect(100, 450, 280, 585), stream=schematic)
+            page.insert_text((100, 600), f"Figure {i + 1}: The schematic again.", fontsize=10)
+    page.insert_image(pymupdf.Rect(100, 200, 400, 420), stream=big)  # the one figure shown once
     doc.save(tmp_path / "d.pdf")
     recs = records(tmp_path / "d.pdf", cfg)
     figs = [f for r in recs for f in r.figures]
-    assert [(f.page, f.kind) for f in figs] == [(6, "raster")]
+    assert [(f.page, f.kind, f.caption) for f in figs] == [
+        (1, "raster", "Figure 1: The schematic again."), (3, "raster", "Figure 3: The schematic again."),
+        (5, "raster", "Figure 5: The schematic again."), (6, "raster", "")]
 
 
 def test_scanned_page_is_ocred_into_chunks_and_its_figure_found(tmp_path, cfg):

@@ -154,10 +154,19 @@ def test_kill_9_during_ingest_leaves_nothing_half_done(write_config, tmp_path):
     clean_cfg = write_config(data_dir=tmp_path / "clean")
     clean_cfg = clean_cfg.rename(tmp_path / "clean.yaml")
     subprocess.run(_ingest_cmd(clean_cfg) + [str(p) for p in pdfs], check=True, cwd=ROOT)
-    config = write_config(data_dir=tmp_path / "crashy")
     import json
 
     import yaml
+
+    def listed(cfg):
+        out = subprocess.run([sys.executable, "-m", "mmrag", "--config", str(cfg), "list", "--json"],
+                             cwd=ROOT, capture_output=True, text=True, check=True).stdout
+        return {d["doc"]: d for d in json.loads(out)}
+
+    complete = listed(clean_cfg)
+    # each document: 4 vector figures, 4 pages with the same (captioned) image twice, 4 tables
+    assert [(d["pages"], d["figures"]) for d in complete.values()] == [(12, 16), (12, 16)]
+    config = write_config(data_dir=tmp_path / "crashy")
 
     body = yaml.safe_load(config.read_text())
     body["retrieval"] = {"weights": {"clip": 0.0, "text": 0.0, "keyword": 1.0}}
@@ -172,11 +181,9 @@ def test_kill_9_during_ingest_leaves_nothing_half_done(write_config, tmp_path):
             os.kill(proc.pid, signal.SIGKILL)
             killed += 1
         proc.wait()
-        listed = subprocess.run([sys.executable, "-m", "mmrag", "--config", str(config), "list", "--json"],
-                                cwd=ROOT, capture_output=True, text=True, check=True).stdout
-        visible = json.loads(listed)
+        visible = list(listed(config).values())
         for d in visible:  # whatever is visible is complete
-            assert d["pages"] == 12 and d["figures"] == 16
+            assert d == complete[d["doc"]]
         # a keyword search (which also repairs what the kill left) finds only complete documents
         found = subprocess.run([sys.executable, "-m", "mmrag", "--config", str(keyword_only), "search", "parser renderer",
                                 "--kind", "text", "-k", "50", "--json"], cwd=ROOT, capture_output=True, text=True,
