@@ -148,8 +148,22 @@ def _ingest_cmd(config):
     return [sys.executable, "-m", "mmrag", "--config", str(config), "ingest", "--quiet"]
 
 
+def _generation(data_dir: Path) -> int:
+    """The writer's count in DATA_DIR/generation: bumped when it takes the lock and after each
+    document it commits (mmrag/library.py), so another process can follow its progress."""
+    try:
+        return int((data_dir / "generation").read_text() or 0)
+    except (FileNotFoundError, ValueError):
+        return 0
+
+
 def test_kill_9_during_ingest_leaves_nothing_half_done(write_config, tmp_path):
-    """kill -9 at random moments; each restart must finish the job and equal a clean ingest."""
+    """kill -9 while the second document goes in, just after the first became complete, then at
+    random moments of the restarts; whatever is visible after each kill is complete, and the last
+    restart finishes the job and equals a clean ingest. The first kill is placed by the writer's
+    progress, not by a delay: a fixed delay killed before the first document was complete on a
+    slow machine (so what a kill leaves visible was never checked) and after the whole ingest on
+    a fast one."""
     pdfs = [pdfgen.figure_doc(tmp_path / f"doc{i}.pdf", pages=12) for i in range(2)]
     clean_cfg = write_config(data_dir=tmp_path / "clean")
     clean_cfg = clean_cfg.rename(tmp_path / "clean.yaml")
@@ -166,30 +180,53 @@ def test_kill_9_during_ingest_leaves_nothing_half_done(write_config, tmp_path):
     complete = listed(clean_cfg)
     # each document: 4 vector figures, 4 pages with the same (captioned) image twice, 4 tables
     assert [(d["pages"], d["figures"]) for d in complete.values()] == [(12, 16), (12, 16)]
-    config = write_config(data_dir=tmp_path / "crashy")
+    data = tmp_path / "crashy"
+    config = write_config(data_dir=data)
 
     body = yaml.safe_load(config.read_text())
     body["retrieval"] = {"weights": {"clip": 0.0, "text": 0.0, "keyword": 1.0}}
     keyword_only = tmp_path / "keyword-only.yaml"
     keyword_only.write_text(yaml.safe_dump(body))
-    rng = random.Random(7)
-    killed = 0
-    for _ in range(3):
-        proc = subprocess.Popen(_ingest_cmd(config) + [str(p) for p in pdfs], cwd=ROOT, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(4.0, 9.0))
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-            killed += 1
-        proc.wait()
+
+    def check_visible() -> list[str]:
+        """What list and search show after a kill: complete documents only (a search also
+        repairs what the kill left). Returns their names."""
         visible = list(listed(config).values())
-        for d in visible:  # whatever is visible is complete
+        for d in visible:
             assert d == complete[d["doc"]]
-        # a keyword search (which also repairs what the kill left) finds only complete documents
         found = subprocess.run([sys.executable, "-m", "mmrag", "--config", str(keyword_only), "search", "parser renderer",
                                 "--kind", "text", "-k", "50", "--json"], cwd=ROOT, capture_output=True, text=True,
                                check=True).stdout
         assert {h["doc"] for h in json.loads(found)} == {d["doc"] for d in visible}
-    assert killed >= 1, "the ingest finished before any kill: make the documents longer"
+        return sorted(d["doc"] for d in visible)
+
+    def start():
+        """The ingest in a subprocess, once it holds the lock: (process, its generation then)."""
+        g0 = _generation(data)
+        proc = subprocess.Popen(_ingest_cmd(config) + [str(p) for p in pdfs], cwd=ROOT, stderr=subprocess.DEVNULL)
+        while proc.poll() is None and _generation(data) <= g0:
+            time.sleep(0.005)
+        return proc, g0 + 1
+
+    # 1. just after doc0 is committed, while doc1 goes in
+    proc, locked = start()
+    t0 = time.monotonic()
+    while proc.poll() is None and _generation(data) <= locked:
+        time.sleep(0.005)
+    first_document_s = time.monotonic() - t0  # lock to the first commit: models loaded, one document
+    assert proc.poll() is None, "the ingest finished before the kill"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert check_visible() == ["doc0.pdf"]
+    # 2. at random moments of the restarts (which skip doc0 and ingest doc1 again from scratch)
+    rng = random.Random(7)
+    for _ in range(2):
+        proc, _ = start()
+        time.sleep(rng.uniform(0.1, 1.2) * first_document_s)
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert "doc0.pdf" in check_visible()
     subprocess.run(_ingest_cmd(config) + [str(p) for p in pdfs], check=True, cwd=ROOT)
     from mmrag.config import load_config
 
