@@ -6,6 +6,7 @@ panel; and named API endpoints (``ingest``, ``ask``) for scripts."""
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import queue
@@ -367,7 +368,8 @@ def _secret(data_dir: Path) -> str:
     restarts, so a browser finds its conversations again. Servers starting at once on one data_dir
     agree on it: each writes a candidate to its own temporary file and hard-links it to
     ``ui-secret``, which only the first link does (the file appears whole or not at all); all then
-    read that one."""
+    read that one. Where the filesystem has no hard links (FAT, some network shares) the first to
+    hold a lock on data_dir renames its candidate to ``ui-secret``, equally whole."""
     path = data_dir / "ui-secret"
     try:
         return path.read_text().strip()
@@ -382,14 +384,18 @@ def _secret(data_dir: Path) -> str:
             os.link(tmp, path)
         except FileExistsError:
             pass  # another server's went in first: use that one
-        except OSError:  # a filesystem without hard links (FAT, some network shares): exclusive create
+        except OSError:  # a filesystem without hard links (FAT, some network shares)
+            # (an exclusive create let a server read the file between its creation and its write)
+            folder = os.open(data_dir, os.O_RDONLY)
             try:
-                with open(path, "x") as f:
-                    f.write(Path(tmp).read_text())
-            except FileExistsError:
-                pass
+                fcntl.flock(folder, fcntl.LOCK_EX)
+                if not path.exists():
+                    os.replace(tmp, path)
+            finally:
+                os.close(folder)  # releases the lock
     finally:
-        os.unlink(tmp)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     return path.read_text().strip()
 
 
