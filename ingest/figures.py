@@ -12,7 +12,20 @@ from . import regions
 from .text import normalise_text
 from .records import BBox
 
-CAPTION = re.compile(r"^\s*(fig(?:ure)?|table|tab|chart|diagram|plate|exhibit)\.?\s*([0-9]+[0-9.\-]*|[IVXL]+)\b", re.I)
+# The words that start a caption, in the languages of the documents users bring: English, German,
+# French, Spanish/Portuguese/Italian, Dutch/Nordic, Polish/Czech, Turkish, Russian/Ukrainian, Greek,
+# Chinese/Japanese/Korean, Vietnamese/Indonesian.
+CAPTION_WORDS = (
+    "fig(?:ure)?|table|tab|chart|diagram|plate|exhibit|photo(?:graph)?|image|illustration|graph|plot|scheme|map"
+    "|listing|drawing|abbildung|abb|tabelle|bild|grafik|diagramm|tableau|graphique|sch[ée]ma|figura|tabla|tabela"
+    "|tabella|cuadro|quadro|gr[áa]fico|imagen|imagem|figuur|afbeelding|tabel|figur|tabell|rysunek|rys|obr[áa]zek"
+    "|obr|tabulka|wykres|[şs]ekil|tablo|рисунок|рис|таблица|таблиця|табл|схема|диаграмма|σχ[ήη]μα|εικ[όο]να"
+    "|π[ίι]νακας|图|圖|表|図|그림|표|hình|bảng|gambar"
+)
+# label, then its number: 3, 3.2, 12-4, 3a, S1 (supplementary), A.1 (appendix), or Roman III;
+# the number ends at anything but a Latin letter or digit (so 图3水泵 and Figure 3: both match)
+CAPTION = re.compile(rf"^\s*(?:(?:supplementa(?:ry|l)|suppl\.?|extended\s+data)\s+)?({CAPTION_WORDS})\.?\s*"
+                     r"((?:[a-z]{1,2}[.\-]?)?[0-9]+(?:[.\-\u2013][0-9]+)*[a-z]?|[IVXL]+)(?![0-9a-z])", re.I)
 JOIN_GAP = 6.0  # points: ink closer than this is one figure
 BACKGROUND = 0.8  # share of the page: larger items are page backgrounds, larger regions are pages
 
@@ -366,7 +379,14 @@ BESIDE_PENALTY = 24.0  # points added for a caption beside the figure rather tha
 
 
 def is_caption(text: str) -> bool:
-    """Does a line or block start like a caption? ``is_caption("Table 2: Masses") is True``."""
+    """Does a line or block start like a caption (a label word and its number, see ``CAPTION``)?
+
+    >>> [is_caption(t) for t in ("Table 2: Masses", "Figure S1: Supplement.", "Fig. 3a Detail", "Abb. 3: Pumpe",
+    ...                          "Рис. 3. Насос", "图3 水泵", "그림 3. 펌프", "Figure A.1: Appendix")]
+    [True, True, True, True, True, True, True, True]
+    >>> [is_caption(t) for t in ("Figures show the pump.", "Table of contents", "表示する", "Figure 3rd")]
+    [False, False, False, False]
+    """
     return bool(CAPTION.match(text))
 
 

@@ -406,6 +406,34 @@ def test_a_caption_ends_where_its_paragraph_ends(tmp_path, cfg):
     assert [f["caption"] for f in figs] == ["Figure 1: Pump.", " ".join(wrapped), " ".join(indented)]
 
 
+CAPTION_STYLES = ["Figure 3 \u2013 Pump seen from the side.", "FIG. 3 PUMP SEEN FROM THE SIDE", "Fig 3: Pump.",
+                  "Figure S1: Supplementary view.", "Figure A.1: Appendix view.", "Fig. 3a: Pump detail.",
+                  "Supplementary Figure 2: Pump.", "Photo 3: The pump.", "Abbildung 3: Pumpe von der Seite.",
+                  "Abb. 3: Pumpe.", "Tabelle 2: Massen.", "Figura 3: Bomba vista de lado.", "Tableau 2 : Masses.",
+                  "\u0420\u0438\u0441. 3. \u041d\u0430\u0441\u043e\u0441.",
+                  "\u0422\u0430\u0431\u043b\u0438\u0446\u0430 2 \u2014 \u041c\u0430\u0441\u0441\u0430.",
+                  "\u56fe3 \u6c34\u6cf5", "\u8868 2 \u8d28\u91cf", "\u56f3 3 \u30dd\u30f3\u30d7", "\uadf8\ub9bc 3. \ud38c\ud504"]
+
+
+def test_captions_in_other_styles_and_languages_are_found(tmp_path, cfg):
+    """A figure per page, its caption below in one of the styles and languages real documents
+    use (dash after the number, upper case, supplementary and appendix numbers, sub-figure
+    letters, German, Spanish, French, Russian, Chinese, Japanese, Korean labels)."""
+    doc = pymupdf.open()
+    for cap in CAPTION_STYLES:
+        page = doc.new_page()
+        page.insert_font(fontname="dv", fontfile=DEJAVU)
+        page.insert_text((72, 72), "Body text on this page, a paragraph of the manual.", fontsize=10, fontname="dv")
+        page.draw_rect(pymupdf.Rect(100, 120, 300, 260), color=(0, 0, 0), fill=(0.2, 0.4, 0.9))
+        cjk = [c for c in cap if ord(c) > 0x2E80]
+        font = ("korea" if any(0xAC00 <= ord(c) <= 0xD7AF for c in cjk) else "japan" if "\u56f3" in cjk
+                else "china-s" if cjk else "dv")
+        page.insert_text((100, 275), cap, fontsize=10, fontname=font)
+    doc.save(tmp_path / "styles.pdf")
+    figs = inspect_pdf(tmp_path / "styles.pdf", cfg["ingest"])["figures"]
+    assert [(f["page"], f["caption"]) for f in figs] == list(enumerate(CAPTION_STYLES, 1))
+
+
 # ---- one figure, one region -----------------------------------------------------------------------
 
 def test_parts_of_one_figure_are_one_region_with_its_caption(tmp_path, cfg):
