@@ -81,6 +81,27 @@ def _is_scanned(page: pymupdf.Page, words: list) -> bool:
     return any(abs(F.display_rect(page, i["bbox"]) & page.rect) >= 0.5 * page_area for i in page.get_image_info())
 
 
+def _is_scan_with_text_layer(page: pymupdf.Page) -> bool:
+    """A scanned page that carries a text layer (what ocrmypdf, Acrobat's 'searchable image' and
+    scanners with OCR write): an opaque image covering half the page or more, and no text a
+    reader sees: every text item is invisible (render mode 3) or hidden under such an image
+    drawn after it. Its figures are in the scan's pixels, not in the page's drawing commands."""
+    page_area = abs(page.rect)
+    if not any(not i.get("has-mask") and abs(F.display_rect(page, i["bbox"]) & page.rect) >= 0.5 * page_area
+               for i in page.get_image_info()):
+        return False
+    log = [(kind, F.display_rect(page, r)) for kind, r in page.get_bboxlog()]
+    scans = [(n, r) for n, (kind, r) in enumerate(log)
+             if kind.startswith("fill-image") and abs(r & page.rect) >= 0.5 * page_area]
+    if not scans:
+        return False
+    for n, (kind, r) in enumerate(log):
+        if kind in ("fill-text", "stroke-text") and not any(
+                m > n and abs(r & s) >= 0.5 * abs(r) for m, s in scans):
+            return False  # text a reader sees: a born-digital page over a background picture
+    return True
+
+
 MAX_RENDER_PIXELS = 16_000_000  # any one render (page, figure, OCR image): far below Pillow's limit
 MAX_RENDER_SIDE = 8000
 
@@ -216,7 +237,12 @@ def _extract_page(doc, page, sha, cfg, skip, running, ocr_mode, render, xref_png
     else:
         lines = F.page_lines(words)
         try:
-            cands = F.find_figures(page, lines, skip, min_side) if not scanned else []
+            if scanned:
+                cands = []
+            elif _is_scan_with_text_layer(page):  # figures from the scan's pixels, minus its text lines
+                cands = F.find_scanned_figures(_grey_cells(page), lines, size, min_side)
+            else:
+                cands = F.find_figures(page, lines, skip, min_side)
         except Exception as exc:
             warn("figure detection failed, no figures from this page", exc)
     blocks = text.drop_running(blocks, size[1], running)

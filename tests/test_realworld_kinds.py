@@ -506,6 +506,64 @@ def test_each_figure_of_a_scanned_page_is_its_own_region(tmp_path, cfg):
     assert boxes[0][0] <= 82 and boxes[0][2] <= 270 and boxes[1][0] >= 350 and boxes[1][2] >= 498
 
 
+def ocr_layer_scan(doc, draw):
+    """Add to ``doc`` a page as OCR tools leave a scan: the page ``draw`` makes, rendered to a
+    150 dpi image that covers the page, with each word of its text written over it invisibly
+    (render mode 3) at the word's place and size (what ocrmypdf and Acrobat's 'searchable image' write)."""
+    src = pymupdf.open()
+    page = src.new_page(width=612, height=792)
+    draw(page)
+    words = []
+    for block in page.get_text("rawdict")["blocks"]:
+        for line in block.get("lines", []):
+            for span in line["spans"]:
+                word, x0 = "", 0.0
+                for ch in span["chars"] + [{"c": " "}]:
+                    if ch["c"] == " ":
+                        if word:
+                            words.append((x0, span["chars"][0]["origin"][1], word, span["size"]))
+                        word = ""
+                    else:
+                        x0 = ch["origin"][0] if not word else x0
+                        word += ch["c"]
+    scan = doc.new_page(width=612, height=792)
+    scan.insert_image(scan.rect, stream=page.get_pixmap(dpi=150).tobytes("png"), keep_proportion=False)
+    for x, y, word, size in words:
+        scan.insert_text((x, y), word, fontsize=size, render_mode=3)
+
+
+def test_figures_of_a_scan_with_an_invisible_text_layer_are_found(tmp_path, cfg):
+    """An OCR'd scan: its text comes from the invisible text layer, its figures from the scan's
+    pixels (the page's drawing commands hold one image covering the page); a page of text alone
+    has none."""
+    def with_figure(page):
+        page.insert_text((72, 80), "Inspection report of the pumping station.", fontsize=14)
+        page.draw_rect(pymupdf.Rect(100, 150, 400, 350), color=(0, 0, 0), width=3)
+        page.draw_circle((250, 250), 60, color=(0, 0, 0), fill=(0.5, 0.5, 0.5))
+        page.insert_text((100, 370), "Figure 1: Cross-section of the impeller housing.", fontsize=11)
+        page.insert_text((72, 420), "The valve was replaced in March and the seals were checked.", fontsize=12)
+
+    def text_only(page):
+        page.insert_textbox(pymupdf.Rect(72, 72, 540, 400), "Maintenance log of the second pump. " * 12, fontsize=12)
+
+    doc = pymupdf.open()
+    ocr_layer_scan(doc, with_figure)
+    ocr_layer_scan(doc, text_only)
+    # not a scan: a born-digital page over a paper-texture picture, its text visible, a ruled table
+    page = doc.new_page(width=612, height=792)
+    page.insert_image(page.rect, stream=_png(Image.new("RGB", (60, 80), (240, 235, 220))), keep_proportion=False)
+    page.insert_text((100, 100), "Table 1: Masses of the first batch.", fontsize=10)
+    ruled_table(page, 110, 4, "First")
+    doc.save(tmp_path / "ocrd.pdf")
+    first, second, third = records(tmp_path / "ocrd.pdf", cfg, render=False)
+    assert [(f.kind, f.caption) for f in third.figures] == [("table", "Table 1: Masses of the first batch.")]
+    [fig] = first.figures
+    assert all(abs(a - b) <= 4 for a, b in zip(fig.bbox, (98.5, 148.5, 401.5, 351.5))), fig.bbox
+    assert fig.caption == "Figure 1: Cross-section of the impeller housing."
+    assert "valve was replaced in March" in " ".join(c.text for c in first.chunks)
+    assert second.figures == [] and "Maintenance log of the second pump." in second.chunks[0].text
+
+
 def raw_image_pdf(path, image_dict: str, data: bytes, fill: str = "", place: str = "200 0 0 150 100 542"):
     """A page with one image XObject written by hand (what PyMuPDF's insert_image never writes:
     16-bit samples, an indexed palette, a stencil mask), placed at (100, 100, 300, 250)."""
