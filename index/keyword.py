@@ -26,7 +26,14 @@ import regex
 
 # Scripts written without spaces between words: split into overlapping character bigrams
 # (as Lucene's CJK analyzer does); Japanese prolonged sound mark and iteration mark included.
-_NOSPACE = r"\p{Han}\p{Hiragana}\p{Katakana}\p{Thai}\p{Lao}\p{Khmer}\p{Myanmar}\u30fc\u3005"
+# Korean is written with spaces, but particles and endings are part of the spaced word
+# (비밀번호를 = password + object particle): bigrams, as Lucene's CJK analyzer does, let the
+# bare noun of a question match it.
+_NOSPACE = r"\p{Han}\p{Hiragana}\p{Katakana}\p{Hangul}\p{Thai}\p{Lao}\p{Khmer}\p{Myanmar}\u30fc\u3005"
+# Accents on Latin and Greek letters, which questions often leave out (cafe, upper-case Greek
+# that drops its tonos): removed, as Lucene's ASCII and Greek folding filters do. Marks of other
+# scripts (Devanagari vowel signs, Thai tone marks) are letters' parts and stay.
+_ACCENT = regex.compile(r"(?<=[\p{Latin}\p{Greek}]\p{Mn}*)\p{Mn}+")
 # A word: letters, marks and digits of any script, joined inside by . _ + - (env-var, set_size, 3.14)
 _WORD = regex.compile(r"[\p{L}\p{M}\p{N}]+(?:[._+\-][\p{L}\p{M}\p{N}]+)*")
 _ASCII_WORD = re.compile(r"[a-z0-9]+(?:[._+\-][a-z0-9]+)*")
@@ -36,7 +43,7 @@ _JOINERS = "._+-"
 MAX_TOKEN = 100  # longer "words" (base64, hashes run together) are noise
 STOP = frozenset("a an and are as at be by can do does for from how i in is it of on or that the this to what when "
                  "where which who why with you your my me we".split())
-ANALYZER_VERSION = "1"  # bump when tokenize() changes: an index made with another version is rebuilt
+ANALYZER_VERSION = "2"  # bump when tokenize() changes: an index made with another version is rebuilt
 
 
 def tokenize(text: str) -> list[str]:
@@ -45,18 +52,20 @@ def tokenize(text: str) -> list[str]:
     Unicode NFKC (ligatures, full-width and presentation forms) then case folding; a token is a
     run of letters, marks and digits joined inside by ``. _ + -`` (so code such as ``env-var``,
     ``set_size`` and ``M4PATH`` stays whole); Cyrillic, Greek, Arabic, Devanagari... words are
-    tokens like Latin ones; text in scripts written without spaces (Chinese, Japanese, Thai,
-    Lao, Khmer, Myanmar) becomes overlapping character bigrams, a lone character a unigram.
-    English stop words and tokens over 100 characters are dropped.
+    tokens like Latin ones, accents of Latin and Greek letters removed (``café`` is ``cafe``);
+    text in scripts written without spaces (Chinese, Japanese, Thai, Lao, Khmer, Myanmar) and
+    Korean (whose spaced words carry their particles) becomes overlapping character bigrams, a
+    lone character a unigram. English stop words and tokens over 100 characters are dropped.
 
     >>> tokenize("The M4PATH env-var, set_size! ﬁlter")
     ['m4path', 'env-var', 'set_size', 'filter']
-    >>> tokenize("锂电池 пароль ΚΑΦΕΣ 猫")
-    ['锂电', '电池', 'пароль', 'καφεσ', '猫']
+    >>> tokenize("锂电池 пароль ΚΑΦΈΣ 猫 비밀번호를")
+    ['锂电', '电池', 'пароль', 'καφεσ', '猫', '비밀', '밀번', '번호', '호를']
     """
     text = unicodedata.normalize("NFKC", text).casefold()
     if text.isascii():  # the same rule on ASCII, in one pass of the (faster) re module
         return [w for w in _ASCII_WORD.findall(text) if w not in STOP and len(w) <= MAX_TOKEN]
+    text = _fold_accents(text)
     if not _HAS_NOSPACE.search(text):
         out = []
         for chunk in text.split():
@@ -69,8 +78,20 @@ def tokenize(text: str) -> list[str]:
     return _tokens(text)
 
 
+def _fold_accents(text: str) -> str:
+    """Casefolded text without the accents of Latin and Greek letters (see ``_ACCENT``).
+
+    >>> _fold_accents("café κωδικό ΚΩΔΙΚΌ हिन्दी")
+    'cafe κωδικο ΚΩΔΙΚΟ हिन्दी'
+    """
+    if not _ACCENT.search(unicodedata.normalize("NFD", text)):
+        return text
+    return unicodedata.normalize("NFC", _ACCENT.sub("", unicodedata.normalize("NFD", text)))
+
+
 def _tokens(text: str) -> list[str]:
     """``tokenize`` without its shortcuts, on normalised text (tests compare the two)."""
+    text = _fold_accents(text)
     out = []
     for word in _WORD.findall(text):
         if not _HAS_NOSPACE.search(word):

@@ -3,6 +3,7 @@ and asserts the value a user needs: which files and names, no silent loss, norma
 page geometry, images as the page shows them, captions, one figure per figure."""
 
 import io
+import unicodedata
 
 import numpy as np
 import pymupdf
@@ -193,6 +194,40 @@ def test_ligatures_soft_hyphens_zero_width_and_full_width_text_is_stored_and_fou
     for query, page in (("efficient filter", 2), ("maintenance", 2), ("MX500", 3)):
         hits = app.retriever.retrieve(query, k=3, kinds=["text"], signals=["keyword"])
         assert hits and hits[0].page == page and hits[0].score > 0, query
+
+
+LANGUAGE_PAGES = {  # three pages a language, one topic a page; the question names a word of the middle one
+    "korea": (["설치 방법: 장치를 평평한 곳에 놓고 전원을 연결하십시오.", "네트워크 설정: 메뉴를 열고 비밀번호를 입력하십시오.",
+               "배터리 관리: 낮은 온도에서는 용량이 줄어듭니다."], "비밀번호"),
+    "dv": (["Εγκατάσταση: τοποθετήστε τη συσκευή σε επίπεδη επιφάνεια.", "ΡΥΘΜΙΣΗ ΔΙΚΤΥΟΥ: ΕΙΣΑΓΕΤΕ ΤΟΝ ΚΩΔΙΚΟ ΠΡΟΣΒΑΣΗΣ.",
+            "Μπαταρία: σε χαμηλή θερμοκρασία η χωρητικότητα μειώνεται."], "κωδικό πρόσβασης"),
+    "japan": (["設置方法：本体を平らな場所に置き、電源を接続してください。", "ネットワーク設定：メニューを開き、パスワードを入力してください。",
+               "バッテリーの手入れ：低温では容量が低下します。"], "パスワード"),
+    "rtl-ar": (["التركيب ضع الجهاز على سطح مستو", "إعدادات الشبكة افتح القائمة وأدخل كلمة المرور",
+                "البطارية تنخفض السعة في درجات الحرارة المنخفضة"], "كلمة المرور"),
+    "rtl-he": (["התקנה הניחו את המכשיר על משטח ישר", "הגדרות רשת פתחו את התפריט והזינו את הסיסמה",
+                "סוללה בטמפרטורה נמוכה הקיבולת יורדת"], "הסיסמה"),
+}
+
+
+def test_a_question_in_the_documents_language_finds_its_page_by_keyword(app, tmp_path):
+    """Korean (spaced words that carry their particles: 비밀번호를), Greek in capitals without
+    accents asked in lower case with them, Japanese, and Arabic and Hebrew drawn in visual order
+    (left to right, as PDF producers draw right-to-left text): the keyword signal alone ranks
+    the page holding the word first."""
+    doc = pymupdf.open()
+    for font, (pages, _) in LANGUAGE_PAGES.items():
+        for t in pages:
+            page = doc.new_page()
+            page.insert_font(fontname="dv", fontfile=DEJAVU)
+            rtl = font.startswith("rtl")
+            page.insert_text((72, 100), t[::-1] if rtl else t, fontname="dv" if rtl else font, fontsize=11)
+    doc.save(tmp_path / "languages.pdf")
+    app.library.ingest([tmp_path / "languages.pdf"])
+    for n, (font, (pages, question)) in enumerate(LANGUAGE_PAGES.items()):
+        hits = app.retriever.retrieve(question, k=3, kinds=["text"], signals=["keyword"])
+        assert hits and hits[0].page == 3 * n + 2 and hits[0].score > 0, (question, [(h.page, h.text) for h in hits])
+        assert hits[0].text == unicodedata.normalize("NFKC", pages[1])  # stored as written, right-to-left text in logical order
 
 
 # ---- page geometry: every box, crop and render as the page is displayed -------------------------
