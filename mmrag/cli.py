@@ -32,17 +32,34 @@ def _app(args, check=True):
     return build(cfg, check=check)
 
 
+def _walk_pdfs(folder: Path) -> list[Path]:
+    """Files under ``folder`` whose name ends in ``.pdf`` in any case, sorted. Folders linked in
+    by symlink are walked too (each real folder once, so a link loop ends); macOS's AppleDouble
+    companions (``._report.pdf``, metadata left on shared drives, not PDFs) are left out."""
+    found, seen = [], set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs.sort()
+        found += [Path(root) / f for f in files if f.lower().endswith(".pdf") and not f.startswith("._")
+                  and (Path(root) / f).is_file()]
+    return sorted(found)
+
+
 def _pdfs(paths: list[str]) -> list[tuple[Path, str]]:
     """The files to ingest, each with its document name. A folder is walked for files ending in
-    ``.pdf`` in any case (``SCAN0001.PDF``), each named by its path relative to that folder
-    (``2023/report.pdf``); a file given by itself is named by its base name, lengthened by its
-    parent folders only when two files given by themselves share a base name (both are kept)."""
+    ``.pdf`` in any case (``SCAN0001.PDF``), into linked folders too (``_walk_pdfs``), each named
+    by its path relative to that folder (``2023/report.pdf``); a file given by itself is named by
+    its base name, lengthened by its parent folders only when two files given by themselves
+    share a base name (both are kept)."""
     out: list[tuple[Path, str]] = []
     singles: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.suffix.lower() == ".pdf" and f.is_file())
-            out += [(f, f.relative_to(p).as_posix()) for f in found]
+            out += [(f, f.relative_to(p).as_posix()) for f in _walk_pdfs(p)]
         else:
             singles.append(p)
     out += list(zip(singles, _short_names(singles)))

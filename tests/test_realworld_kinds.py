@@ -48,6 +48,20 @@ def test_folder_walk_takes_pdf_in_any_case_and_names_by_relative_path(tmp_path):
     assert both == ["2023/report.pdf", "2024/report.pdf", "SCAN0001.PDF"]
 
 
+def test_folder_walk_follows_linked_folders_once_and_skips_macos_companions(tmp_path):
+    """A library folder that links in a shared folder (symlink), with a link back up (a loop)
+    and the ._name.pdf metadata files macOS leaves on shared drives (not PDFs)."""
+    (tmp_path / "shared" / "manuals").mkdir(parents=True)
+    one_page_pdf(tmp_path / "shared" / "manuals" / "pump.pdf", "pump manual")
+    (tmp_path / "lib" / "2024").mkdir(parents=True)
+    one_page_pdf(tmp_path / "lib" / "2024" / "report.pdf", "report")
+    (tmp_path / "lib" / "2024" / "._report.pdf").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X")
+    (tmp_path / "lib" / "manuals").symlink_to(tmp_path / "shared" / "manuals", target_is_directory=True)
+    (tmp_path / "lib" / "2024" / "up").symlink_to(tmp_path / "lib", target_is_directory=True)
+    named = [n for _, n in _pdfs([str(tmp_path / "lib")])]
+    assert named == ["2024/report.pdf", "manuals/pump.pdf"]
+
+
 def test_same_base_name_in_two_folders_is_two_documents_and_same_bytes_are_stored_once(app, tmp_path):
     for year, metal in (("2023", "copper"), ("2024", "aluminium")):
         (tmp_path / "reports" / year).mkdir(parents=True)
