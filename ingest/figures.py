@@ -77,12 +77,24 @@ def _ended_short(last: BBox, span: BBox, text: str, b: BBox) -> bool:
     return span[2] - last[2] > word
 
 
+def _label_only(text: str) -> bool:
+    """A caption line that is its label and number alone (the caption's text on the next line).
+
+    >>> _label_only("TABLE I"), _label_only("Fig. 3."), _label_only("Figure 3: Pump.")
+    (True, True, False)
+    """
+    m = CAPTION.match(text)
+    return bool(m) and not text[m.end():].strip(" .:\u2013\u2014-")
+
+
 def caption_blocks(lines: list[tuple[str, BBox]], figures: list[BBox] = ()) -> list[tuple[str, BBox]]:
     """Captions as blocks: each line that starts like a caption, with the lines that continue
     it: just below, within the caption's width (a wrapped caption's lines are no wider than its
     first, give or take a first-line indent of up to three line heights), not a caption, not
     inside one of ``figures``, and not after a line that ended short (see ``_ended_short``). Body
-    text set tight under a caption is not swallowed, born-digital or OCR'd alike.
+    text set tight under a caption is not swallowed, born-digital or OCR'd alike. A first line
+    that is the label alone ('TABLE I', centred over its title as IEEE papers set it) takes the
+    next line whatever its width.
 
     >>> caption_blocks([("Figure 1: A long caption", (100, 100, 300, 110)), ("that wraps.", (100, 112, 160, 122)),
     ...                 ("Body text far below.", (100, 160, 300, 170))])
@@ -92,6 +104,8 @@ def caption_blocks(lines: list[tuple[str, BBox]], figures: list[BBox] = ()) -> l
     >>> caption_blocks([("Figure 3: A caption as wide as the", (90, 100, 520, 110)), ("column, ending.", (90, 112, 200, 122)),
     ...                 ("Body text.", (90, 124, 520, 134))])[0][0]
     'Figure 3: A caption as wide as the column, ending.'
+    >>> caption_blocks([("TABLE I", (280, 100, 320, 110)), ("SIMULATION PARAMETERS OF THE PUMP", (200, 112, 400, 122))])
+    [('TABLE I SIMULATION PARAMETERS OF THE PUMP', (200, 100, 400, 122))]
     """
     ordered = sorted(lines, key=lambda ln: (ln[1][1], ln[1][0]))
     out = []
@@ -105,9 +119,11 @@ def caption_blocks(lines: list[tuple[str, BBox]], figures: list[BBox] = ()) -> l
             if b[1] - last[3] > 0.8 * max(last[3] - last[1], 1.0):
                 break  # a paragraph gap: the caption ended
             h = max(last[3] - last[1], 1.0)
-            if (is_caption(t) or b[0] < cur[0] - 3 * h or b[2] > cur[2] + h  # wider than the caption: body text
-                    or _ended_short(last, cur, t, b)
-                    or any(regions.intersection(f, b) >= 0.5 * (regions.area(b) or 1) for f in figures)):
+            inside = any(regions.intersection(f, b) >= 0.5 * (regions.area(b) or 1) for f in figures)
+            if len(parts) == 1 and _label_only(parts[0]) and not is_caption(t) and not inside:
+                pass  # 'TABLE I' / 'Figure 3' on a line of its own: the next line is its text, however wide
+            elif (is_caption(t) or b[0] < cur[0] - 3 * h or b[2] > cur[2] + h  # wider than the caption: body text
+                    or _ended_short(last, cur, t, b) or inside):
                 break
             parts.append(t.strip())
             cur, last = regions.union(cur, b), b
