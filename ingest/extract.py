@@ -67,7 +67,8 @@ def running_header_keys(doc: pymupdf.Document) -> set[str]:
         for clip in (pymupdf.Rect(0, 0, page.rect.width, h * text.MARGIN),
                      pymupdf.Rect(0, h * (1 - text.MARGIN), page.rect.width, h)):
             try:  # get_text clips in unrotated page space
-                texts += [b[4] for b in page.get_text("blocks", clip=clip * page.derotation_matrix) if b[6] == 0]
+                texts += [b[4] for b in page.get_text("blocks", clip=clip * page.derotation_matrix, flags=TEXT_FLAGS)
+                          if b[6] == 0]
             except Exception:
                 pass
         margin_texts.append(texts)

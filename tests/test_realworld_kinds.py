@@ -501,8 +501,14 @@ def test_fake_bold_text_is_read_once_and_a_label_line_takes_its_caption_text(tmp
     page.draw_rect(pymupdf.Rect(100, 420, 300, 560), color=(0, 0, 0), fill=(0.9, 0.4, 0.2))
     page.insert_text((185, 575), "Figure 3", fontsize=10)
     page.insert_text((100, 588), "The pump seen from the side, with its inlet.", fontsize=10)
+    for n in range(3):  # a running header in fake bold too
+        pg = doc[0] if n == 0 else doc.new_page()
+        for dx in (0, 0.4):
+            pg.insert_text((72 + dx, 30), "ACME pump handbook, edition 2", fontsize=8)
+        if n:
+            pg.insert_text((72, 200), f"Page {n + 1} body.", fontsize=10)
     doc.save(tmp_path / "bold.pdf")
-    [rec] = records(tmp_path / "bold.pdf", cfg, render=False)
+    rec = records(tmp_path / "bold.pdf", cfg, render=False)[0]
     text = " ".join(c.text for c in rec.chunks)
     assert text.startswith("Safety instructions for the pump Read them before the first start.")
     assert sorted((f.kind, f.caption) for f in rec.figures) == [
