@@ -75,30 +75,35 @@ def running_header_keys(doc: pymupdf.Document) -> set[str]:
     return text.running_lines(margin_texts, doc.page_count)
 
 
+SCAN_SHARE = 0.5  # of the page: a scan's image (or its strips, joined) covers at least this much
+
+
+def _scan_cover(page: pymupdf.Page, opaque: bool = False) -> float:
+    """The share of the page covered by its largest picture made of images placed edge to edge:
+    one image, or a scan stored as strips or tiles (scanners and JBIG2 encoders split pages so).
+    Images apart from each other (a collage with gaps) do not join. ``opaque``: only images
+    without a mask."""
+    rects = [tuple(F.display_rect(page, i["bbox"]) & page.rect) for i in page.get_image_info()
+             if not (opaque and i.get("has-mask"))]
+    return regions.largest_patch((page.rect.width, page.rect.height), [r for r in rects if r[2] > r[0] and r[3] > r[1]])
+
+
 def _is_scanned(page: pymupdf.Page, words: list) -> bool:
-    if words:
-        return False
-    page_area = abs(page.rect)
-    return any(abs(F.display_rect(page, i["bbox"]) & page.rect) >= 0.5 * page_area for i in page.get_image_info())
+    """No text layer, and a scan covering half the page or more (``_scan_cover``)."""
+    return not words and _scan_cover(page) >= SCAN_SHARE
 
 
 def _is_scan_with_text_layer(page: pymupdf.Page) -> bool:
     """A scanned page that carries a text layer (what ocrmypdf, Acrobat's 'searchable image' and
-    scanners with OCR write): an opaque image covering half the page or more, and no text a
-    reader sees: every text item is invisible (render mode 3) or hidden under such an image
-    drawn after it. Its figures are in the scan's pixels, not in the page's drawing commands."""
-    page_area = abs(page.rect)
-    if not any(not i.get("has-mask") and abs(F.display_rect(page, i["bbox"]) & page.rect) >= 0.5 * page_area
-               for i in page.get_image_info()):
+    scanners with OCR write): opaque images covering half the page or more (``_scan_cover``),
+    and no text a reader sees: every text item is invisible (render mode 3) or hidden under
+    images drawn after it. Its figures are in the scan's pixels, not in the page's drawing commands."""
+    if _scan_cover(page, opaque=True) < SCAN_SHARE:
         return False
     log = [(kind, F.display_rect(page, r)) for kind, r in page.get_bboxlog()]
-    scans = [(n, r) for n, (kind, r) in enumerate(log)
-             if kind.startswith("fill-image") and abs(r & page.rect) >= 0.5 * page_area]
-    if not scans:
-        return False
+    images = [(n, r) for n, (kind, r) in enumerate(log) if kind.startswith("fill-image")]
     for n, (kind, r) in enumerate(log):
-        if kind in ("fill-text", "stroke-text") and not any(
-                m > n and abs(r & s) >= 0.5 * abs(r) for m, s in scans):
+        if kind in ("fill-text", "stroke-text") and sum(abs(r & s) for m, s in images if m > n) < 0.5 * abs(r):
             return False  # text a reader sees: a born-digital page over a background picture
     return True
 

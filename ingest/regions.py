@@ -62,6 +62,25 @@ def paint(size: tuple[float, float], rects: list[BBox]) -> np.ndarray:
     return grid
 
 
+def largest_patch(size: tuple[float, float], rects: list[BBox]) -> float:
+    """The share of the page (``size``, points) covered by the largest patch of ``rects`` that
+    touch or overlap each other (rects apart by more than a grid cell do not join), measured on
+    the ``CELL`` grid (a rect's far edge rounds up to the next cell).
+
+    >>> largest_patch((100, 100), [(0, 0, 100, 25), (0, 25, 100, 50), (0, 50, 100, 75)])  # three strips
+    0.76
+    >>> largest_patch((100, 100), [(0, 0, 40, 100), (60, 0, 100, 100)])  # two apart
+    0.42
+    """
+    grid = paint(size, rects)
+    grid[-1, :] = grid[:, -1] = False  # paint's extra row and column past the page's edge
+    if not grid.any():
+        return 0.0
+    labels, n = ndimage.label(grid)
+    biggest = np.bincount(labels.ravel())[1:].max()
+    return float(biggest) / ((grid.shape[0] - 1) * (grid.shape[1] - 1))
+
+
 def ink_regions(grid: np.ndarray, gap_pt: float) -> list[BBox]:
     """Boxes (points) of ink clusters; ink within ``gap_pt`` of each other joins one cluster."""
     if not grid.any():

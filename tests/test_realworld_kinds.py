@@ -646,6 +646,39 @@ def test_figures_of_a_scan_with_an_invisible_text_layer_are_found(tmp_path, cfg)
     assert second.figures == [] and "Maintenance log of the second pump." in second.chunks[0].text
 
 
+def test_a_scan_stored_as_strips_is_read_like_one_scan(tmp_path, cfg):
+    """Scanners and JBIG2 encoders often store a page as several image strips placed edge to
+    edge: together they are the scan (OCR'd, its figure found), while two photos apart from each
+    other on a page without text (a collage) stay two figures."""
+    src = pymupdf.open()
+    page = src.new_page(width=612, height=792)
+    page.insert_text((72, 80), "Inspection report of the pumping station.", fontsize=14)
+    page.draw_rect(pymupdf.Rect(100, 150, 400, 350), color=(0, 0, 0), width=3)
+    page.insert_text((100, 370), "Figure 1: Cross-section of the impeller housing.", fontsize=11)
+    page.insert_text((72, 420), "The valve was replaced in March and the seals were checked.", fontsize=12)
+    pix = page.get_pixmap(dpi=150)
+    scan = Image.frombytes("RGB", (pix.width, pix.height), pix.samples)
+    doc = pymupdf.open()
+    page = doc.new_page(width=612, height=792)
+    for i in range(4):
+        h = scan.height // 4
+        page.insert_image(pymupdf.Rect(0, 198 * i, 612, 198 * (i + 1)),
+                          stream=_png(scan.crop((0, i * h, scan.width, (i + 1) * h))), keep_proportion=False)
+    page = doc.new_page(width=612, height=792)
+    for x0 in (20, 336):  # each 256 x 752 pt: 40 % of the page, 60 pt apart
+        page.insert_image(pymupdf.Rect(x0, 20, x0 + 256, 772), stream=_png(Image.new("RGB", (60, 160), (40, 90, 160))),
+                          keep_proportion=False)
+    doc.save(tmp_path / "strips.pdf")
+    strips, collage = records(tmp_path / "strips.pdf", cfg, render=False)
+    assert strips.scanned and not collage.scanned
+    text = " ".join(c.text for c in strips.chunks)
+    assert "valve" in text and "March" in text and "pumping station" in text, text
+    [fig] = strips.figures
+    assert all(abs(a - b) <= 4 for a, b in zip(fig.bbox, (98.5, 148.5, 401.5, 351.5))), fig.bbox
+    assert fig.caption.startswith("Figure 1: Cross")
+    assert [f.kind for f in collage.figures] == ["raster", "raster"]
+
+
 def raw_image_pdf(path, image_dict: str, data: bytes, fill: str = "", place: str = "200 0 0 150 100 542"):
     """A page with one image XObject written by hand (what PyMuPDF's insert_image never writes:
     16-bit samples, an indexed palette, a stencil mask), placed at (100, 100, 300, 250)."""
