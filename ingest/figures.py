@@ -364,12 +364,25 @@ def find_figures(page: pymupdf.Page, lines: list[tuple[str, BBox]], skip_xrefs: 
     return cands
 
 
+def ink_level(gray: np.ndarray) -> int:
+    """The grey level below which a scanned page's pixel is ink: 200 on white paper, 40 levels
+    under the paper's own shade on darker paper (the paper is the page's light end: its 90th
+    percentile).
+
+    >>> ink_level(np.full((10, 10), 255)), ink_level(np.full((10, 10), 185))
+    (200, 145)
+    """
+    paper = int(np.percentile(gray, 90)) if gray.size else 255
+    return min(200, paper - 40)
+
+
 def find_scanned_figures(gray: np.ndarray, lines: list[tuple[str, BBox]], size: tuple[float, float],
                          min_side: float) -> list[Candidate]:
     """Figure regions on a scanned page: dark pixels that are not OCR'd text lines.
 
-    ``gray`` is the page in grey at one pixel per grid cell (``regions.CELL`` points)."""
-    ink = gray < 200
+    ``gray`` is the page in grey at one pixel per grid cell (``regions.CELL`` points). Ink is
+    darker than ``ink_level`` of the paper (grey recycled paper and photocopies too)."""
+    ink = gray < ink_level(gray)
     for _, (x0, y0, x1, y1) in lines:
         r0, r1 = int(y0 / regions.CELL) - 1, int(y1 / regions.CELL) + 2
         c0, c1 = int(x0 / regions.CELL) - 1, int(x1 / regions.CELL) + 2

@@ -646,12 +646,14 @@ def test_figures_of_a_scan_with_an_invisible_text_layer_are_found(tmp_path, cfg)
     assert second.figures == [] and "Maintenance log of the second pump." in second.chunks[0].text
 
 
-def test_a_scan_stored_as_strips_is_read_like_one_scan(tmp_path, cfg):
+def test_a_scan_stored_as_strips_on_grey_paper_is_read_like_one_scan(tmp_path, cfg):
     """Scanners and JBIG2 encoders often store a page as several image strips placed edge to
     edge: together they are the scan (OCR'd, its figure found), while two photos apart from each
-    other on a page without text (a collage) stay two figures."""
+    other on a page without text (a collage) stay two figures. The scan is of grey paper (a
+    photocopy, recycled paper: grey 184), where ink is what is darker than the paper."""
     src = pymupdf.open()
     page = src.new_page(width=612, height=792)
+    page.draw_rect(page.rect, color=None, fill=(0.72, 0.72, 0.72))
     page.insert_text((72, 80), "Inspection report of the pumping station.", fontsize=14)
     page.draw_rect(pymupdf.Rect(100, 150, 400, 350), color=(0, 0, 0), width=3)
     page.insert_text((100, 370), "Figure 1: Cross-section of the impeller housing.", fontsize=11)
