@@ -213,23 +213,26 @@ def test_a_citation_clicked_as_its_answer_ends_opens_its_page(served, llm, brows
         page.close()
 
 
-# The page's load event (fn_index 0, a plain POST since it skips the queue) reaching the server
-# 2.5 s late, as from a busy server or connection; window.mmragLoadLanded says when it has landed.
+# The page's load event (fn_index 0, a plain POST since it skips the queue) held back in the page's
+# fetch until the test sets window.mmragReleaseLoad, as from a busy server or connection;
+# window.mmragLoadLanded says when it has landed. (A fixed 2.5 s delay let the load land before
+# the question on a slow or busy machine, where the test then passed without the race.)
 LATE_LOAD_JS = """(() => {
   const fetch0 = window.fetch;
   window.fetch = async (...args) => {
     const body = args[1] && typeof args[1].body === 'string' ? args[1].body : '';
     if (!String(args[0]).includes('/run/') || !body.includes('"fn_index":0,')) return fetch0(...args);
-    await new Promise(done => setTimeout(done, 2500));
+    await new Promise(done => { const t = setInterval(() => { if (window.mmragReleaseLoad) { clearInterval(t); done(); } }, 20); });
     try { return await fetch0(...args); } finally { window.mmragLoadLanded = true; }
   };
 })()"""
 
 
 def test_a_question_sent_before_the_page_has_loaded_keeps_its_conversation(served, llm, browser):
-    """A question answered before the page's load event reached the server: the late load leaves
-    the page's conversation alone, so the answer stays and its citation opens its page (the load
-    used to reset the conversation behind it: "not a source of this conversation")."""
+    """A question whose first update (the question shown in the chat) came before the page's load
+    event reached the server: the late load leaves the page's conversation alone, so the answer
+    stays and its citation opens its page (the load used to reset the conversation behind it: "not
+    a source of this conversation")."""
     app, url = served
     llm.reply = "The impeller is drawn in {fig}."
     page = browser.new_page(viewport={"width": 1500, "height": 1000})
@@ -237,6 +240,9 @@ def test_a_question_sent_before_the_page_has_loaded_keeps_its_conversation(serve
         page.add_init_script(LATE_LOAD_JS)
         page.goto(url)
         ask(page, "Where is the impeller drawn, before the load?")
+        page.locator("#chat").get_by_text("Where is the impeller drawn, before the load?").wait_for(timeout=60_000)
+        assert page.evaluate("window.mmragLoadLanded") is None  # the question went first
+        page.evaluate("window.mmragReleaseLoad = true")
         page.get_by_text("Sources:").wait_for(timeout=60_000)
         page.wait_for_function("window.mmragLoadLanded === true", timeout=30_000)
         page.wait_for_timeout(500)  # the load's update applied
