@@ -63,6 +63,21 @@ def wait_for_lock(proc, data_dir: Path) -> None:
         time.sleep(0.005)
 
 
+def lock_held(proc, data_dir: Path) -> float:
+    """Seconds from ``proc`` taking the library's write lock to releasing it (or exiting)."""
+    wait_for_lock(proc, data_dir)
+    t0 = time.monotonic()
+    with open(data_dir / "write.lock") as f:
+        while proc.poll() is None:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(f, fcntl.LOCK_UN)
+                break
+            except BlockingIOError:
+                time.sleep(0.002)
+    return time.monotonic() - t0
+
+
 def kill_while_writing(proc, data_dir: Path, delay: float) -> str:
     """Wait until ``proc`` holds the library's write lock, then kill -9 it ``delay`` s later.
     Returns 'killed' or 'finished' (it was done before the kill)."""
@@ -128,12 +143,17 @@ def test_kill_9_during_remove_and_replacement_leaves_whole_or_gone(make_cfg, wri
         outcomes.append(kill_while_writing(proc, data, rng.uniform(0.2, 1.0) * window))
         check()
     lib = build(make_cfg(data_dir=data), clip=clip, passages=passages).library
-    for cycle in range(3):  # removals
+    removing = None  # how long a remove holds the lock, measured on the first (a fixed 0-0.6 s
+    for cycle in range(4):  # landed after the remove, in the process's exit, on this machine)
         if check() is None:
             lib.ingest([doc])
             assert check() is not None
         proc = subprocess.Popen(cli(config, "remove", "doc.pdf"), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        outcomes.append(kill_while_writing(proc, data, rng.uniform(0.0, 0.6)))
+        if removing is None:
+            removing = lock_held(proc, data)
+            assert proc.wait() == 0 and check() is None
+            continue
+        outcomes.append(kill_while_writing(proc, data, rng.uniform(0.0, 1.0) * removing))
         check()
     assert "killed" in outcomes
     # and at the worst step, where a random kill rarely lands: the old version's (or the removed
