@@ -167,7 +167,10 @@ def test_a_citation_opens_its_page_with_the_figure_highlighted(served, llm, brow
 
 
 # The page's queue event stream (Gradio's /queue/data) as a slow or busy connection delivers it:
-# the message that says the server closed the stream arrives 3 s late, everything before it on time.
+# the message that says the server closed the stream is held until the test sets
+# window.mmragReleaseClose, everything before it on time; window.mmragCloseHeld says it came. (A
+# fixed 3 s hold left it to the machine's speed whether the clicks came before the page learnt of
+# the close.)
 LATE_CLOSE_JS = """(() => {
   const fetch0 = window.fetch;
   window.fetch = async (...args) => {
@@ -181,7 +184,8 @@ LATE_CLOSE_JS = """(() => {
       if (at < 0) { out.enqueue(enc.encode(text)); return; }
       const start = text.lastIndexOf('data:', at);
       if (start > 0) out.enqueue(enc.encode(text.slice(0, start)));
-      await new Promise(done => setTimeout(done, 3000));
+      window.mmragCloseHeld = true;
+      await new Promise(done => { const t = setInterval(() => { if (window.mmragReleaseClose) { clearInterval(t); done(); } }, 20); });
       out.enqueue(enc.encode(text.slice(Math.max(start, 0))));
     } });
     return new Response(r.body.pipeThrough(late), {status: r.status, statusText: r.statusText, headers: r.headers});
@@ -192,7 +196,8 @@ LATE_CLOSE_JS = """(() => {
 def test_a_citation_clicked_as_its_answer_ends_opens_its_page(served, llm, browser):
     """The moment an answer ends, its citation and a retrieved figure each open their page, also
     when the page learns late that the server closed its event stream (the race behind a citation
-    that opened nothing: a click sent just then had its result left on the server)."""
+    that opened nothing: a click sent just then had its result left on the server): here only
+    after both clicks."""
     app, url = served
     llm.reply = "The impeller is drawn in {fig}."
     page = browser.new_page(viewport={"width": 1500, "height": 1000})
@@ -209,6 +214,8 @@ def test_a_citation_clicked_as_its_answer_ends_opens_its_page(served, llm, brows
         page.wait_for_function("s => { const i = document.querySelector('#page-view img');"
                                " return i && i.getAttribute('src') !== s; }", arg=shown, timeout=30_000)
         assert "[pumps.pdf p.2 fig.1]" not in page.locator("#source-info").inner_text()
+        page.wait_for_function("window.mmragCloseHeld === true", timeout=10_000)  # the server had closed it
+        page.evaluate("window.mmragReleaseClose = true")
     finally:
         page.close()
 
