@@ -312,62 +312,6 @@ def rule_stats(drawings: list[dict], box: BBox) -> tuple[int, int, int, int]:
     return segs, rules, wide, vert
 
 
-MIN_RULE = 72.0  # points: a horizontal rule at least this long can bound a table
-
-
-def rule_groups(boxes: list[BBox], tol: float = 3.0) -> list[list[BBox]]:
-    """Thin horizontal rules (at most 2 pt high, at least ``MIN_RULE`` long) grouped by their
-    span: rules whose two ends lie within ``tol`` points of each other's, top to bottom; groups
-    of three or more.
-
-    >>> rule_groups([(100, 100, 400, 101), (100, 150, 400, 150.5), (101, 300, 399, 301), (50, 500, 200, 501)])
-    [[(100, 100, 400, 101), (100, 150, 400, 150.5), (101, 300, 399, 301)]]
-    """
-    rules = sorted((b for b in boxes if b[3] - b[1] <= 2.0 and b[2] - b[0] >= MIN_RULE), key=lambda b: (b[1], b[0]))
-    groups: list[list[BBox]] = []
-    for r in rules:
-        for g in groups:
-            if abs(g[0][0] - r[0]) <= tol and abs(g[0][2] - r[2]) <= tol:
-                g.append(r)
-                break
-        else:
-            groups.append([r])
-    return [g for g in groups if len(g) >= 3]
-
-
-def rule_tables(page: pymupdf.Page, ink: list[BBox], lines: list[tuple[str, BBox]]) -> list[BBox]:
-    """Boxes of tables ruled with horizontal lines only (LaTeX booktabs: top, middle and bottom
-    rule), which the ink grid sees as separate thin strokes with text between: three or more
-    rules of one span (``rule_groups``, cut where a caption line lies between two) with no other
-    ink and no caption line between the first and the last, where PyMuPDF's ``find_tables`` (rows from the rules, columns from the text's
-    alignment) finds two rows and two columns or more. Pages turned by /Rotate are left to the
-    ink grid."""
-    if page.rotation:
-        return []
-    out = []
-    groups = []
-    for whole in rule_groups(ink):  # cut where a caption lies between two rules (two tables, one width)
-        groups.append([whole[0]])
-        for a, b in zip(whole, whole[1:]):
-            if any(is_caption(t) and a[3] <= lb[1] and lb[3] <= b[1] for t, lb in lines):
-                groups.append([])
-            groups[-1].append(b)
-    for group in (g for g in groups if len(g) >= 3):
-        x0, x1 = min(r[0] for r in group), max(r[2] for r in group)
-        box = (x0 - 2, group[0][1] - 2, x1 + 2, group[-1][3] + 2)
-        if any(b not in group and box[0] <= (b[0] + b[2]) / 2 <= box[2] and box[1] <= (b[1] + b[3]) / 2 <= box[3]
-               for b in ink) or any(is_caption(t) and regions.intersection(box, lb) > 0 for t, lb in lines):
-            continue
-        try:
-            found = page.find_tables(clip=pymupdf.Rect(box), vertical_strategy="text", horizontal_strategy="lines").tables
-        except Exception:  # a table finder failing loses only this table
-            continue
-        found = [t for t in found if regions.intersection(box, t.bbox) >= 0.8 * regions.area(t.bbox)]  # clip is loose
-        if len(found) == 1 and found[0].row_count >= 2 and found[0].col_count >= 2:
-            out.append(regions.union((x0, group[0][1], x1, group[-1][3]), found[0].bbox))
-    return out
-
-
 def _text_area(box: BBox, lines: list[tuple[str, BBox]]) -> float:
     return sum(regions.intersection(box, lb) for _, lb in lines)
 
@@ -384,12 +328,8 @@ def find_figures(page: pymupdf.Page, lines: list[tuple[str, BBox]], skip_xrefs: 
     if not items:
         return []
     size = (page.rect.width, page.rect.height)
-    tables = rule_tables(page, [it[0] for it in items], lines)
-    if tables:  # their rules are theirs: not ink of other figures
-        items = [it for it in items if not any(t[0] <= (it[0][0] + it[0][2]) / 2 <= t[2]
-                                               and t[1] <= (it[0][1] + it[0][3]) / 2 <= t[3] for t in tables)]
     grid = regions.paint(size, [it[0] for it in items])
-    cands: list[Candidate] = [Candidate(t, "table") for t in tables]
+    cands: list[Candidate] = []
     typed = [(it[0], it[1]) for it in items]
     drawings = None  # fetched only when a region might be a table
     for box in regions.ink_regions(grid, JOIN_GAP):

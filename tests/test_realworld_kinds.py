@@ -516,48 +516,6 @@ def test_fake_bold_text_is_read_once_and_a_label_line_takes_its_caption_text(tmp
         ("vector", "Figure 3 The pump seen from the side, with its inlet.")]
 
 
-def booktabs_table(page, y, label, rows=4):
-    """A table ruled as LaTeX's booktabs sets it: a top rule, a thin rule under the header, a
-    bottom rule, no vertical rules; three columns of text. Returns the y under it."""
-    page.draw_line((150, y), (460, y), width=1)
-    yy = y + 13
-    for k, row in enumerate([("Pump", "Flow [l/s]", "Head [m]")] + [(f"{label}{i}", f"{10 + i * 2.5:.1f}", f"{30 - i}")
-                                                                 for i in range(1, rows + 1)]):
-        for x, cell in zip((160, 260, 380), row):
-            page.insert_text((x, yy), cell, fontsize=9)
-        if k == 0:
-            page.draw_line((150, yy + 4), (460, yy + 4), width=0.5)
-            yy += 4
-        yy += 13
-    page.draw_line((150, yy - 8), (460, yy - 8), width=1)
-    return yy - 8
-
-
-def test_tables_ruled_with_horizontal_lines_only_are_one_table_each(tmp_path, cfg):
-    """Two booktabs tables of one width, each with its caption above; a letter whose sections
-    are set off by rules of one width (paragraphs between them: no table)."""
-    doc = pymupdf.open()
-    page = doc.new_page(width=612, height=792)
-    page.insert_text((150, 80), "Table 1: First pumps.", fontsize=10)
-    end1 = booktabs_table(page, 90, "A")
-    page.insert_text((150, end1 + 28), "Table 2: Second pumps.", fontsize=10)
-    end2 = booktabs_table(page, end1 + 38, "B")
-    letter = doc.new_page(width=612, height=792)
-    for i, y in enumerate((100, 250, 400)):
-        letter.draw_line((72, y), (540, y), width=0.5)
-        if i < 2:
-            letter.insert_textbox(pymupdf.Rect(72, y + 10, 540, y + 140),
-                                  f"Section {i + 1}. " + "The pump station feeds the district on two motors. " * 6, fontsize=10)
-    doc.save(tmp_path / "booktabs.pdf")
-    first, second = records(tmp_path / "booktabs.pdf", cfg, render=False)
-    got = [(f.kind, f.caption, [round(v) for v in f.bbox]) for f in first.figures]
-    assert [(k, c) for k, c, _ in got] == [("table", "Table 1: First pumps."), ("table", "Table 2: Second pumps.")], got
-    assert all(abs(a - b) <= 3 for a, b in zip(got[0][2], (150, 90, 460, end1)))  # the whole table, rule to rule
-    assert all(abs(a - b) <= 3 for a, b in zip(got[1][2], (150, end1 + 38, 460, end2)))
-    assert "B4 20.0 26" in " ".join(c.text for c in first.chunks)  # a table's text stays searchable
-    assert second.figures == []
-
-
 # ---- one figure, one region -----------------------------------------------------------------------
 
 def test_parts_of_one_figure_are_one_region_with_its_caption(tmp_path, cfg):
