@@ -16,16 +16,20 @@ from .records import BBox
 # French, Spanish/Portuguese/Italian, Dutch/Nordic, Polish/Czech, Turkish, Russian/Ukrainian, Greek,
 # Chinese/Japanese/Korean, Vietnamese/Indonesian.
 CAPTION_WORDS = (
-    "fig(?:ure)?|table|tab|chart|diagram|plate|exhibit|photo(?:graph)?|image|illustration|graph|plot|scheme|map"
-    "|listing|drawing|abbildung|abb|tabelle|bild|grafik|diagramm|tableau|graphique|sch[ée]ma|figura|tabla|tabela"
+    "fig(?:ure)?|table|tab|chart|diagram|plate|exhibit|photo(?:graph)?|listing"
+    "|abbildung|abb|tabelle|bild|grafik|diagramm|tableau|graphique|sch[ée]ma|figura|tabla|tabela"
     "|tabella|cuadro|quadro|gr[áa]fico|imagen|imagem|figuur|afbeelding|tabel|figur|tabell|rysunek|rys|obr[áa]zek"
     "|obr|tabulka|wykres|[şs]ekil|tablo|рисунок|рис|таблица|таблиця|табл|схема|диаграмма|σχ[ήη]μα|εικ[όο]να"
     "|π[ίι]νακας|图|圖|表|図|그림|표|hình|bảng|gambar"
 )
-# label, then its number: 3, 3.2, 12-4, 3a, S1 (supplementary), A.1 (appendix), or Roman III;
-# the number ends at anything but a Latin letter or digit (so 图3水泵 and Figure 3: both match)
+# label, then its number: 3, 3.2, 12-4, 3a, S1 (supplementary), A.1 (appendix), or Roman III
+# (the prefix letters and Roman numerals in capitals only: 'Tablet2', 'Figure x' are not labels);
+# the number ends at anything but a Latin letter or digit (so 图3水泵 and Figure 3: both match).
+# Generic words (image, graph, plot, map, scheme, drawing) are left out: they start legends and
+# body sentences ('Plot 1: measured', 'Image 2 shows') more often than captions.
 CAPTION = re.compile(rf"^\s*(?:(?:supplementa(?:ry|l)|suppl\.?|extended\s+data)\s+)?({CAPTION_WORDS})\.?\s*"
-                     r"((?:[a-z]{1,2}[.\-]?)?[0-9]+(?:[.\-\u2013][0-9]+)*[a-z]?|[IVXL]+)(?![0-9a-z])", re.I)
+                     r"((?-i:[A-Z]{1,2})[.\-]?[0-9]+(?:[.\-\u2013][0-9]+)*[a-z]?|[0-9]+(?:[.\-\u2013][0-9]+)*[a-z]?"
+                     r"|(?-i:[IVXL]+))(?![0-9a-z])", re.I)
 JOIN_GAP = 6.0  # points: ink closer than this is one figure
 BACKGROUND = 0.8  # share of the page: larger items are page backgrounds, larger regions are pages
 
@@ -77,13 +81,24 @@ def _ended_short(last: BBox, span: BBox, text: str, b: BBox) -> bool:
     return span[2] - last[2] > word
 
 
+def caption_label(text: str) -> re.Match | None:
+    """The caption label a line or block starts with (``CAPTION``), unless it starts in lower
+    case: 'figure 3 of the appendix' is a wrapped body line, not a caption.
+
+    >>> caption_label("Fig. 3a: Pump.").group(0), caption_label("figure 3 of the appendix")
+    ('Fig. 3a', None)
+    """
+    m = CAPTION.match(text)
+    return m if m and not m.group(0).lstrip()[:1].islower() else None
+
+
 def _label_only(text: str) -> bool:
     """A caption line that is its label and number alone (the caption's text on the next line).
 
     >>> _label_only("TABLE I"), _label_only("Fig. 3."), _label_only("Figure 3: Pump.")
     (True, True, False)
     """
-    m = CAPTION.match(text)
+    m = caption_label(text)
     return bool(m) and not text[m.end():].strip(" .:\u2013\u2014-")
 
 
@@ -94,7 +109,8 @@ def caption_blocks(lines: list[tuple[str, BBox]], figures: list[BBox] = ()) -> l
     inside one of ``figures``, and not after a line that ended short (see ``_ended_short``). Body
     text set tight under a caption is not swallowed, born-digital or OCR'd alike. A first line
     that is the label alone ('TABLE I', centred over its title as IEEE papers set it) takes the
-    next line whatever its width.
+    next line whatever its width (so body text set tight under a bare 'Figure 2', with no
+    paragraph gap, is read as its caption: the layout cannot tell them apart).
 
     >>> caption_blocks([("Figure 1: A long caption", (100, 100, 300, 110)), ("that wraps.", (100, 112, 160, 122)),
     ...                 ("Body text far below.", (100, 160, 300, 170))])
@@ -187,22 +203,27 @@ def _ink_items(page: pymupdf.Page) -> list[tuple[BBox, str, int, float]]:
     return items
 
 
-def captioned_xrefs(placed: list[tuple[BBox, int]], lines: list[tuple[str, BBox]]) -> set[int]:
+def captioned_xrefs(placed: list[tuple[BBox, int]], lines: list[tuple[str, BBox]], others: list[BBox] = ()) -> set[int]:
     """Of the images ``placed`` on a page as ``(box, xref)`` that the document places on many
     pages (decoration by default: logos, banners, stamps), those this page captions as figures
-    are: a figure shown again (a schematic repeated in each chapter). Every placement on the page
-    of such an image stays in its figures; the others are dropped.
+    are: a figure shown again (a schematic repeated in each chapter). The page's other ink
+    regions ``others`` compete for the captions (``assign_captions``), so a footer logo under a
+    figure's caption does not take it. Every placement on the page of such an image stays in its
+    figures; the others are dropped.
 
     >>> logo, pump = ((500, 20, 560, 60), 7), ((100, 200, 280, 335), 9)
     >>> captioned_xrefs([logo, pump], [("Fig. 2. The pump.", (100, 350, 300, 360))])
     {9}
-    >>> captioned_xrefs([logo], [("Fig. 2. The pump.", (100, 350, 300, 360))])  # too far from the logo
-    set()
+    >>> footer_logo = ((280, 740, 330, 780), 7)
+    >>> caption = [("Figure 3: The pump housing.", (140, 710, 400, 720))]
+    >>> captioned_xrefs([footer_logo], caption), captioned_xrefs([footer_logo], caption, [(140, 440, 462, 700)])
+    ({7}, set())
     """
     if not placed:
         return set()
     boxes = [b for b, _ in placed]
-    captions = assign_captions([(b, "raster") for b in boxes], caption_blocks(lines, boxes))
+    figures = [(b, "raster") for b in boxes] + [(o, "vector") for o in others]
+    captions = assign_captions(figures, caption_blocks(lines, boxes + list(others)))
     return {xref for (_, xref), caption in zip(placed, captions) if caption}
 
 
@@ -321,13 +342,15 @@ def find_figures(page: pymupdf.Page, lines: list[tuple[str, BBox]], skip_xrefs: 
     """Figure regions of a born-digital page, in reading order. Images whose xref is in
     ``skip_xrefs`` (placed on many pages) count only where the page captions them (``captioned_xrefs``)."""
     items = _ink_items(page)
+    size = (page.rect.width, page.rect.height)
     repeated = [(it[0], it[2]) for it in items if it[1] == "image" and it[2] in skip_xrefs]
     if repeated:
-        dropped = skip_xrefs - captioned_xrefs(repeated, lines)
+        rest = [it[0] for it in items if not (it[1] == "image" and it[2] in skip_xrefs)]
+        others = list(regions.ink_regions(regions.paint(size, rest), JOIN_GAP)) if rest else []
+        dropped = skip_xrefs - captioned_xrefs(repeated, lines, others)
         items = [it for it in items if not (it[1] == "image" and it[2] in dropped)]
     if not items:
         return []
-    size = (page.rect.width, page.rect.height)
     grid = regions.paint(size, [it[0] for it in items])
     cands: list[Candidate] = []
     typed = [(it[0], it[1]) for it in items]
@@ -413,10 +436,11 @@ def is_caption(text: str) -> bool:
     >>> [is_caption(t) for t in ("Table 2: Masses", "Figure S1: Supplement.", "Fig. 3a Detail", "Abb. 3: Pumpe",
     ...                          "Рис. 3. Насос", "图3 水泵", "그림 3. 펌프", "Figure A.1: Appendix")]
     [True, True, True, True, True, True, True, True]
-    >>> [is_caption(t) for t in ("Figures show the pump.", "Table of contents", "表示する", "Figure 3rd")]
-    [False, False, False, False]
+    >>> [is_caption(t) for t in ("Figures show the pump.", "Table of contents", "表示する", "Figure 3rd",
+    ...                          "Tablet2 firmware", "Figure x", "table 2 of the appendix", "Plot 1: measured")]
+    [False, False, False, False, False, False, False, False]
     """
-    return bool(CAPTION.match(text))
+    return caption_label(text) is not None
 
 
 def _caption_cost(box: BBox, kind: str, b: BBox, reach: float) -> float | None:

@@ -95,12 +95,17 @@ def test_tiny_and_repeated_images_are_decoration_unless_captioned(tmp_path, cfg)
     logo = pdfgen.png_bytes((0, 128, 0), (40, 40))
     big = pdfgen.png_bytes((0, 0, 200), (200, 150))
     schematic = pdfgen.png_bytes((200, 30, 30), (120, 90))
+    footer = pdfgen.png_bytes((90, 90, 90), (50, 40))
     for i in range(6):
         page = doc.new_page()
         page.insert_image(pymupdf.Rect(500, 20, 560, 60), stream=logo)  # logo on every page
         bullet = pdfgen.png_bytes((40 * i, 0, 0), (20, 20))  # a different tiny image on each page
         page.insert_image(pymupdf.Rect(72, 700, 82, 710), stream=bullet)
         page.insert_text((72, 100), f"Page {i} text.")
+        page.insert_image(pymupdf.Rect(280, 740, 330, 780), stream=footer)  # footer logo on every page
+        if i == 1:  # a figure captioned just above the footer logo: the caption is the figure's, not the logo's
+            page.draw_rect(pymupdf.Rect(140, 560, 460, 690), color=(0, 0, 0), fill=(0.2, 0.4, 0.9))
+            page.insert_text((140, 718), "Figure 2: The pump housing.", fontsize=10)
         if i % 2 == 0:  # one schematic shown again on three pages, captioned each time: a figure
             page.insert_image(pymupdf.Rect(100, 450, 280, 585), stream=schematic)
             page.insert_text((100, 600), f"Figure {i + 1}: The schematic again.", fontsize=10)
@@ -109,7 +114,8 @@ def test_tiny_and_repeated_images_are_decoration_unless_captioned(tmp_path, cfg)
     recs = records(tmp_path / "d.pdf", cfg)
     figs = [f for r in recs for f in r.figures]
     assert [(f.page, f.kind, f.caption) for f in figs] == [
-        (1, "raster", "Figure 1: The schematic again."), (3, "raster", "Figure 3: The schematic again."),
+        (1, "raster", "Figure 1: The schematic again."), (2, "vector", "Figure 2: The pump housing."),
+        (3, "raster", "Figure 3: The schematic again."),
         (5, "raster", "Figure 5: The schematic again."), (6, "raster", "")]
 
 
