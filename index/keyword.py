@@ -65,8 +65,8 @@ def tokenize(text: str) -> list[str]:
     text = unicodedata.normalize("NFKC", text).casefold()
     if text.isascii():  # the same rule on ASCII, in one pass of the (faster) re module
         return [w for w in _ASCII_WORD.findall(text) if w not in STOP and len(w) <= MAX_TOKEN]
-    text = _fold_accents(text)
     if not _HAS_NOSPACE.search(text):
+        text = _fold_accents(text)  # (_tokens folds on its own)
         out = []
         for chunk in text.split():
             # a plain run of letters and digits is one token (str.isalnum is exactly that, and
@@ -84,9 +84,9 @@ def _fold_accents(text: str) -> str:
     >>> _fold_accents("café κωδικό ΚΩΔΙΚΌ हिन्दी")
     'cafe κωδικο ΚΩΔΙΚΟ हिन्दी'
     """
-    if not _ACCENT.search(unicodedata.normalize("NFD", text)):
-        return text
-    return unicodedata.normalize("NFC", _ACCENT.sub("", unicodedata.normalize("NFD", text)))
+    decomposed = unicodedata.normalize("NFD", text)
+    folded = _ACCENT.sub("", decomposed)
+    return text if len(folded) == len(decomposed) else unicodedata.normalize("NFC", folded)
 
 
 def _tokens(text: str) -> list[str]:
