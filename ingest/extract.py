@@ -88,9 +88,25 @@ def _scan_cover(page: pymupdf.Page, opaque: bool = False) -> float:
     return regions.largest_patch((page.rect.width, page.rect.height), [r for r in rects if r[2] > r[0] and r[3] > r[1]])
 
 
+STAMP_WORDS = 12  # visible words a scan may carry in its top/bottom margins and still be read by OCR
+
+
+def margin_stamp(words: list, height: float) -> bool:
+    """Are the page's text-layer ``words`` (x0, y0, x1, y1, word, ...; displayed coordinates) at
+    most a stamp added to a scan: a Bates number, a page number, a filing stamp; a few words
+    (``STAMP_WORDS``), all in the top or bottom margin (``text.MARGIN`` of the page height)?
+
+    >>> margin_stamp([(450, 770, 540, 780, "ACME-000123")], 792), margin_stamp([(72, 300, 120, 310, "Pump")], 792)
+    (True, False)
+    """
+    top, bottom = height * text.MARGIN, height * (1 - text.MARGIN)
+    return len(words) <= STAMP_WORDS and all(w[3] <= top or w[1] >= bottom for w in words)
+
+
 def _is_scanned(page: pymupdf.Page, words: list) -> bool:
-    """No text layer, and a scan covering half the page or more (``_scan_cover``)."""
-    return not words and _scan_cover(page) >= SCAN_SHARE
+    """No text layer, or only a stamp in the margins (``margin_stamp``), and a scan covering
+    half the page or more (``_scan_cover``): the page is read by OCR, stamp included."""
+    return (not words or margin_stamp(words, page.rect.height)) and _scan_cover(page) >= SCAN_SHARE
 
 
 def _is_scan_with_text_layer(page: pymupdf.Page) -> bool:

@@ -681,6 +681,34 @@ def test_a_scan_stored_as_strips_on_grey_paper_is_read_like_one_scan(tmp_path, c
     assert [f.kind for f in collage.figures] == ["raster", "raster"]
 
 
+def test_a_scan_with_a_stamp_in_its_margin_is_still_read_by_ocr(tmp_path, cfg):
+    """A scan with a visible Bates number added after scanning (legal productions, filed
+    copies): the stamp is the page's only text layer, so the page is still a scan: OCR'd, its
+    figure found in the pixels. The same picture with visible text in the body is not a scan."""
+    src = pymupdf.open()
+    page = src.new_page(width=612, height=792)
+    page.insert_text((72, 80), "Inspection report of the pumping station.", fontsize=14)
+    page.draw_rect(pymupdf.Rect(100, 150, 400, 350), color=(0, 0, 0), width=3)
+    page.insert_text((100, 370), "Figure 1: Cross-section of the impeller housing.", fontsize=11)
+    page.insert_text((72, 420), "The valve was replaced in March and the seals were checked.", fontsize=12)
+    scan = page.get_pixmap(dpi=150).tobytes("png")
+    doc = pymupdf.open()
+    for body in ("", "Visible notes typed over the picture, in the body of the page."):
+        page = doc.new_page(width=612, height=792)
+        page.insert_image(page.rect, stream=scan, keep_proportion=False)
+        page.insert_text((470, 775), "ACME-000123", fontsize=9)  # the stamp, bottom margin
+        if body:
+            page.insert_text((72, 600), body, fontsize=10)
+    doc.save(tmp_path / "stamped.pdf")
+    stamped, typed = records(tmp_path / "stamped.pdf", cfg, render=False)
+    assert stamped.scanned and not typed.scanned
+    text = " ".join(c.text for c in stamped.chunks)
+    assert "valve" in text and "pumping station" in text, text
+    [fig] = stamped.figures
+    assert all(abs(a - b) <= 4 for a, b in zip(fig.bbox, (98.5, 148.5, 401.5, 351.5))), fig.bbox
+    assert fig.caption.startswith("Figure 1: Cross")
+
+
 def raw_image_pdf(path, image_dict: str, data: bytes, fill: str = "", place: str = "200 0 0 150 100 542"):
     """A page with one image XObject written by hand (what PyMuPDF's insert_image never writes:
     16-bit samples, an indexed palette, a stencil mask), placed at (100, 100, 300, 250)."""
