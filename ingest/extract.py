@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 pymupdf.TOOLS.mupdf_display_errors(False)
 pymupdf.TOOLS.mupdf_display_warnings(False)
 
-TEXT_FLAGS = pymupdf.TEXTFLAGS_TEXT | pymupdf.TEXT_DEHYPHENATE | pymupdf.TEXT_COLLECT_STYLES
+TEXT_FLAGS = pymupdf.TEXTFLAGS_TEXT | pymupdf.TEXT_DEHYPHENATE
 OCR_DPI = 150
 MIN_OCR_SIDE = 12  # pixels: an image thinner than this holds no readable line of text
 
