@@ -345,10 +345,12 @@ def find_figures(page: pymupdf.Page, lines: list[tuple[str, BBox]], skip_xrefs: 
     size = (page.rect.width, page.rect.height)
     repeated = [(it[0], it[2]) for it in items if it[1] == "image" and it[2] in skip_xrefs]
     if repeated:
-        rest = [it[0] for it in items if not (it[1] == "image" and it[2] in skip_xrefs)]
-        others = list(regions.ink_regions(regions.paint(size, rest), JOIN_GAP)) if rest else []
-        dropped = skip_xrefs - captioned_xrefs(repeated, lines, others)
-        items = [it for it in items if not (it[1] == "image" and it[2] in dropped)]
+        shown: set[int] = set()
+        if any(is_caption(t) for t, _ in lines):  # only a page with a caption can keep one (logo pages skip the grid)
+            rest = [it[0] for it in items if not (it[1] == "image" and it[2] in skip_xrefs)]
+            others = list(regions.ink_regions(regions.paint(size, rest), JOIN_GAP)) if rest else []
+            shown = captioned_xrefs(repeated, lines, others)
+        items = [it for it in items if not (it[1] == "image" and it[2] in skip_xrefs - shown)]
     if not items:
         return []
     grid = regions.paint(size, [it[0] for it in items])
