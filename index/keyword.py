@@ -221,6 +221,11 @@ class KeywordIndex:
             if self._reader() is None:
                 self._open_for_writing(fresh=False)
             self._writer = self.index.writer(heap_size=self.heap, num_threads=1)
+            # A writer killed inside Tantivy's commit leaves that commit's files behind its old
+            # meta.json; the next commit doing the same operations gets the same opstamp, so the
+            # same file name, and fails with FileAlreadyExists for good. Tantivy lists the files it
+            # made, and removes those no commit uses (we hold the write lock: no other writer).
+            self._writer.garbage_collect_files()
             self._docs = set(self.documents())
         return self._writer
 

@@ -47,6 +47,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def write_lock_taken(data_dir) -> bool:
+    """Whether some process or thread holds the library's write lock (``data_dir/write.lock``)
+    right now: a non-blocking try that lets go at once."""
+    import fcntl
+
+    lock_path = Path(data_dir) / "write.lock"
+    if not lock_path.exists():
+        return False
+    with open(lock_path) as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return False
+
+
 @pytest.fixture(scope="module")
 def llm():
     """The local LLM test server (OpenAI-compatible and Ollama), one per test module."""

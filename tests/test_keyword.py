@@ -131,6 +131,27 @@ def test_writes_are_visible_at_commit_and_persist(kw, tmp_path):
     assert not again.covers([B, "e" * 64])
 
 
+def test_a_writer_killed_inside_tantivys_commit_leaves_an_index_that_takes_writes(kw, tmp_path):
+    """kill -9 after Tantivy wrote a commit's files but before it published meta.json (seen in
+    test_reliability's kill during a remove): the next process's same delete got the same opstamp,
+    so the same file name, and every later write failed with FileAlreadyExists."""
+    path = tmp_path / "kw"
+    before = {name: (path / name).read_bytes() for name in ("meta.json", KeywordIndex.MANIFEST)}
+    kw.delete_doc(A)
+    kw.commit()
+    assert any(p.suffix == ".del" for p in path.iterdir())
+    for name, data in before.items():  # the state the kill leaves: new files, old meta.json
+        (path / name).write_bytes(data)
+    again = KeywordIndex(path)  # the next process, doing the same remove
+    assert again.ids() == {"a", "b", "c", "d"}
+    again.delete_doc(A)
+    again.commit()
+    assert again.ids() == {"c", "d"} and [i for i, _ in again.search("pump filter", 10)] == ["c"]
+    again.add(["e"], ["pump"], ["e" * 64], ["text"])
+    again.commit(["e" * 64])
+    assert KeywordIndex(path).ids() == {"c", "d", "e"}
+
+
 def test_an_id_added_twice_is_one_item(tmp_path):
     kw = KeywordIndex(tmp_path / "kw")
     kw.add(["x", "x"], ["old words", "new words"], [A, A], ["text", "text"])

@@ -1,7 +1,6 @@
 """Reliability: deletes and replacements that survive kill -9, several processes on one library,
 missing files and storage faults, bounded work. Real CLI subprocesses on real PDFs, real Chroma."""
 
-import fcntl
 import json
 import os
 import random
@@ -15,7 +14,7 @@ import pytest
 
 from mmrag.wiring import build
 from tests import pdfgen
-from tests.conftest import ROOT
+from tests.conftest import ROOT, write_lock_taken
 
 
 def cli(config, *args, **kw):
@@ -51,15 +50,7 @@ def on_disk(data_dir: Path) -> dict:
 
 def wait_for_lock(proc, data_dir: Path) -> None:
     """Return once ``proc`` holds the library's write lock (or has exited)."""
-    lock_path = data_dir / "write.lock"
-    while proc.poll() is None:
-        if lock_path.exists():
-            with open(lock_path) as f:
-                try:
-                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    fcntl.flock(f, fcntl.LOCK_UN)
-                except BlockingIOError:
-                    break  # the writer holds it
+    while proc.poll() is None and not write_lock_taken(data_dir):
         time.sleep(0.005)
 
 
@@ -67,14 +58,8 @@ def lock_held(proc, data_dir: Path) -> float:
     """Seconds from ``proc`` taking the library's write lock to releasing it (or exiting)."""
     wait_for_lock(proc, data_dir)
     t0 = time.monotonic()
-    with open(data_dir / "write.lock") as f:
-        while proc.poll() is None:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                fcntl.flock(f, fcntl.LOCK_UN)
-                break
-            except BlockingIOError:
-                time.sleep(0.002)
+    while proc.poll() is None and write_lock_taken(data_dir):
+        time.sleep(0.002)
     return time.monotonic() - t0
 
 

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from mmrag.wiring import build
-from tests.conftest import ROOT, eval_pdf, free_port
+from tests.conftest import ROOT, eval_pdf, free_port, write_lock_taken
 from tests.llm_server import LLMServer
 
 CHROMIUM = "/usr/bin/chromium"
@@ -177,7 +177,6 @@ def test_twenty_parallel_chats_while_an_ingest_runs(served, llm):
     The questions go once the ingest holds the library's write lock (a fixed 3 s wait assumed it
     did by then), and at least one answer must come back before the ingest ends (the claim; on 2
     cores here all 20 do, in ~30 s of the ingest's ~70 s)."""
-    import fcntl
     import threading
     import time
 
@@ -195,16 +194,9 @@ def test_twenty_parallel_chats_while_an_ingest_runs(served, llm):
 
     worker = threading.Thread(target=ingest)
     worker.start()
-    lock_path, deadline = Path(app.cfg["data_dir"]) / "write.lock", time.monotonic() + 120
-    while worker.is_alive() and time.monotonic() < deadline:  # until the ingest holds the write lock
-        if lock_path.exists():
-            with open(lock_path) as f:
-                try:
-                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    fcntl.flock(f, fcntl.LOCK_UN)
-                except BlockingIOError:
-                    break
-        time.sleep(0.01)
+    deadline = time.monotonic() + 120
+    while worker.is_alive() and time.monotonic() < deadline and not write_lock_taken(app.cfg["data_dir"]):
+        time.sleep(0.01)  # until the ingest holds the write lock
     assert worker.is_alive(), "the ingest ended before the questions: use a longer document"
     latencies, answers, errors, during = [], [], [], []
 
