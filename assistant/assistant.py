@@ -16,6 +16,7 @@ from .prompt import (build_messages, clean_rewrite, normalize_history, prompt_so
                      standalone_question, trim_history)
 from .records import Answer, Hit, cited_refs, split_citations
 from .retrieve import Retriever
+from .thinking import strip_thinking
 
 log = logging.getLogger(__name__)
 MAX_PRIOR_FIGURES = 8  # figures cited earlier in the conversation kept as candidates
@@ -114,7 +115,7 @@ class Assistant:
                     continue
                 error = str(exc)
                 break
-        text = "".join(parts)
+        text = strip_thinking("".join(parts))  # what a </think> that nothing opened came after goes too
         if error and not text:
             text = fallback_text(hits)
         timings["total_ms"] = (time.perf_counter() - t0) * 1000

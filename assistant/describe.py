@@ -16,6 +16,7 @@ from PIL import Image
 
 from .llm import LLMError, _litellm, describe_failure
 from .prompt import quote
+from .thinking import strip_thinking
 
 SYSTEM = (
     "You describe figures from PDF documents so that they can be found by search. Write a factual "
@@ -128,7 +129,7 @@ class Describer:
                                           timeout=self.cfg.get("timeout_s"), num_retries=0)
         except Exception as exc:
             raise LLMError(describe_failure(exc, self.model, key if key != "unused" else None)) from None
-        text = (response.choices[0].message.content or "").strip() if response.choices else ""
+        text = strip_thinking(response.choices[0].message.content or "") if response.choices else ""
         if not text:
             raise LLMError(f"LLM {self.model}: the describing model answered nothing")
         usage = getattr(response, "usage", None)

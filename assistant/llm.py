@@ -20,6 +20,8 @@ import re
 import urllib.request
 from collections.abc import Iterator
 
+from .thinking import ThinkFilter, strip_thinking
+
 OLLAMA_PROVIDERS = ("ollama", "ollama_chat")
 OLLAMA_DEFAULT_BASE = "http://localhost:11434"
 
@@ -175,27 +177,41 @@ class LiteLLM:
         return _litellm().completion(**args)
 
     def stream(self, messages: list[dict]) -> Iterator[str]:
-        """The reply's text, piece by piece. Raises LLMError (``images_rejected`` set when the
-        server refused the image parts)."""
+        """The reply's text, piece by piece, without a reasoning model's thinking (a separate
+        reasoning field is never read; inline ``<think>…</think>`` is removed, see
+        :mod:`assistant.thinking`). Raises LLMError (``images_rejected`` set when the server
+        refused the image parts; a reply that was all thinking and no answer is an error too)."""
         key = self._call_key()  # known before the call, so that its failure is masked
+        think, reasoned = ThinkFilter(), False
         try:
             response = self._call(key, messages, stream=True)
             for chunk in response:
-                delta = chunk.choices[0].delta.content if chunk.choices else None
-                if delta:
-                    yield delta
+                delta = chunk.choices[0].delta if chunk.choices else None
+                if delta is None:
+                    continue
+                reasoned = reasoned or bool(getattr(delta, "reasoning_content", None))
+                visible = think.feed(delta.content or "")
+                if visible:
+                    yield visible
+            rest = think.close()
+            if rest:
+                yield rest
         except LLMError:
             raise
         except Exception as exc:
             raise self._error(exc, key, messages) from None
+        if not think.shown and (reasoned or think.thought):
+            raise LLMError(f"LLM {self.model}: the model only thought and gave no answer "
+                           f"(its reply may have run out of llm.max_tokens while thinking)")
 
     def complete(self, messages: list[dict], max_tokens: int = 200, timeout: float | None = None) -> str:
-        """A short non-streaming reply (e.g. a rewritten question). Raises LLMError."""
+        """A short non-streaming reply (e.g. a rewritten question), a reasoning model's thinking
+        removed. Raises LLMError."""
         key = self._call_key()
         try:
             timeout = min(float(self.cfg.get("timeout_s") or 60), timeout or 60)
             response = self._call(key, messages, stream=False, max_tokens=max_tokens, timeout=timeout)
-            return response.choices[0].message.content or ""
+            return strip_thinking(response.choices[0].message.content or "")
         except LLMError:
             raise
         except Exception as exc:

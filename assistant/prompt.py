@@ -7,6 +7,7 @@ import re
 
 from . import images as imaging
 from .records import Hit
+from .thinking import strip_thinking
 
 SYSTEM = (
     "You are mmrag, an assistant that answers questions about the figures, diagrams, charts and text of "
@@ -174,14 +175,17 @@ def rewrite_messages(question: str, history: list[dict], max_chars: int = 6000) 
 
 
 def clean_rewrite(reply: str, question: str) -> str | None:
-    """The model's rewritten question, or None when the reply is unusable (empty, a paragraph).
+    """The model's rewritten question, or None when the reply is unusable (empty, a paragraph);
+    a reasoning model's ``<think>…</think>`` is not part of it.
 
     >>> clean_rewrite('Standalone question: "What does figure 2 of neato.pdf show?"\\n', "and that?")
     'What does figure 2 of neato.pdf show?'
+    >>> clean_rewrite("<think>\\nThe user means figure 2.\\n</think>\\n\\nWhat does figure 2 show?", "and that?")
+    'What does figure 2 show?'
     >>> clean_rewrite("", "q") is None
     True
     """
-    lines = [ln.strip() for ln in (reply or "").strip().splitlines() if ln.strip()]
+    lines = [ln.strip() for ln in strip_thinking(reply or "").splitlines() if ln.strip()]
     if not lines:
         return None
     text = re.sub(r"^(standalone question|question)\s*:\s*", "", lines[0], flags=re.I).strip().strip("\"'“”").strip()

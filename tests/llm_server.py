@@ -39,10 +39,17 @@ class LLMServer:
         self.describes: list[dict] = []  # {"body", "reply"} per description request, in arrival order
         self.describe_mode = "ok"  # ok | 500 | stall
         self.describe_delay = 0.0
+        self.describe_thinking = ""  # put before each description's text (a reasoning model's thinking)
         self._lock = threading.Lock()
         self.rewrite: str | None = None  # reply to non-streamed calls; None: repeat the last question
         self.token_delay = 0.0  # seconds between streamed pieces (a slow model, for stop tests)
         self.capabilities: list[str] | None = ["completion", "vision"]  # what /api/show lists
+        # a reasoning model: ``pieces`` are the exact streamed content chunks (instead of ``reply``
+        # cut at spaces; tags may be split across them), ``reasoning`` chunks go first in the
+        # server's separate field (OpenAI-compatible: ``reasoning_content``, as vLLM's reasoning
+        # parser and llama.cpp send it; Ollama: ``message.thinking``), also in non-streamed replies
+        self.pieces: list[str] | None = None
+        self.reasoning: list[str] = []
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -82,32 +89,41 @@ class LLMServer:
                                       {"error": {"message": msg, "type": "invalid_request_error", "code": code}})
                 if server.mode == "stall":
                     time.sleep(5)
+                thinking = "".join(server.reasoning)
                 if not body.get("stream"):
                     text = server.rewrite if server.rewrite is not None else server.last_question(body)
+                    message = {"role": "assistant", "content": text}
+                    if thinking:
+                        message["thinking" if ollama else "reasoning_content"] = thinking
                     return self._json(200, {"model": body.get("model"), "created_at": "2026-01-01T00:00:00Z",
                                             "response": text, "done": True, "done_reason": "stop"} if self.path == "/api/generate" else
                                       {"model": body.get("model"), "created_at": "2026-01-01T00:00:00Z",
-                                       "message": {"role": "assistant", "content": text}, "done": True,
-                                       "done_reason": "stop"} if ollama else
+                                       "message": message, "done": True, "done_reason": "stop"} if ollama else
                                       {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                                       "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                                    "finish_reason": "stop"}],
+                                       "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
                                        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
-                text = server.reply.format(cite=server.first_key(body), fig=server.first_key(body, figure=True))
-                words = text.split(" ")
-                pieces = [w + (" " if i < len(words) - 1 else "") for i, w in enumerate(words)]
+                fill = dict(cite=server.first_key(body), fig=server.first_key(body, figure=True))
+                if server.pieces is not None:
+                    pieces = [p.format(**fill) for p in server.pieces]
+                else:
+                    words = server.reply.format(**fill).split(" ")
+                    pieces = [w + (" " if i < len(words) - 1 else "") for i, w in enumerate(words)]
+                pieces = [(True, p) for p in server.reasoning] + [(False, p) for p in pieces]
                 self.send_response(200)
                 self.send_header("Content-Type", "application/x-ndjson" if ollama else "text/event-stream")
                 self.end_headers()
-                for piece in pieces:
+                for reasoning, piece in pieces:
                     if self.path == "/api/generate":
-                        line = {"model": body["model"], "created_at": "2026-01-01T00:00:00Z", "response": piece, "done": False}
+                        line = {"model": body["model"], "created_at": "2026-01-01T00:00:00Z", "done": False,
+                                **({"response": "", "thinking": piece} if reasoning else {"response": piece})}
                     elif ollama:
-                        line = {"model": body["model"], "created_at": "2026-01-01T00:00:00Z",
-                                "message": {"role": "assistant", "content": piece}, "done": False}
+                        line = {"model": body["model"], "created_at": "2026-01-01T00:00:00Z", "done": False,
+                                "message": {"role": "assistant", **({"content": "", "thinking": piece} if reasoning
+                                                                     else {"content": piece})}}
                     else:
+                        delta = {"content": None, "reasoning_content": piece} if reasoning else {"content": piece}
                         line = {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": body["model"],
-                                "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}
+                                "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
                     self.wfile.write((json.dumps(line) + "\n").encode() if ollama else f"data: {json.dumps(line)}\n\n".encode())
                     self.wfile.flush()
                     if server.token_delay:
@@ -140,6 +156,7 @@ class LLMServer:
                     return
                 text = f"A vector diagram with two boxes; it shows the {server.describe_word(n)} component."
                 record["reply"] = text
+                text = server.describe_thinking + text
                 out = {"id": "d", "object": "chat.completion", "created": 0, "model": body["model"],
                        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                                     "finish_reason": "stop"}],

@@ -48,6 +48,7 @@ def llm_app(shared_app, server):
     """The shared app with a fresh openai/test-vlm model (vision forced on) and a reset server."""
     os.environ["MMRAG_TEST_KEY"] = "sk-test-secret-123"
     server.mode, server.rewrite, server.capabilities = "ok", None, ["completion", "vision"]
+    server.pieces, server.reasoning = None, []
     server.error_message = "scripted failure {code}"
     server.reply = "The diagram shows the parser feeding the renderer {cite}."
     server.requests.clear()
@@ -306,6 +307,68 @@ def test_attached_image_reaches_the_model_on_white(llm_app, server, tmp_path):
     sent = server.images()[0]
     grey = np.asarray(sent.convert("L"), float)
     assert sent.size == (256, 171) and (grey < 128).mean() < 0.2  # on white, not a black square
+
+
+THOUGHT = "The user asks about the parser. [manual.pdf p.3 fig.1] is the table, not it. I will cite {cite}."
+
+
+@pytest.mark.parametrize("provider", ["openai", "ollama_chat", "ollama"])
+def test_reasoning_models_thinking_is_not_the_answer(llm_app, server, provider):
+    """Qwen3, DeepSeek-R1, QwQ on a server without a reasoning parser: the thinking comes inline,
+    its tags cut across stream chunks; with one (vLLM, llama.cpp, Ollama's ``thinking``) it comes
+    in a separate field. Either way the user reads only the answer, and only the answer's keys
+    are citations (the thinking names another figure)."""
+    if provider != "openai":
+        use_model(llm_app, model=f"{provider}/qwen3-test", api_base=server.ollama_base, api_key_env=None)
+    answer_text = "The parser feeds the renderer {cite}."
+    server.pieces = ["<th", "ink>\n" + THOUGHT[:30], THOUGHT[30:], "</th", "ink", ">\n\nThe parser ",
+                     "feeds the renderer {cite}."]
+    events = list(llm_app.assistant.stream("What does the parser feed?"))
+    streamed = "".join(v for k, v in events if k == "token")
+    answer = events[-1][1]
+    key = LLMServer.first_key(server.answers()[-1]["body"])
+    assert answer.error is None and answer.text == answer_text.format(cite=key) == streamed
+    assert [c.key for c in answer.citations] == [key] and key != "[manual.pdf p.3 fig.1]"
+    # the same model behind a reasoning parser: the thinking in its own field
+    server.pieces, server.reasoning = None, [THOUGHT[:40], THOUGHT[40:]]
+    server.reply = answer_text
+    events = list(llm_app.assistant.stream("What does the parser feed?"))
+    answer = events[-1][1]
+    assert answer.text == answer_text.format(cite=key) == "".join(v for k, v in events if k == "token")
+    assert [c.key for c in answer.citations] == [key]
+
+
+def test_reasoning_model_that_only_thinks_or_opens_no_tag(llm_app, server):
+    # the reply ran out of max_tokens inside <think>: no answer, said so, the sources stand
+    server.pieces = ["<think>\nThe user asks", " about " + THOUGHT]
+    answer = llm_app.assistant.ask("What does the parser feed?")
+    assert "only thought and gave no answer" in answer.error and "llm.max_tokens" in answer.error
+    assert answer.text.startswith("No answer from the language model") and "<think>" not in answer.text
+    server.pieces, server.reasoning = [], [THOUGHT]  # the same behind a reasoning parser
+    answer = llm_app.assistant.ask("What does the parser feed?")
+    assert "only thought and gave no answer" in answer.error
+    # DeepSeek-R1's template opens <think> in the prompt: the reply only closes it
+    server.pieces, server.reasoning = [THOUGHT[:50], THOUGHT[50:] + "\n</think>\n\n", "The renderer {cite}."], []
+    answer = llm_app.assistant.ask("What does the parser feed?")
+    key = LLMServer.first_key(server.answers()[-1]["body"])
+    assert answer.text == f"The renderer {key}." and [c.key for c in answer.citations] == [key]
+
+
+@pytest.mark.parametrize("provider", ["openai", "ollama_chat"])
+def test_follow_up_rewrite_by_a_reasoning_model(llm_app, server, provider):
+    if provider != "openai":
+        use_model(llm_app, model=f"{provider}/qwen3-test", api_base=server.ollama_base, api_key_env=None)
+    history = [{"role": "user", "content": "What does the parser feed?"},
+               {"role": "assistant", "content": "The renderer [manual.pdf p.1 fig.1]."}]
+    server.rewrite = "<think>\nThey mean the renderer.\nSo: what does it draw?\n</think>\n\nWhat does the renderer draw?"
+    answer = llm_app.assistant.ask("and what does it draw?", history=history)
+    assert answer.standalone == "What does the renderer draw?"
+    server.rewrite = "They mean the renderer.\n</think>\n\nWhat does the renderer draw?"  # DeepSeek-R1's template
+    answer = llm_app.assistant.ask("and what does it draw?", history=history)
+    assert answer.standalone == "What does the renderer draw?"
+    server.rewrite, server.reasoning = "What does the renderer draw?", ["They mean the renderer."]
+    answer = llm_app.assistant.ask("and what does it draw?", history=history)
+    assert answer.standalone == "What does the renderer draw?"
 
 
 def test_history_is_kept_within_its_budget():

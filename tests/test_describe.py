@@ -50,6 +50,22 @@ def word_of(record: dict) -> str:
     return record["reply"].split()[-2]
 
 
+@pytest.mark.parametrize("thinking", ["<think>\nA figure with two boxes. Blue?\n</think>\n\n",
+                                      "A figure with two boxes. Blue?\n</think>\n\n"])
+def test_a_reasoning_model_describes_without_its_thinking(server, tmp_path, thinking):
+    """Qwen3 or DeepSeek-R1 as the describing model, without a reasoning parser on the server:
+    the stored description is the text after the thinking (whose words would otherwise become
+    searchable text of the figure)."""
+    from assistant.describe import Describer
+
+    (tmp_path / "f.png").write_bytes(pdfgen.png_bytes(color=(20, 90, 200)))
+    server.describe_thinking = thinking
+    cfg = {"model": None, "api_base": None, "api_key_env": None, "image_max_side": 256, "max_tokens": 400,
+           "timeout_s": 5}
+    got = Describer(cfg, llm(server)).describe(tmp_path / "f.png", "Figure 1: boxes.", "", "m.pdf")
+    assert got.text == server.describes[-1]["reply"] and "Blue?" not in got.text
+
+
 def test_ingest_describes_each_image_once_and_finds_figures_by_their_description(make_cfg, clip, passages, server,
                                                                                   tmp_path):
     cfg = make_cfg(llm=llm(server), describe={"mode": "ingest", "image_max_side": 200})
