@@ -236,9 +236,7 @@ def _extract_page(doc, page, sha, cfg, skip, running, ocr_mode, render, xref_png
     tp = page.get_textpage(flags=TEXT_FLAGS)
     # every box from here on is in the coordinates of the page as displayed (/Rotate applied)
     words = [(*F.display_rect(page, w[:4]), *w[4:]) for w in page.get_text("words", textpage=tp)]
-    blocks = [(text.clean_block_text(b[4]), tuple(F.display_rect(page, b[:4])))
-              for b in page.get_text("blocks", textpage=tp) if b[6] == 0]
-    blocks = [b for b in blocks if b[0]]
+    blocks = _text_blocks(page, tp, words)
     scanned = _is_scanned(page, words)
     min_side = float(cfg["min_figure_side"])
     source = "text"
@@ -301,6 +299,24 @@ def _extract_page(doc, page, sha, cfg, skip, running, ocr_mode, render, xref_png
         except Exception as exc:
             warn("page image skipped", exc)
     return PageRecord(sha, pno, size, chunks, figs, png, scanned, tuple(warnings))
+
+
+def _text_blocks(page: pymupdf.Page, tp: pymupdf.TextPage, words: list) -> list[tuple[str, tuple]]:
+    """The page's text blocks (clean text, displayed box). A block whose lines alternate between
+    the two columns of the page (drawn row by row across them) becomes one block per column
+    (``text.split_columns``), so each column is read on its own."""
+    by_block: dict[int, list] = {}
+    for w in words:
+        by_block.setdefault(w[5], []).append(w)
+    blocks = []
+    for b in page.get_text("blocks", textpage=tp):
+        if b[6] != 0:
+            continue
+        parts = text.split_columns(by_block.get(b[5], []), page.rect.width)
+        if parts is None:
+            parts = [(b[4], tuple(F.display_rect(page, b[:4])))]
+        blocks += [(text.clean_block_text(t), box) for t, box in parts]
+    return [b for b in blocks if b[0]]
 
 
 MIN_INK_CONTRAST = 24  # grey levels between the lightest and darkest pixel: less is a blank or flat image

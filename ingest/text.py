@@ -75,6 +75,57 @@ def reading_order(blocks: list[Block], page_width: float) -> list[Block]:
     return ordered
 
 
+COLUMN_LINE = 0.2  # of the page width: lines of a column of text are at least this wide (most of them)
+
+
+def split_columns(words: list[tuple], page_width: float) -> list[Block] | None:
+    r"""The two column parts of one text block whose lines alternate between the columns of a
+    two-column page (producers that draw a page row by row across the columns: MuPDF then holds
+    'left line 1, right line 1, left line 2, ...' in one block), or None when the block is not so.
+
+    ``words`` are the block's PyMuPDF words (x0, y0, x1, y1, text, block, line, word number) in
+    displayed coordinates. A block splits when every word lies on one side of a gutter near the
+    page middle (as ``reading_order`` defines columns) at least a line height wide, no line of the
+    block runs across it (MuPDF starts a new line at a jump to the other column; a table row or
+    text aligned with spaces is one line), and each side holds two lines or more, most of them as
+    wide as a column's text (``COLUMN_LINE``): a form's short labels with their values beside
+    them stay one block, read row by row.
+
+    >>> row = lambda y, n: [(54, y, 290, y + 10, f"left{n}", 0, 2 * n, 0), (318, y, 556, y + 10, f"right{n}", 0, 2 * n + 1, 0)]
+    >>> split_columns(row(72, 0) + row(84, 1), 612)
+    [('left0\nleft1', (54, 72, 290, 94)), ('right0\nright1', (318, 72, 556, 94))]
+    >>> split_columns([(54, 72, 120, 82, "Name:", 0, 0, 0), (318, 72, 400, 82, "Okonkwo", 0, 0, 1),
+    ...                (54, 84, 120, 94, "Serial:", 0, 1, 0), (318, 84, 400, 94, "XK-42917", 0, 1, 1)], 612) is None
+    True
+    >>> one_line = lambda y, n: [(w[0], w[1], w[2], w[3], w[4], 0, n, w[7]) for w in row(y, n)]
+    >>> split_columns(one_line(72, 0) + one_line(84, 1), 612) is None
+    True
+    """
+    mid, slack = page_width / 2, 0.05 * page_width
+    sides: tuple[list, list] = ([], [])
+    for w in words:
+        sides[(w[0] + w[2]) / 2 >= mid].append(w)
+    left, right = sides
+    if not left or not right or {(w[5], w[6]) for w in left} & {(w[5], w[6]) for w in right}:
+        return None  # one side only, or a line runs across the gutter: a table row, text set with spaces
+    height = sorted(w[3] - w[1] for w in words)[len(words) // 2]
+    gutter = (max(w[2] for w in left), min(w[0] for w in right))
+    if not (gutter[1] - gutter[0] >= height and gutter[0] <= mid + slack and gutter[1] >= mid - slack):
+        return None
+    out: list[Block] = []
+    for side in sides:
+        lines: dict[tuple, list] = {}
+        for w in side:
+            lines.setdefault((w[5], w[6]), []).append(w)
+        boxes = [_union([w[:4] for w in ws]) for ws in lines.values()]
+        wide = sum(b[2] - b[0] >= COLUMN_LINE * page_width for b in boxes)
+        if len(lines) < 2 or 2 * wide < len(lines):
+            return None
+        out.append(("\n".join(" ".join(w[4] for w in sorted(ws, key=lambda w: w[7])) for _, ws in sorted(lines.items())),
+                    _union(boxes)))
+    return out
+
+
 _INVISIBLE = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad"), None)  # zero-width, BOM, soft hyphen
 _LINE_END_HYPHEN = re.compile(r"(\w)[-\u00ad\u2010]\s*\n\s*(\w)")
 

@@ -749,3 +749,46 @@ def test_image_placed_flipped_is_stored_as_the_page_shows_it(tmp_path, cfg):
     pdf = raw_image_pdf(tmp_path / "flip.pdf", cs, data, place="-200 0 0 150 300 542")  # mirrored left-right
     left, right = halves(records(pdf, cfg)[0].figures[0].png)
     assert abs(left - (0, 0, 200)).max() < 10 and abs(right - (200, 30, 30)).max() < 10
+
+
+# ---- layout: columns --------------------------------------------------------------------------
+
+def two_column_page(path, rows_first):
+    """A two-column page (Letter, 10 pt text, columns 54-290 and 322-558) whose text is drawn row
+    by row across the columns (``rows_first``, as some report generators and Word exports do) or
+    column by column; a figure spanning both columns with its caption below; a figure in the
+    left column with its caption beside it in the right one."""
+    import textwrap
+
+    left = textwrap.wrap(" ".join(f"alder{i} pump housing" for i in range(80)), 44)
+    right = textwrap.wrap(" ".join(f"birch{i} motor shaft" for i in range(80)), 44)
+    doc = pymupdf.open()
+    page = doc.new_page(width=612, height=792)
+    bands = [(60, left[:12], right[:12]), (400, left[12:20], right[12:20])]
+    for y0, ls, rs in bands:
+        pairs = list(zip(ls, rs))
+        order = [(i, 0) for i in range(len(pairs))] + [(i, 1) for i in range(len(pairs))]
+        for i, col in (sorted(order) if rows_first else order):
+            page.insert_text((54 if col == 0 else 322, y0 + 12 * i), pairs[i][col], fontsize=10)
+    page.draw_rect(pymupdf.Rect(54, 220, 558, 360), color=(0, 0, 0), fill=(0.2, 0.4, 0.9))
+    page.insert_text((200, 376), "Figure 1: Blue panel across both columns.", fontsize=9)
+    page.draw_rect(pymupdf.Rect(54, 520, 290, 700), color=(0, 0, 0), fill=(0.9, 0.4, 0.2))
+    page.insert_text((322, 610), "Figure 2: Orange panel in the left column.", fontsize=9)
+    doc.save(path)
+    return left[:20], right[:20]
+
+
+@pytest.mark.parametrize("rows_first", [True, False])
+def test_two_column_text_is_read_column_by_column_and_figures_keep_their_captions(tmp_path, cfg, rows_first):
+    left, right = two_column_page(tmp_path / "cols.pdf", rows_first)
+    rec = records(tmp_path / "cols.pdf", cfg, render=False)[0]
+    # the passages, overlaps removed: each band's left column, then its right column, line after line
+    words = " ".join(c.text for c in rec.chunks).split()
+    seen = [w for n, w in enumerate(words) if w[:5] in ("alder", "birch") and w not in words[:n]]
+    want = [w for part in (left[:12], right[:12], left[12:], right[12:]) for w in
+            " ".join(part).split() if w[:5] in ("alder", "birch")]
+    assert seen == want
+    assert sorted((f.bbox, f.caption) for f in rec.figures) == [
+        ((52.0, 218.0, 560.0, 362.0), "Figure 1: Blue panel across both columns."),
+        ((52.0, 518.0, 292.0, 702.0), "Figure 2: Orange panel in the left column.")]
+
