@@ -15,8 +15,10 @@ Stages (each in its own process, so peak RSS is the stage's own):
             top-10 changes against the same fp32 reference), so the speed and what it costs sit side by side
   scale     retrieval end to end (both encoders, Chroma, keyword, fusion) at --store-items figures/pages and
             as many passages (random vectors inserted straight into the store, synthetic passage text); with the
-            default ef_search, Chroma's 100, and the opt-in int8 encoders (and how many questions' ten hits
-            then differ from the default's)
+            default exact scan (chroma.exact_scan: auto, read before the questions: how long that took, its
+            memory, peak RSS), HNSW alone at the default ef_search and at Chroma's 100, and the opt-in int8
+            encoders (and how many questions' ten hits then differ from the default's); each with the share of
+            the exact nearest 50 it finds
   chroma    Chroma query latency p50/p95 at 10k/100k/1M stored vectors, index size on disk
   retrieval retrieval latency p50/p95 (no LLM) and question -> first streamed token against a local server;
             then figure descriptions (`mmrag describe` on every figure) against the same local server:
@@ -913,9 +915,10 @@ def _build_scale_store(app, clip, passages, items: int) -> float:
     return round(time.perf_counter() - t0, 1)
 
 
-def _recall_vs_exact(col, n: int = 50, queries: int = 100) -> dict:
+def _recall_vs_exact(col, n: int = 50, queries: int = 100, search=None) -> dict:
     """How many of the true nearest ``n`` (brute force over every stored vector) Chroma's query on
-    ``col`` returns, for random unit query vectors (seeded): recall@n, and recall@10 of its top 10."""
+    ``col`` returns (or ``search(vector, n) -> ids``: the store's own query), for random unit query
+    vectors (seeded): recall@n, and recall@10 of its top 10."""
     import numpy as np
 
     ids, vecs = [], []
@@ -929,14 +932,19 @@ def _recall_vs_exact(col, n: int = 50, queries: int = 100) -> dict:
     exact = np.argsort(-(q @ vecs.T), axis=1)[:, :n]
     r_n, r_10 = [], []
     for v, want in zip(q, exact):
-        got = col.query(query_embeddings=[v], n_results=n, include=["distances"])["ids"][0]
+        got = search(v, n) if search else col.query(query_embeddings=[v], n_results=n, include=["distances"])["ids"][0]
         r_n.append(len(set(got) & set(ids[want])) / n)
         r_10.append(len(set(got[:10]) & set(ids[want[:10]])) / 10)
     return {f"recall@{n}": round(float(np.mean(r_n)), 3), "recall@10": round(float(np.mean(r_10)), 3)}
 
 
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS"))
+
+
 def stage_retrieval_at_scale(corpus: Path, model: str, items: int, cache: str, scale_dir: str, ef: int,
-                             precision: str = "fp32") -> dict:
+                             precision: str = "fp32", exact_scan: str = "auto") -> dict:
     """Retrieval end to end (both encoders with the default runtime, Chroma queries, keyword
     search, fusion, records) over ``items`` figures/pages and ``items`` passages: random unit
     vectors inserted straight into the store (no ingest), synthetic passages for the keyword index.
@@ -948,7 +956,9 @@ def stage_retrieval_at_scale(corpus: Path, model: str, items: int, cache: str, s
     searched one after another, the document list read at every search) for repeated questions,
     where that is exactly the earlier code path. ``precision``: both encoders' setting (``int8``:
     the opt-in run; ``top10``, each question's hit ids, lets the driver count the questions whose
-    hits differ from the default's)."""
+    hits differ from the default's). ``exact_scan``: ``chroma.exact_scan``; with ``auto`` the
+    questions are asked once the exact scans are read (the time that took, and their memory, are
+    reported); ``off``: HNSW alone, as before the scan."""
     from index.embedders import ClipEmbedder, SentenceEmbedder
     from mmrag.config import DEFAULTS
     from mmrag.wiring import build
@@ -961,6 +971,7 @@ def stage_retrieval_at_scale(corpus: Path, model: str, items: int, cache: str, s
                                 cache_dir=cache_dir / "onnx", precision=precision)
     cfg = json.loads(json.dumps(DEFAULTS))
     cfg["chroma"]["ef_search"] = ef or cfg["chroma"]["ef_search"]
+    cfg["chroma"]["exact_scan"] = exact_scan
     built = Path(scale_dir) / "mmrag-scale-built.json"
     reuse = built.is_file() and json.loads(built.read_text()).get("items") == items
     if not reuse:
@@ -980,6 +991,12 @@ def stage_retrieval_at_scale(corpus: Path, model: str, items: int, cache: str, s
         from index import hugepages
 
         app.retriever.retrieve("warm up the searcher")
+        if exact_scan == "auto":  # the first search started reading the exact scans: wait for them
+            rss, t0 = _rss_mb(), time.perf_counter()
+            assert store.wait_for_scans(), store.scan_status()
+            scan.update(wait_s=round(time.perf_counter() - t0, 1), rss_before_mb=round(rss), rss_after_mb=round(_rss_mb()))
+            app.retriever.retrieve("warm up the searcher again")
+            assert all(s["ready"] for s in store.scan_status().values()), store.scan_status()
         hugepages.settle()  # the loaded indexes' move to 2 MB pages (index/hugepages.py) is done
         lat = []
         for q in questions:  # each question once: no question-cache hits
@@ -996,19 +1013,24 @@ def stage_retrieval_at_scale(corpus: Path, model: str, items: int, cache: str, s
         return lat, again
 
     top10: list[list[str]] = []
+    scan: dict = {}
     lat, again = measure(app)
+    if scan:
+        scan["collections"] = store.scan_status()
     if precision != "fp32":
         out = {"precision": precision, "clip_served": dict(clip.served), "passage_served": passages.served,
-               "ef_search": cfg["chroma"]["ef_search"], "questions": len(lat),
+               "ef_search": cfg["chroma"]["ef_search"], "exact_scan": exact_scan, "questions": len(lat),
                "retrieval_ms_p50": pct(lat, 0.5), "retrieval_ms_p95": pct(lat, 0.95),
                "repeated_question_ms_p50": pct(again, 0.5), "repeated_question_ms_p95": pct(again, 0.95)}
         return {**out, "top10": top10, "peak_rss_mb": peak_rss_mb()}
     out = {"model": f"{model} (random init)", "clip_backend": clip.backend, "passage_backend": passages.backend,
            "figures_and_pages": items, "passages": items, "store_build_s": round(build_s, 1),
-           "ef_search": cfg["chroma"]["ef_search"], "questions": len(lat),
+           "ef_search": cfg["chroma"]["ef_search"], "exact_scan": exact_scan, "questions": len(lat),
            "retrieval_ms_p50": pct(lat, 0.5), "retrieval_ms_p95": pct(lat, 0.95),
            "repeated_question_ms_p50": pct(again, 0.5), "repeated_question_ms_p95": pct(again, 0.95)}
-    if not ef:
+    if scan:
+        out["scan"] = scan
+    if not ef and exact_scan == "off":
         import assistant.retrieve as retrieve_module
 
         retrieve_module._SEARCH = retrieve_module.OneByOne()  # the signals one after another
@@ -1022,7 +1044,11 @@ def stage_retrieval_at_scale(corpus: Path, model: str, items: int, cache: str, s
         out.update(before_repeated_question_ms_p50=pct(before, 0.5), before_repeated_question_ms_p95=pct(before, 0.95))
     # what the HNSW breadth buys: the store's vector queries against brute force (random unit
     # queries over random unit vectors, the hardest case for HNSW; real embeddings cluster)
-    out["recall_vs_exact"] = {which: _recall_vs_exact(getattr(store, which)) for which in ("visual", "text")}
+    # (with the exact scan: the store's own queries, which the scan answers)
+    search = {"visual": lambda v, n: [m.id for m in store.query_visual(v, n)],
+              "text": lambda v, n: [m.id for m in store.query_text(v, n)]} if scan else {}
+    out["recall_vs_exact"] = {which: _recall_vs_exact(getattr(store, which), search=search.get(which))
+                              for which in ("visual", "text")}
     return {**out, "top10": top10, "peak_rss_mb": peak_rss_mb()}
 
 
@@ -1087,7 +1113,7 @@ def main() -> None:
         fn = {"extract": lambda: stage_extract(Path(rest[0]), rest[1]),
               "embed": lambda: stage_embed(Path(rest[0]), rest[1], int(rest[2]), int(rest[3]), rest[4]),
               "scale": lambda: stage_retrieval_at_scale(Path(rest[0]), rest[1], int(rest[2]), rest[3], rest[4],
-                                                   int(rest[5]), rest[6]),
+                                                   int(rest[5]), rest[6], rest[7]),
               "chroma": lambda: stage_chroma([int(s) for s in rest[0].split(",")], int(rest[1]), int(rest[2])),
               "retrieval": lambda: stage_retrieval(Path(rest[0]), rest[1] or None, [d for d in rest[2].split(",") if d]),
               "keyword": lambda: stage_keyword(rest[0], int(rest[1]), int(rest[2])),
@@ -1134,9 +1160,12 @@ def main() -> None:
                       f"top 10 changed {u['top10_passage_questions_vs_passages']}", flush=True)
     if "scale" in only:
         folder = a.scale_dir or tempfile.mkdtemp(prefix="mmrag-bench-scale-")
-        scale = [run_stage(["scale", a.corpus, a.clip_model, str(a.store_items), a.models, folder, str(ef), precision])
-                 for ef, precision in ((0, "fp32"), (100, "fp32"), (0, "int8"))]
-        # the default, Chroma's own breadth on the same store, the opt-in int8 encoders
+        scale = [run_stage(["scale", a.corpus, a.clip_model, str(a.store_items), a.models, folder, str(ef), precision,
+                            exact])
+                 for ef, precision, exact in ((0, "fp32", "auto"), (100, "fp32", "off"), (0, "int8", "auto"),
+                                              (0, "fp32", "off"))]
+        # the default (the exact scan), Chroma's own breadth on the same store, the opt-in int8
+        # encoders, and HNSW alone at the default breadth (as before the scan)
         if not a.scale_dir:
             import shutil
 
@@ -1144,18 +1173,28 @@ def main() -> None:
         ids = [x.pop("top10", None) for x in scale]
         if ids[0] and ids[2]:  # int8: questions whose ten hits differ from the default's (ids or order)
             scale[2]["questions_with_other_hits_than_default"] = sum(a != b for a, b in zip(ids[0], ids[2]))
-        report["scale"] = {**scale[0], "ef100": scale[1], "int8": scale[2]}
+        report["scale"] = {**scale[0], "ef100": scale[1], "int8": scale[2], "hnsw": scale[3]}
         print(json.dumps(report["scale"], indent=1), flush=True)
-        r, f, q = scale
-        if "error" not in r and "error" not in f:
-            print(f"retrieval at {a.store_items:,} items, ef_search {r['ef_search']}: p50/p95 "
+        r, f, q, h = scale
+        if not any("error" in x for x in (r, f, h)):
+            sc = r["scan"]
+            print(f"retrieval at {a.store_items:,} items with the exact scan (chroma.exact_scan: auto): p50/p95 "
                   f"{r['retrieval_ms_p50']}/{r['retrieval_ms_p95']} ms (target p50 <= 40 ms); repeated question "
-                  f"{r['repeated_question_ms_p50']}/{r['repeated_question_ms_p95']} ms, before issue 17's "
-                  f"retrieval changes {r['before_repeated_question_ms_p50']}/{r['before_repeated_question_ms_p95']} ms"
-                  f"\nwith ef_search 100: {f['retrieval_ms_p50']}/{f['retrieval_ms_p95']} ms, repeated "
+                  f"{r['repeated_question_ms_p50']}/{r['repeated_question_ms_p95']} ms; scans read in "
+                  f"{sc['wait_s']} s after the first search (figures/pages {sc['collections']['visual']['build_s']} s, "
+                  f"{sc['collections']['visual']['mb']} MB; passages {sc['collections']['text']['build_s']} s, "
+                  f"{sc['collections']['text']['mb']} MB), RSS {sc['rss_before_mb']} -> {sc['rss_after_mb']} MB, "
+                  f"peak {r['peak_rss_mb']} MB"
+                  f"\nHNSW alone (exact_scan: off), ef_search {h['ef_search']}: {h['retrieval_ms_p50']}/"
+                  f"{h['retrieval_ms_p95']} ms, repeated {h['repeated_question_ms_p50']}/{h['repeated_question_ms_p95']} ms, "
+                  f"before issue 17's retrieval changes {h['before_repeated_question_ms_p50']}/"
+                  f"{h['before_repeated_question_ms_p95']} ms, peak RSS {h['peak_rss_mb']} MB"
+                  f"\nwith ef_search 100 (HNSW alone): {f['retrieval_ms_p50']}/{f['retrieval_ms_p95']} ms, repeated "
                   f"{f['repeated_question_ms_p50']}/{f['repeated_question_ms_p95']} ms"
-                  f"\nshare of the exact nearest 50 found (figures/pages, passages): ef_search {r['ef_search']} "
+                  f"\nshare of the exact nearest 50 found (figures/pages, passages): exact scan "
                   f"{r['recall_vs_exact']['visual']['recall@50']}/{r['recall_vs_exact']['text']['recall@50']}, "
+                  f"HNSW ef_search {h['ef_search']} "
+                  f"{h['recall_vs_exact']['visual']['recall@50']}/{h['recall_vs_exact']['text']['recall@50']}, "
                   f"ef_search 100 {f['recall_vs_exact']['visual']['recall@50']}/"
                   f"{f['recall_vs_exact']['text']['recall@50']}", flush=True)
         if "error" not in q:

@@ -10,6 +10,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 DEFAULT_EF_SEARCH = 2000
+DEFAULT_EXACT_SCAN = "auto"
 
 
 class Section(BaseModel):
@@ -60,3 +61,6 @@ class ChromaSettings(Section):
     ssl: bool = False
     headers: dict[str, str] = Field(default_factory=dict)
     ef_search: int = Field(DEFAULT_EF_SEARCH, gt=0)  # HNSW search breadth
+    # auto: above ef_search items (where HNSW is approximate), local mode, search an exact scan
+    # kept in memory (~205 MB per 100k figures/pages, ~154 MB per 100k passages); off: HNSW only
+    exact_scan: Literal["auto", "off"] = DEFAULT_EXACT_SCAN

@@ -50,7 +50,7 @@ def build(cfg: dict, clip=None, passages=None, client=None, llm=None, check: boo
     # documents never compute them (no checkpoint hash, no weights needed)
     store = Store(client or make_client(typed.chroma, typed.data_dir), lambda: clip.identity,
                   lambda: passages.identity, check=check, ef_search=typed.chroma.ef_search,
-                  generation=Path(typed.data_dir) / "generation")
+                  generation=Path(typed.data_dir) / "generation", exact_scan=typed.chroma.exact_scan)
     keyword = KeywordIndex(Path(typed.data_dir) / "keyword")  # local even when Chroma is a server
     library = Library(cfg, store, clip, passages, keyword)
     library.describing = describing = Describing(cfg, library)

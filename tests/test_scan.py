@@ -1,0 +1,200 @@
+"""The exact scan (``chroma.exact_scan: auto``) on a real Chroma store whose HNSW search is made
+approximate (``ef_search`` far below the collection size): its answers are numpy's brute force
+under a filter, and stay so through this store's writes, another process's ingest and removal
+(seen through the generation file) and a reindex's swap of the collection."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import chromadb
+import numpy as np
+import pytest
+from chromadb.config import Settings
+
+from index.records import Filter, TextItem, VisualItem
+from index.store import Store
+
+ROOT = Path(__file__).resolve().parent.parent
+DIM, TDIM, N = 32, 24, 360
+BIG, BIG_DIM = 1500, 64  # where HNSW at ef 8 is approximate for nearly every query
+DOCS = ("a" * 64, "b" * 64, "c" * 64)
+
+
+def visual(i: int, doc: str | None = None) -> VisualItem:
+    kind = "page" if i % 3 == 0 else ("vector", "raster")[i % 2]
+    return VisualItem(f"v{i}", doc or DOCS[i % 3], "d.pdf", 1 + i % 4, kind, f"images/{i}.png",
+                      label="" if kind == "page" else ("chart", "photo")[i // 2 % 2])
+
+
+def passage(i: int, doc: str | None = None) -> TextItem:
+    figure = i % 4 == 0
+    return TextItem(f"t{i}", doc or DOCS[i % 3], "d.pdf", 1 + i % 4, "figure_text" if figure else "text",
+                    f"f-{i}" if figure else f"t{i}", f"passage {i}", source=("raster" if figure else "text"))
+
+
+def open_store(path: Path, dim: int = DIM, **kw) -> Store:
+    client = chromadb.PersistentClient(path=str(path / "chroma"), settings=Settings(anonymized_telemetry=False))
+    return Store(client, f"test|{dim}", f"test-text|{TDIM}", ef_search=8, generation=path / "generation", **kw)
+
+
+def brute_force(vecs: np.ndarray, items: list, q: np.ndarray, n: int, flt: Filter | None) -> list[str]:
+    unit = vecs / np.linalg.norm(vecs, axis=1, keepdims=True)
+    order = np.argsort(-(unit @ (q / np.linalg.norm(q))), kind="stable")
+    return [items[i].id for i in order if flt is None or flt.accepts(items[i])][:n]
+
+
+def ready(store: Store, query) -> None:
+    """A first query starts the scan's read (HNSW answers it); wait until it is ready."""
+    query()
+    assert store.wait_for_scans(60)
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory):
+    path = tmp_path_factory.mktemp("scan")
+    rng = np.random.default_rng(11)
+    vecs = (rng.standard_normal((BIG, BIG_DIM)) * rng.uniform(0.5, 3, (BIG, 1))).astype(np.float32)  # not unit length
+    tvecs = rng.standard_normal((N, TDIM)).astype(np.float32)
+    store = open_store(path, BIG_DIM)
+    items, texts = [visual(i) for i in range(BIG)], [passage(i) for i in range(N)]
+    store.add_visual(items, vecs)
+    store.add_text(texts, tvecs)
+    store.set_docs({d: {"doc": d[:1] + ".pdf", "status": "complete"} for d in DOCS})
+    queries = rng.standard_normal((15, BIG_DIM)).astype(np.float32)
+    tqueries = rng.standard_normal((15, TDIM)).astype(np.float32)
+    return path, store, vecs, items, tvecs, texts, queries, tqueries
+
+
+# a filter that drops a document and a kind (and, on the visual side, a label)
+VISUAL_FILTER = Filter.of(DOCS[1:], ["vector", "page"], ["chart", ""])
+TEXT_FILTER = Filter.of(DOCS[:2], ["text"])
+
+
+def test_the_scan_answers_the_exact_nearest_accepted_items_where_hnsw_does_not(library):
+    path, store, vecs, items, tvecs, texts, queries, tqueries = library
+    ready(store, lambda: (store.query_visual(queries[0], 5), store.query_text(tqueries[0], 5)))
+    assert store.scan_status()["visual"]["rows"] == BIG and store.scan_status()["text"]["rows"] == N
+    assert all(s["ready"] for s in store.scan_status().values())
+    for flt in (None, VISUAL_FILTER):
+        for q in queries:
+            got = store.query_visual(q, 50, flt)
+            assert [m.id for m in got] == brute_force(vecs, items, q, 50, flt)
+            assert all(flt is None or flt.accepts(m.item) for m in got)
+            assert got[0].item == items[int(got[0].id[1:])]  # the records come with them
+    for flt in (None, TEXT_FILTER):
+        for q in tqueries:
+            assert [m.id for m in store.query_text(q, 20, flt)] == brute_force(tvecs, texts, q, 20, flt)
+    # the scores are Chroma's: 1 - cosine distance
+    raw = store.visual.query(query_embeddings=[queries[0]], n_results=BIG, include=["distances"])
+    chroma = dict(zip(raw["ids"][0], raw["distances"][0]))
+    assert all(abs(m.score - (1 - chroma[m.id])) < 1e-6 for m in store.query_visual(queries[0], 20))
+
+    # the same store searched by HNSW alone misses some: this test can fail (unfiltered: a
+    # filtered query can end in Chroma's where-filtered search, which is exact over few items)
+    hnsw = open_store(path, BIG_DIM, exact_scan="off")
+    exact = sum([m.id for m in hnsw.query_visual(q, 50)] == brute_force(vecs, items, q, 50, None)
+                for q in queries)
+    assert exact < len(queries) / 2
+    assert hnsw.scan_status()["visual"]["rows"] == 0
+
+
+def test_a_collection_hnsw_searches_exhaustively_gets_no_scan(tmp_path):
+    """Up to ef_search items HNSW is exact already and its answers stay as they were."""
+    store = Store(chromadb.PersistentClient(path=str(tmp_path), settings=Settings(anonymized_telemetry=False)),
+                  f"test|{DIM}", "t|8", ef_search=N)
+    store.add_visual([visual(i) for i in range(N)], np.random.default_rng(0).standard_normal((N, DIM)))
+    store.query_visual(np.ones(DIM), 5)
+    store.wait_for_scans(10)
+    assert store.scan_status()["visual"]["rows"] == 0
+
+
+OTHER_PROCESS = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    import numpy as np
+    from tests.test_scan import DOCS, open_store, passage, visual
+    path, step = Path(sys.argv[1]), sys.argv[2]
+    store = open_store(path)
+    rng = np.random.default_rng(5)
+    if step == "ingest":  # a new document, and a passage added to a complete one (a figure description)
+        store.bump()
+        store.add_visual([visual(1000 + i, "d" * 64) for i in range(40)], rng.standard_normal((40, 32)))
+        store.add_text([passage(1000 + i, "d" * 64) for i in range(40)], rng.standard_normal((40, 24)))
+        store.add_text([passage(2000, DOCS[1])], rng.standard_normal((1, 24)))
+        store.set_docs({"d" * 64: {"doc": "d.pdf", "status": "complete"}})
+    else:  # remove document a
+        store.bump()
+        store.set_doc(DOCS[0], status="removing")
+        store.delete_doc(DOCS[0])
+    store.bump()
+""")
+
+
+def other_process(path: Path, step: str) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    subprocess.run([sys.executable, "-c", OTHER_PROCESS, str(path), step], check=True, cwd=ROOT, env=env, timeout=120)
+
+
+def test_the_scan_follows_this_store_another_process_and_a_reindex(tmp_path):
+    rng = np.random.default_rng(3)
+    vecs = rng.standard_normal((N, DIM)).astype(np.float32)
+    tvecs = rng.standard_normal((N, TDIM)).astype(np.float32)
+    store = open_store(tmp_path)
+    items, texts = [visual(i) for i in range(N)], [passage(i) for i in range(N)]
+    store.add_visual(items, vecs)
+    store.add_text(texts, tvecs)
+    store.set_docs({d: {"doc": d[:1] + ".pdf", "status": "complete"} for d in DOCS})
+    store.bump()
+    q, tq = rng.standard_normal(DIM).astype(np.float32), rng.standard_normal(TDIM).astype(np.float32)
+    ready(store, lambda: (store.query_visual(q, 5), store.query_text(tq, 5)))
+
+    def check(vecs, items, tvecs, texts):
+        for n in (10, N + 100):  # the nearest few, and everything there is
+            assert [m.id for m in store.query_visual(q, n)] == brute_force(vecs, items, q, n, None)
+            assert [m.id for m in store.query_text(tq, n)] == brute_force(tvecs, texts, tq, n, None)
+
+    # this store's own writes: applied at once, the scan stays ready
+    more = rng.standard_normal((30, DIM)).astype(np.float32)
+    store.add_visual([visual(500 + i) for i in range(30)], more)
+    vecs, items = np.concatenate([vecs, more]), items + [visual(500 + i) for i in range(30)]
+    assert store.scan_status()["visual"]["ready"]
+    check(vecs, items, tvecs, texts)
+    store.delete_visual(["v500", "v501"])
+    vecs, items = np.concatenate([vecs[:N], vecs[N + 2:]]), items[:N] + items[N + 2:]
+    check(vecs, items, tvecs, texts)
+
+    # another process ingests a document and adds a passage to a complete one
+    other_process(tmp_path, "ingest")
+    store.query_visual(q, 5), store.query_text(tq, 5)  # sees the generation move: HNSW answers while the scan catches up
+    assert store.wait_for_scans(60)
+    orng = np.random.default_rng(5)
+    vecs = np.concatenate([vecs, orng.standard_normal((40, DIM)).astype(np.float32)])
+    items = items + [visual(1000 + i, "d" * 64) for i in range(40)]
+    tvecs = np.concatenate([tvecs, orng.standard_normal((41, TDIM)).astype(np.float32)])
+    texts = texts + [passage(1000 + i, "d" * 64) for i in range(40)] + [passage(2000, DOCS[1])]
+    check(vecs, items, tvecs, texts)
+    assert any(m.item.doc_sha == "d" * 64 for m in store.query_visual(q, 30, Filter.of(["d" * 64])))
+
+    # another process removes document a: its items never come back
+    other_process(tmp_path, "remove")
+    for _ in range(2):  # while catching up (HNSW, re-opened) and after
+        assert not any(m.item.doc_sha == DOCS[0] for m in store.query_visual(q, N + 200))
+        assert not any(m.item.doc_sha == DOCS[0] for m in store.query_text(tq, N + 200))
+        assert store.wait_for_scans(60)
+    keep = [i for i, it in enumerate(items) if it.doc_sha != DOCS[0]]
+    tkeep = [i for i, it in enumerate(texts) if it.doc_sha != DOCS[0]]
+    vecs, items, tvecs, texts = vecs[keep], [items[i] for i in keep], tvecs[tkeep], [texts[i] for i in tkeep]
+    check(vecs, items, tvecs, texts)
+    assert store.scan_status()["visual"]["rows"] == len(items)
+
+    # a reindex: the collection is replaced by one with other vectors, so the scan is read again
+    new = store.start_replacement("visual", f"test|{DIM}")
+    vecs = rng.standard_normal((len(items), DIM)).astype(np.float32)
+    Store.add_to(new, items, vecs)
+    store.finish_replacement("visual", new)
+    store.query_visual(q, 5)
+    assert store.wait_for_scans(60)
+    check(vecs, items, tvecs, texts)
