@@ -99,8 +99,11 @@ class Assistant:
                            else "Find material like the given figure.")
         error, parts = None, []
         for attempt in (1, 2):
+            pcfg = self._prompt_cfg(vision, user_image is not None)
+            if vision and pcfg["max_images"] < self.cfg["llm"]["max_images"]:
+                note = self._image_limit_note(pcfg["max_images"])
             try:
-                messages = build_messages(ask, hits, turns, self.cfg["llm"], vision, user_image, search_for)
+                messages = build_messages(ask, hits, turns, pcfg, vision, user_image, search_for)
                 for token in self.llm.stream(messages):
                     if not parts:
                         timings["first_token_ms"] = (time.perf_counter() - t0) * 1000
@@ -108,7 +111,10 @@ class Assistant:
                     yield "token", token
                 break
             except LLMError as exc:
-                if attempt == 1 and vision and exc.images_rejected and not parts:
+                if attempt == 1 and vision and exc.image_limit and not parts:
+                    self.llm.image_limit = exc.image_limit  # vLLM's --limit-mm-per-prompt: send that many
+                    continue
+                if attempt == 1 and vision and (exc.images_rejected or exc.image_limit == 0) and not parts:
                     self.llm.images_rejected = exc.detail or str(exc)
                     vision = False
                     note = self._no_vision_note(user_image is not None)
@@ -126,11 +132,23 @@ class Assistant:
                 log.exception("after-answer work failed")
         cited, retrieved = split_citations(hits, text)
         if not cited and text and not error:  # the model cited no key: the sources it was given stand
-            visual, passages = prompt_sources(hits, self.cfg["llm"])
+            visual, passages = prompt_sources(hits, pcfg)
             cited, retrieved = split_citations(hits, " ".join(h.key for h in passages + visual))
             note = "; ".join(n for n in (note, "the answer cites no source by key: listed are the sources it was given")
                              if n)
         yield "answer", Answer(text, cited, hits, error, note, timings, search_for, retrieved)
+
+    def _prompt_cfg(self, vision: bool, user_image: bool) -> dict:
+        """The ``llm`` settings the prompt is built with: at most as many figure images as the
+        server said it takes per request (the user's own image counts as one)."""
+        pcfg = dict(self.cfg["llm"])
+        if vision and self.llm.image_limit is not None:
+            pcfg["max_images"] = max(0, min(pcfg["max_images"], self.llm.image_limit - int(user_image)))
+        return pcfg
+
+    def _image_limit_note(self, sent: int) -> str:
+        return (f"{self.llm.model} takes at most {self.llm.image_limit} image(s) per request (the server's "
+                f"--limit-mm-per-prompt): it was shown {sent} figure image(s), not {self.cfg['llm']['max_images']}")
 
     def _no_vision_note(self, user_image: bool) -> str:
         model = self.llm.model

@@ -20,6 +20,7 @@ import re
 import urllib.request
 from collections.abc import Iterator
 
+from .prompt import fold_system
 from .thinking import ThinkFilter, strip_thinking
 
 OLLAMA_PROVIDERS = ("ollama", "ollama_chat")
@@ -30,12 +31,16 @@ class LLMError(Exception):
     """The model could not answer; str() says why in one line (never with the API key).
 
     ``images_rejected`` is true when the server refused the request's image parts;
-    ``detail`` holds the server's own words (one line, at most 200 characters)."""
+    ``image_limit`` is the number of images per request the server said it accepts (vLLM's
+    ``--limit-mm-per-prompt``), None when it said none; ``detail`` holds the server's own words
+    (one line, at most 200 characters)."""
 
-    def __init__(self, message: str, images_rejected: bool = False, detail: str = ""):
+    def __init__(self, message: str, images_rejected: bool = False, detail: str = "",
+                 image_limit: int | None = None):
         super().__init__(message)
         self.images_rejected = images_rejected
         self.detail = detail
+        self.image_limit = image_limit
 
 
 def _litellm():
@@ -99,6 +104,39 @@ def rejects_images(status: int | None, message: str) -> bool:
     return status in (400, 415, 422, 500) and bool(IMAGE_WORDS.search(message or ""))
 
 
+IMAGE_LIMIT = re.compile(r"at most (\d+) image|\bimage[\"']?\s*[=:]\s*(\d+)[^.]*limit-mm-per-prompt", re.I)
+
+
+def image_limit(message: str) -> int | None:
+    """How many images per request a server that refused more says it accepts (vLLM's
+    ``--limit-mm-per-prompt``, whose default is 1 image), or None when the message says no number.
+
+    >>> image_limit("At most 1 image(s) may be provided in one request.")
+    1
+    >>> image_limit("You set image=2 (or defaulted to 1) in `--limit-mm-per-prompt`, but passed 3 image items")
+    2
+    >>> image_limit('You set or defaulted to {"image": 3} in `--limit-mm-per-prompt`, but passed 5 image items')
+    3
+    >>> image_limit("image_url is only supported by certain models") is None
+    True
+    """
+    found = IMAGE_LIMIT.search(message or "")
+    return int(found.group(1) or found.group(2)) if found else None
+
+
+SYSTEM_REFUSED = re.compile(r"system role|system message[s]? (are|is) not|role ['\"]?system['\"]? (is )?not", re.I)
+
+
+def rejects_system(status: int | None, message: str) -> bool:
+    """Whether a failed call is a chat template refusing the system role (Gemma's on vLLM), and
+    so worth one retry with the system text in the first user message.
+
+    >>> rejects_system(400, "System role not supported"), rejects_system(400, "Conversation roles must alternate")
+    (True, False)
+    """
+    return status in (400, 422, 500) and bool(SYSTEM_REFUSED.search(message or ""))
+
+
 def ollama_capabilities(api_base: str | None, model: str, timeout: float = 5.0) -> list[str] | None:
     """The capabilities an Ollama server lists for a model (``POST /api/show``), e.g.
     ``["completion", "vision"]``; None when the server cannot be asked or does not say."""
@@ -126,6 +164,8 @@ class LiteLLM:
         self.model = cfg.get("model")  # litellm itself is imported on the first call (seconds)
         self._vision: bool | None = None  # decided on first use (vision: auto)
         self.images_rejected: str | None = None  # what the server said when it refused images
+        self.image_limit: int | None = None  # images per request the server accepts, once it said so
+        self.system_rejected: str | None = None  # what the server said when its template refused the system role
 
     @property
     def configured(self) -> bool:
@@ -182,24 +222,28 @@ class LiteLLM:
         :mod:`assistant.thinking`). Raises LLMError (``images_rejected`` set when the server
         refused the image parts; a reply that was all thinking and no answer is an error too)."""
         key = self._call_key()  # known before the call, so that its failure is masked
-        think, reasoned = ThinkFilter(), False
-        try:
-            response = self._call(key, messages, stream=True)
-            for chunk in response:
-                delta = chunk.choices[0].delta if chunk.choices else None
-                if delta is None:
+        for attempt in (1, 2):
+            think, reasoned, sent = ThinkFilter(), False, self._roles(messages)
+            try:
+                response = self._call(key, sent, stream=True)
+                for chunk in response:
+                    delta = chunk.choices[0].delta if chunk.choices else None
+                    if delta is None:
+                        continue
+                    reasoned = reasoned or bool(getattr(delta, "reasoning_content", None))
+                    visible = think.feed(delta.content or "")
+                    if visible:
+                        yield visible
+                rest = think.close()
+                if rest:
+                    yield rest
+                break
+            except LLMError:
+                raise
+            except Exception as exc:
+                if attempt == 1 and not think.shown and self._system_refused(exc, sent):
                     continue
-                reasoned = reasoned or bool(getattr(delta, "reasoning_content", None))
-                visible = think.feed(delta.content or "")
-                if visible:
-                    yield visible
-            rest = think.close()
-            if rest:
-                yield rest
-        except LLMError:
-            raise
-        except Exception as exc:
-            raise self._error(exc, key, messages) from None
+                raise self._error(exc, key, sent) from None
         if not think.shown and (reasoned or think.thought):
             raise LLMError(f"LLM {self.model}: the model only thought and gave no answer "
                            f"(its reply may have run out of llm.max_tokens while thinking)")
@@ -208,22 +252,39 @@ class LiteLLM:
         """A short non-streaming reply (e.g. a rewritten question), a reasoning model's thinking
         removed. Raises LLMError."""
         key = self._call_key()
-        try:
-            timeout = min(float(self.cfg.get("timeout_s") or 60), timeout or 60)
-            response = self._call(key, messages, stream=False, max_tokens=max_tokens, timeout=timeout)
-            return strip_thinking(response.choices[0].message.content or "")
-        except LLMError:
-            raise
-        except Exception as exc:
-            raise self._error(exc, key, messages) from None
+        timeout = min(float(self.cfg.get("timeout_s") or 60), timeout or 60)
+        for attempt in (1, 2):
+            sent = self._roles(messages)
+            try:
+                response = self._call(key, sent, stream=False, max_tokens=max_tokens, timeout=timeout)
+                return strip_thinking(response.choices[0].message.content or "")
+            except Exception as exc:
+                if attempt == 1 and self._system_refused(exc, sent):
+                    continue
+                raise self._error(exc, key, sent) from None
+        raise AssertionError("unreachable")
+
+    def _roles(self, messages: list[dict]) -> list[dict]:
+        """The messages as this server's chat template takes them: the system text in the first
+        user message once the server refused the system role."""
+        return fold_system(messages) if self.system_rejected is not None else messages
+
+    def _system_refused(self, exc: Exception, sent: list[dict]) -> bool:
+        """Whether ``exc`` is the template refusing the system role of ``sent`` (then remembered:
+        from now on the system text goes into the first user message)."""
+        if not sent or sent[0].get("role") != "system" or not rejects_system(getattr(exc, "status_code", None), str(exc)):
+            return False
+        self.system_rejected = one_line(str(exc))
+        return True
 
     def _error(self, exc: Exception, key: str | None, messages: list[dict]) -> LLMError:
         detail = one_line(str(exc), key)
         had_images = any(isinstance(m.get("content"), list) and any(p.get("type") == "image_url" for p in m["content"])
                          for m in messages)
         status = getattr(exc, "status_code", None)
-        return LLMError(describe_failure(exc, self.model, key), had_images and rejects_images(status, str(exc)),
-                        detail)
+        limit = image_limit(str(exc)) if had_images and status in (400, 413, 422, 500) else None
+        return LLMError(describe_failure(exc, self.model, key),
+                        had_images and limit is None and rejects_images(status, str(exc)), detail, limit)
 
 
 def one_line(text: str, key: str | None = None, limit: int = 200) -> str:

@@ -113,6 +113,60 @@ def normalize_history(history) -> list[dict]:
     return out
 
 
+def _parts(content) -> list[dict]:
+    return [{"type": "text", "text": content}] if isinstance(content, str) else list(content or [])
+
+
+def _empty(content) -> bool:
+    return not (content.strip() if isinstance(content, str) else content)
+
+
+def alternate_roles(messages: list[dict]) -> list[dict]:
+    """Chat messages every chat template accepts: one system message at most, first (the system
+    texts joined); then user and assistant strictly alternating, starting with a user message
+    (Mistral's and Gemma's templates refuse anything else): empty messages dropped, an assistant
+    message before the first user message dropped, consecutive messages of one role joined (a
+    question whose answer failed, then the next one). Content stays a string unless a list of
+    parts (images) is joined, then it is parts.
+
+    >>> alternate_roles([{"role": "system", "content": "Be brief."}, {"role": "assistant", "content": "Hi!"},
+    ...                  {"role": "user", "content": "What is X?"}, {"role": "assistant", "content": ""},
+    ...                  {"role": "user", "content": "And Y?"}])
+    [{'role': 'system', 'content': 'Be brief.'}, {'role': 'user', 'content': 'What is X?\\n\\nAnd Y?'}]
+    """
+    system = [m["content"] for m in messages if m["role"] == "system" and not _empty(m["content"])]
+    out: list[dict] = [{"role": "system", "content": "\n\n".join(message_text(c) for c in system)}] if system else []
+    for m in messages:
+        if m["role"] == "system" or _empty(m.get("content")):
+            continue
+        if out and out[-1]["role"] == m["role"]:
+            prev, cur = out[-1]["content"], m["content"]
+            joined = prev + "\n\n" + cur if isinstance(prev, str) and isinstance(cur, str) else \
+                _parts(prev) + _parts(cur)
+            out[-1] = {"role": m["role"], "content": joined}
+        elif m["role"] == "user" or any(x["role"] == "user" for x in out):
+            out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+def fold_system(messages: list[dict]) -> list[dict]:
+    """The same conversation for a template that refuses the system role (Gemma's): the system
+    text opens the first user message instead.
+
+    >>> fold_system([{"role": "system", "content": "Cite keys."}, {"role": "user", "content": "Q?"}])
+    [{'role': 'user', 'content': 'Cite keys.\\n\\nQ?'}]
+    """
+    msgs = alternate_roles(messages)
+    if not msgs or msgs[0]["role"] != "system":
+        return msgs
+    system, rest = msgs[0]["content"], msgs[1:]
+    if not rest:
+        return [{"role": "user", "content": system}]
+    first = rest[0]["content"]
+    first = system + "\n\n" + first if isinstance(first, str) else [{"type": "text", "text": system}] + _parts(first)
+    return [{"role": "user", "content": first}] + rest[1:]
+
+
 def trim_history(history: list[dict], budget: int) -> list[dict]:
     """Keep the most recent messages whose text fits ``budget`` tokens (whole turns only)."""
     kept: list[dict] = []
@@ -242,5 +296,5 @@ def build_messages(question: str, hits: list[Hit], history: list[dict], cfg: dic
             url, _ = image_data_url(h.image, cfg["image_max_side"])
             parts.append({"type": "text", "text": f"Image of {quote(_describe(h))}:"})
             parts.append({"type": "image_url", "image_url": {"url": url}})
-    return ([{"role": "system", "content": SYSTEM}] + trim_history(history, cfg["history_tokens"])
-            + [{"role": "user", "content": parts}])
+    return alternate_roles([{"role": "system", "content": SYSTEM}] + trim_history(history, cfg["history_tokens"])
+                           + [{"role": "user", "content": parts}])

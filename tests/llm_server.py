@@ -50,6 +50,11 @@ class LLMServer:
         # parser and llama.cpp send it; Ollama: ``message.thinking``), also in non-streamed replies
         self.pieces: list[str] | None = None
         self.reasoning: list[str] = []
+        # vLLM's refusals (OpenAI API only), a 400 as vLLM words it: ``image_limit`` images per
+        # request at most (--limit-mm-per-prompt); ``template`` "mistral" (roles must alternate
+        # user/assistant, starting with user; no empty answer) or "gemma" (alternate, no system role)
+        self.image_limit: int | None = None
+        self.template: str | None = None
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -82,6 +87,10 @@ class LLMServer:
                 server.requests.append({"path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()},
                                         "body": body})
                 ollama = self.path.startswith("/api/")
+                refusal = None if ollama else server.refusal(body)
+                if refusal:
+                    return self._json(400, {"object": "error", "message": refusal, "type": "BadRequestError",
+                                            "param": None, "code": 400})
                 if server.mode in ("401", "429", "500") or (server.mode == "reject_images" and server.has_images(body)):
                     code = 400 if server.mode == "reject_images" else int(server.mode)
                     msg = REJECT_IMAGES if code == 400 else server.error_message.format(code=code)
@@ -171,6 +180,23 @@ class LLMServer:
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.port = self.httpd.server_address[1]
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def refusal(self, body: dict) -> str | None:
+        """What vLLM would answer with a 400 for this request, if anything (see ``image_limit``
+        and ``template``)."""
+        if self.image_limit is not None and len(self.image_data(body)) > self.image_limit:
+            return f"At most {self.image_limit} image(s) may be provided in one request."
+        msgs = body.get("messages", [])
+        if self.template == "gemma" and any(m["role"] == "system" for m in msgs):
+            return "System role not supported"
+        if self.template in ("gemma", "mistral"):
+            roles = [m["role"] for m in msgs if m["role"] != "system"]
+            if any(r != ("user", "assistant")[i % 2] for i, r in enumerate(roles)) or \
+                    any(m["role"] == "system" for m in msgs[1:]):
+                return "Conversation roles must alternate user/assistant/user/assistant/..."
+        if self.template == "mistral" and any(m["role"] == "assistant" and not m.get("content") for m in msgs):
+            return "Assistant message must have either content or tool_calls, but not both."  # mistral_common
+        return None
 
     @property
     def api_base(self) -> str:

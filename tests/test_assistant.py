@@ -49,6 +49,7 @@ def llm_app(shared_app, server):
     os.environ["MMRAG_TEST_KEY"] = "sk-test-secret-123"
     server.mode, server.rewrite, server.capabilities = "ok", None, ["completion", "vision"]
     server.pieces, server.reasoning = None, []
+    server.image_limit, server.template = None, None
     server.error_message = "scripted failure {code}"
     server.reply = "The diagram shows the parser feeding the renderer {cite}."
     server.requests.clear()
@@ -369,6 +370,64 @@ def test_follow_up_rewrite_by_a_reasoning_model(llm_app, server, provider):
     server.rewrite, server.reasoning = "What does the renderer draw?", ["They mean the renderer."]
     answer = llm_app.assistant.ask("and what does it draw?", history=history)
     assert answer.standalone == "What does the renderer draw?"
+
+
+def test_strict_chat_template_gets_alternating_turns(llm_app, server):
+    """Mistral's template on vLLM refuses turns that do not alternate user/assistant. A history
+    from the chat or the API can hold a question whose answer failed (two user turns in a row), an
+    empty answer and the client's own system message: the model still answers, and receives the
+    unanswered question's words."""
+    server.template = "mistral"
+    server.rewrite = "What does the renderer draw?"
+    history = [{"role": "system", "content": "You are a helpful client-side assistant."},
+               {"role": "assistant", "content": "Hello! Ask me about your PDFs."},
+               {"role": "user", "content": "What does the parser feed?"},
+               {"role": "assistant", "content": ""},
+               {"role": "user", "content": "Which component draws the output?"}]
+    answer = llm_app.assistant.ask("and what does it draw?", history=history)
+    assert answer.error is None and "parser" in answer.text
+    msgs = server.answers()[-1]["body"]["messages"]
+    assert [m["role"] for m in msgs] == ["system", "user"] and msgs[0]["content"] == SYSTEM
+    assert "Which component draws the output?" in user_text({"messages": msgs})
+    assert "client-side assistant" not in json.dumps(msgs) and "Hello!" not in json.dumps(msgs)
+
+
+def test_template_without_system_role_gets_it_in_the_first_user_turn(llm_app, server):
+    """Gemma's template on vLLM: "System role not supported". Asked once more with the system
+    text opening the first user turn, remembered for the rewrite and later questions."""
+    server.template = "gemma"
+    history = [{"role": "user", "content": "What does the parser feed?"},
+               {"role": "assistant", "content": "The renderer [manual.pdf p.1 fig.1]."}]
+    server.rewrite = "What does the renderer draw?"
+    answer = llm_app.assistant.ask("and what does it draw?", history=history)
+    assert answer.error is None and "parser" in answer.text and answer.standalone == server.rewrite
+    first, *later = [r["body"]["messages"] for r in server.requests]
+    assert first[0]["role"] == "system"  # the rewrite, refused
+    assert later and all(m["role"] != "system" for msgs in later for m in msgs)
+    final = server.answers()[-1]["body"]["messages"]
+    assert [m["role"] for m in final] == ["user", "assistant", "user"]
+    assert final[0]["content"].startswith(SYSTEM) and final[0]["content"].endswith("What does the parser feed?")
+    server.requests.clear()
+    llm_app.assistant.ask("What does the parser feed?")
+    assert len(server.requests) == 1  # remembered: no second refusal
+
+
+def test_server_limiting_images_per_request_gets_that_many(llm_app, server, tmp_path):
+    """vLLM serves a VLM with --limit-mm-per-prompt image=1 by default: "At most 1 image(s) may
+    be provided in one request". Asked once more with one image, not none; the note says so."""
+    server.image_limit = 1
+    answer = llm_app.assistant.ask("parser renderer diagram")
+    sent = server.answers()
+    assert len(sent) == 2 and len(server.images(0)) == 2 and len(server.images(1)) == 1
+    assert answer.error is None and "parser" in answer.text
+    assert "at most 1 image(s) per request" in answer.note and "shown 1 figure image(s), not 2" in answer.note
+    llm_app.assistant.ask("parser renderer diagram")  # remembered
+    assert len(server.answers()) == 3 and len(server.images()) == 1
+    Image.new("RGB", (64, 48), (0, 200, 0)).save(tmp_path / "green.png")
+    answer = llm_app.assistant.ask("what is this?", image=str(tmp_path / "green.png"))
+    assert len(server.answers()) == 4 and answer.error is None
+    [only] = server.images()
+    assert only.getpixel((5, 5))[:3] == (0, 200, 0)  # the user's own image takes the one place
 
 
 def test_history_is_kept_within_its_budget():
