@@ -182,6 +182,84 @@ def native_zoom(info: dict) -> float:
     return max(info["width"] / sx if sx else 0.0, info["height"] / sy if sy else 0.0)
 
 
+class _ImageClips(pymupdf.mupdf.FzDevice2):
+    """A MuPDF device that records, for each image the page draws, its placement matrix and the
+    box of the clip it is drawn under (None: unclipped). Only clip, mask and image calls reach
+    Python; paths and text are not traced."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stack: list[pymupdf.Rect | None] = [None]
+        self.images: list[tuple[tuple, pymupdf.Rect | None]] = []
+        for name in ("clip_path", "clip_stroke_path", "clip_text", "clip_stroke_text", "clip_image_mask",
+                     "pop_clip", "begin_mask", "fill_image", "fill_image_mask"):
+            getattr(self, "use_virtual_" + name)()
+
+    def _push(self, r) -> None:
+        r, top = pymupdf.Rect(r.x0, r.y0, r.x1, r.y1), self.stack[-1]
+        self.stack.append(r if top is None else r & top)
+
+    def clip_path(self, ctx, path, even_odd, ctm, scissor):
+        self._push(pymupdf.mupdf.ll_fz_bound_path(path, None, ctm))
+
+    def clip_stroke_path(self, ctx, path, stroke, ctm, scissor):
+        self._push(pymupdf.mupdf.ll_fz_bound_path(path, stroke, ctm))
+
+    def clip_text(self, ctx, text, ctm, scissor):
+        self._push(pymupdf.mupdf.ll_fz_bound_text(text, None, ctm))
+
+    def clip_stroke_text(self, ctx, text, stroke, ctm, scissor):
+        self._push(pymupdf.mupdf.ll_fz_bound_text(text, stroke, ctm))
+
+    def clip_image_mask(self, ctx, image, ctm, scissor):
+        self._push(pymupdf.mupdf.ll_fz_transform_rect(pymupdf.mupdf.fz_unit_rect, ctm))
+
+    def begin_mask(self, ctx, area, luminosity, colorspace, bc, color_params):
+        self._push(area)  # a soft mask: popped by pop_clip after the masked content
+
+    def pop_clip(self, ctx):
+        if len(self.stack) > 1:
+            self.stack.pop()
+
+    def fill_image(self, ctx, image, ctm, alpha, color_params):
+        self.images.append(((ctm.a, ctm.b, ctm.c, ctm.d, ctm.e, ctm.f), self.stack[-1]))
+
+    def fill_image_mask(self, ctx, image, ctm, colorspace, color, alpha, color_params):
+        self.images.append(((ctm.a, ctm.b, ctm.c, ctm.d, ctm.e, ctm.f), self.stack[-1]))
+
+
+def visible_image_boxes(page: pymupdf.Page, infos: list[dict]) -> list[pymupdf.Rect]:
+    """The part of each placed image (``page.get_image_info()`` entries) that its clip path lets
+    show, in unrotated page space like the entries' ``bbox``: a photo placed larger than its
+    frame (cropped in a layout program, a map detail) shows only its clipped part. An image the
+    trace does not match keeps its whole box."""
+    boxes = [pymupdf.Rect(i["bbox"]) for i in infos]
+    if not infos:
+        return boxes
+    rotation = page.rotation
+    try:
+        if rotation:
+            page.set_rotation(0)  # as get_bboxlog and get_image_info answer: unrotated space
+        dev = _ImageClips()
+        pymupdf.mupdf.fz_run_page(page.this, dev, pymupdf.mupdf.FzMatrix(), pymupdf.mupdf.FzCookie())
+        pymupdf.mupdf.fz_close_device(dev)
+    except Exception:
+        return boxes
+    finally:
+        if rotation:
+            page.set_rotation(rotation)
+    used = [False] * len(dev.images)
+    for n, info in enumerate(infos):
+        t = tuple(info.get("transform") or ())
+        for m, (ctm, clip) in enumerate(dev.images):
+            if not used[m] and len(t) == 6 and all(abs(a - b) < 1e-3 for a, b in zip(ctm, t)):
+                used[m] = True
+                if clip is not None:
+                    boxes[n] = boxes[n] & clip
+                break
+    return boxes
+
+
 def _ink_items(page: pymupdf.Page) -> list[tuple[BBox, str, int, float]]:
     """(box in displayed coordinates, "path" | "image", image xref, image native zoom)."""
     page_area = abs(page.rect)
@@ -191,8 +269,9 @@ def _ink_items(page: pymupdf.Page) -> list[tuple[BBox, str, int, float]]:
             r = display_rect(page, rect) & page.rect
             if not r.is_empty and abs(r) < BACKGROUND * page_area:
                 items.append((tuple(r), "path", 0, 0.0))
-    for info in page.get_image_info(xrefs=True):
-        r = display_rect(page, info["bbox"]) & page.rect
+    infos = page.get_image_info(xrefs=True)
+    for info, shown in zip(infos, visible_image_boxes(page, infos)):
+        r = display_rect(page, shown) & page.rect
         if r.is_empty or abs(r) >= BACKGROUND * page_area:
             continue
         try:

@@ -792,3 +792,30 @@ def test_two_column_text_is_read_column_by_column_and_figures_keep_their_caption
         ((52.0, 218.0, 560.0, 362.0), "Figure 1: Blue panel across both columns."),
         ((52.0, 518.0, 292.0, 702.0), "Figure 2: Orange panel in the left column.")]
 
+
+# ---- images under a clip path -------------------------------------------------------------------
+
+def test_an_image_placed_larger_than_its_clip_is_the_part_the_page_shows(tmp_path, cfg):
+    """A photo cropped in a layout program: the whole image is embedded, placed larger than its
+    frame, and a clip path shows one part of it. The figure's box and stored image are that part."""
+    arr = np.full((400, 400, 3), (30, 30, 220), np.uint8)
+    arr[:200, :200] = (220, 30, 30)  # the top-left quarter, the only part the frame shows, is red
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "PNG")
+    doc = pymupdf.open()
+    page = doc.new_page(width=612, height=792)
+    page.insert_image(pymupdf.Rect(0, 0, 1, 1), stream=buf.getvalue())
+    name = page.get_images(full=True)[0][7]
+    # frame: x 100-250, y 100-250 in the displayed page (PDF y 542-692); image at x 50-450, y 50-450
+    doc.update_stream(page.get_contents()[0], f"q 100 542 150 150 re W n q 400 0 0 400 50 342 cm /{name} Do Q Q\n".encode())
+    page.insert_text((100, 266), "Figure 1: The cropped photo.", fontsize=9)
+    doc.save(tmp_path / "clip.pdf")
+    rec = records(tmp_path / "clip.pdf", cfg)[0]
+    assert len(rec.figures) == 1
+    fig = rec.figures[0]
+    assert all(abs(a - b) <= 3 for a, b in zip(fig.bbox, (100, 100, 250, 250))), fig.bbox
+    assert fig.caption == "Figure 1: The cropped photo."
+    px = np.asarray(Image.open(io.BytesIO(fig.png)).convert("RGB").resize((32, 32))).reshape(-1, 3).astype(int)
+    red = ((px[:, 0] > 180) & (px[:, 2] < 90)).mean()
+    assert red > 0.85, f"stored image is not the red visible quarter (red share {red:.2f})"
+
