@@ -236,7 +236,10 @@ def _extract_page(doc, page, sha, cfg, skip, running, ocr_mode, render, xref_png
     tp = page.get_textpage(flags=TEXT_FLAGS)
     # every box from here on is in the coordinates of the page as displayed (/Rotate applied)
     words = [(*F.display_rect(page, w[:4]), *w[4:]) for w in page.get_text("words", textpage=tp)]
-    blocks = _text_blocks(page, tp, words)
+    hidden = _invisible_words(page, tp, words)
+    changed = {words[n][5] for n in hidden}  # blocks that lose words a reader cannot see
+    words = [w for n, w in enumerate(words) if n not in hidden]
+    blocks = _text_blocks(page, tp, words, changed)
     scanned = _is_scanned(page, words)
     min_side = float(cfg["min_figure_side"])
     source = "text"
@@ -301,10 +304,42 @@ def _extract_page(doc, page, sha, cfg, skip, running, ocr_mode, render, xref_png
     return PageRecord(sha, pno, size, chunks, figs, png, scanned, tuple(warnings))
 
 
-def _text_blocks(page: pymupdf.Page, tp: pymupdf.TextPage, words: list) -> list[tuple[str, tuple]]:
-    """The page's text blocks (clean text, displayed box). A block whose lines alternate between
-    the two columns of the page (drawn row by row across them) becomes one block per column
-    (``text.split_columns``), so each column is read on its own."""
+MIN_INK_CONTRAST = 24  # grey levels between the lightest and darkest pixel: less is a blank or flat image
+WHITE_TEXT = 0.9  # text this light in every channel (of 1) is checked against what the page shows under it
+
+
+def _invisible_words(page: pymupdf.Page, tp: pymupdf.TextPage, words: list) -> set[int]:
+    """The indices of ``words`` (displayed coordinates) a reader cannot see: set in white or
+    near-white (``WHITE_TEXT``), fully transparent or invisible (render mode 3: MuPDF gives it
+    alpha 0), where the rendered page shows no ink contrast (``MIN_INK_CONTRAST``) in the word's
+    box: white text on white paper (hidden keyword lists, template leftovers). White text on a
+    dark banner or photo is seen, and kept; so is an invisible OCR layer over a scan's ink, or
+    over text drawn as outlines. Pages without such text cost one look at the text's colours, no render."""
+    suspect = [F.display_rect(page, s["bbox"]) for b in page.get_text("dict", textpage=tp)["blocks"]
+               if b.get("type") == 0 for ln in b["lines"] for s in ln["spans"]
+               if s.get("alpha", 255) == 0 or min((s["color"] >> k) & 255 for k in (16, 8, 0)) >= 255 * WHITE_TEXT]
+    if not suspect:
+        return set()
+    zoom = render_zoom(page.rect.width, page.rect.height, 1.0)
+    pix = page.get_pixmap(matrix=pymupdf.Matrix(zoom, zoom), colorspace=pymupdf.csGRAY, alpha=False)
+    grey = np.frombuffer(pix.samples, np.uint8).reshape(pix.height, pix.stride)[:, : pix.width]
+    out = set()
+    for n, w in enumerate(words):
+        centre = pymupdf.Point((w[0] + w[2]) / 2, (w[1] + w[3]) / 2)
+        if not any(centre in r for r in suspect):
+            continue
+        box = grey[max(0, int(w[1] * zoom)): int(w[3] * zoom) + 1, max(0, int(w[0] * zoom)): int(w[2] * zoom) + 1]
+        if not box.size or int(box.max()) - int(box.min()) < MIN_INK_CONTRAST:
+            out.add(n)
+    return out
+
+
+def _text_blocks(page: pymupdf.Page, tp: pymupdf.TextPage, words: list, changed: set[int] = frozenset()
+                 ) -> list[tuple[str, tuple]]:
+    """The page's text blocks (clean text, displayed box) of the visible ``words``. A block whose
+    lines alternate between the two columns of the page (drawn row by row across them) becomes
+    one block per column (``text.split_columns``), so each column is read on its own. Blocks
+    numbered in ``changed`` lost invisible words: they are their remaining words, line by line."""
     by_block: dict[int, list] = {}
     for w in words:
         by_block.setdefault(w[5], []).append(w)
@@ -313,13 +348,12 @@ def _text_blocks(page: pymupdf.Page, tp: pymupdf.TextPage, words: list) -> list[
         if b[6] != 0:
             continue
         parts = text.split_columns(by_block.get(b[5], []), page.rect.width)
-        if parts is None:
+        if parts is None and b[5] in changed:
+            parts = [text.words_block(by_block[b[5]])] if b[5] in by_block else []
+        elif parts is None:
             parts = [(b[4], tuple(F.display_rect(page, b[:4])))]
         blocks += [(text.clean_block_text(t), box) for t, box in parts]
     return [b for b in blocks if b[0]]
-
-
-MIN_INK_CONTRAST = 24  # grey levels between the lightest and darkest pixel: less is a blank or flat image
 
 
 def _figure_ocr(png: bytes, cache: dict) -> str:

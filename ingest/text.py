@@ -112,18 +112,25 @@ def split_columns(words: list[tuple], page_width: float) -> list[Block] | None:
     gutter = (max(w[2] for w in left), min(w[0] for w in right))
     if not (gutter[1] - gutter[0] >= height and gutter[0] <= mid + slack and gutter[1] >= mid - slack):
         return None
-    out: list[Block] = []
     for side in sides:
-        lines: dict[tuple, list] = {}
-        for w in side:
-            lines.setdefault((w[5], w[6]), []).append(w)
-        boxes = [_union([w[:4] for w in ws]) for ws in lines.values()]
-        wide = sum(b[2] - b[0] >= COLUMN_LINE * page_width for b in boxes)
+        lines = {(w[5], w[6]): _union([v[:4] for v in side if v[5:7] == w[5:7]]) for w in side}
+        wide = sum(b[2] - b[0] >= COLUMN_LINE * page_width for b in lines.values())
         if len(lines) < 2 or 2 * wide < len(lines):
             return None
-        out.append(("\n".join(" ".join(w[4] for w in sorted(ws, key=lambda w: w[7])) for _, ws in sorted(lines.items())),
-                    _union(boxes)))
-    return out
+    return [words_block(left), words_block(right)]
+
+
+def words_block(words: list[tuple]) -> Block:
+    r"""A block made of PyMuPDF ``words`` (x0, y0, x1, y1, text, block, line, word number): its
+    lines in order, each its words joined by spaces, and the box around them.
+
+    >>> words_block([(72, 84, 90, 94, "two", 0, 1, 0), (72, 72, 90, 82, "one", 0, 0, 0), (95, 72, 120, 82, "line", 0, 0, 1)])
+    ('one line\ntwo', (72, 72, 120, 94))
+    """
+    lines: dict[tuple, list] = {}
+    for w in sorted(words, key=lambda w: (w[5], w[6], w[7])):
+        lines.setdefault((w[5], w[6]), []).append(w[4])
+    return "\n".join(" ".join(ws) for ws in lines.values()), _union([w[:4] for w in words])
 
 
 _INVISIBLE = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad"), None)  # zero-width, BOM, soft hyphen
@@ -146,15 +153,25 @@ def normalise_text(text: str) -> str:
     return unicodedata.normalize("NFKC", text.translate(_INVISIBLE))
 
 
+# Chinese and Japanese are written without spaces: a line break between two of their characters
+# (a wrapped line, or each character of vertical text on a line of its own) joins without one.
+_CJK = "\u2e80-\u2fdf\u3000-\u303f\u3040-\u30ff\u3100-\u312f\u31a0-\u31ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uff60"
+_CJK_BREAK = re.compile(rf"(?<=[{_CJK}])[ \t]*\n\s*(?=[{_CJK}])")
+
+
 def clean_block_text(text: str) -> str:
-    r"""Join a block's lines into one normalised paragraph; hyphenated line ends are joined.
+    r"""Join a block's lines into one normalised paragraph; hyphenated line ends are joined, and
+    line ends between Chinese or Japanese characters join without a space (vertical text holds
+    one character a line).
 
     >>> clean_block_text("a figure-\nregion is\n drawn")
     'a figureregion is drawn'
     >>> clean_block_text("the e\ufb03cient\n\ufb01lter")
     'the efficient filter'
+    >>> clean_block_text("水\n泵\n维\n修"), clean_block_text("更换叶\n轮 (impeller)\nnow")
+    ('水泵维修', '更换叶轮 (impeller) now')
     """
-    return _SPACES.sub(" ", normalise_text(text)).strip()
+    return _SPACES.sub(" ", _CJK_BREAK.sub("", normalise_text(text))).strip()
 
 
 def _union(boxes: list[BBox]) -> BBox:

@@ -244,6 +244,29 @@ def test_a_question_in_the_documents_language_finds_its_page_by_keyword(app, tmp
         assert hits[0].text == unicodedata.normalize("NFKC", pages[1])  # stored as written, right-to-left text in logical order
 
 
+
+def test_vertical_and_wrapped_chinese_is_stored_as_written_and_found_by_keyword(app, tmp_path):
+    """Chinese and Japanese set vertically (a font with the Identity-V encoding: MuPDF gives one
+    character a line) or wrapped over lines (no space at the break in the language): stored
+    without spaces between the characters, so a question's two-character words match."""
+    doc = pymupdf.open()
+    pages = [("水泵安装说明书", "安装前检查电源"), ("水泵维修手册更换叶轮", "拆下泵壳后清洗"), ("电机保养指南", "定期润滑轴承")]
+    for vertical, wrapped in pages:
+        page = doc.new_page(width=612, height=792)
+        page.insert_font(fontname="cjk", fontbuffer=pymupdf.Font("cjk").buffer)
+        page.insert_text((300, 100), vertical, fontname="cjk", fontsize=16)
+        page.insert_textbox(pymupdf.Rect(72, 500, 72 + 3.5 * 12, 600), wrapped, fontname="cjk", fontsize=12)
+    for xref in range(1, doc.xref_length()):
+        if doc.xref_get_key(xref, "Subtype")[1] == "/Type0":  # the same font, written top to bottom
+            doc.xref_set_key(xref, "Encoding", "/Identity-V")
+    doc.save(tmp_path / "vertical.pdf")
+    app.library.ingest([tmp_path / "vertical.pdf"])
+    texts = sorted(t.text for batch in app.library.store.iter_items("text") for t in batch)
+    assert sorted(t for pair in pages for t in pair) == sorted(" ".join(texts).split()), texts
+    for question, page in (("叶轮", 2), ("泵壳", 2), ("轴承", 3)):
+        hits = app.retriever.retrieve(question, k=3, kinds=["text"], signals=["keyword"])
+        assert hits and hits[0].page == page and hits[0].score > 0, (question, [(h.page, h.text) for h in hits])
+
 # ---- page geometry: every box, crop and render as the page is displayed -------------------------
 
 def pixels(png):
@@ -819,3 +842,26 @@ def test_an_image_placed_larger_than_its_clip_is_the_part_the_page_shows(tmp_pat
     red = ((px[:, 0] > 180) & (px[:, 2] < 90)).mean()
     assert red > 0.85, f"stored image is not the red visible quarter (red share {red:.2f})"
 
+
+# ---- text a reader cannot see -------------------------------------------------------------------
+
+def test_white_and_transparent_text_on_white_is_not_indexed_but_white_text_on_a_banner_is(tmp_path, cfg):
+    """White text on white paper (hidden keyword lists, template leftovers) and fully transparent
+    text are not what a reader sees: not stored. White text on a dark banner is, and stays."""
+    doc = pymupdf.open()
+    page = doc.new_page(width=612, height=792)
+    page.insert_text((72, 72), "Pump maintenance schedule for the spring.", fontsize=11)
+    page.insert_text((72, 100), "hidden keywords marmoset ocelot", fontsize=11, color=(1, 1, 1))
+    page.insert_text((300, 72), "invisible draft note", fontsize=11, fill_opacity=0)
+    page.draw_rect(pymupdf.Rect(60, 140, 552, 170), color=None, fill=(0.1, 0.2, 0.5))
+    page.insert_text((72, 160), "Safety notice: stop the pump first.", fontsize=11, color=(1, 1, 1))
+    page.insert_text((72, 200), "Replace the gasket and", fontsize=11)
+    page.insert_text((196, 200), "white words inside a line", fontsize=11, color=(0.97, 0.97, 0.97))
+    page.insert_text((72, 214), "check the seal.", fontsize=11)
+    doc.save(tmp_path / "white.pdf")
+    rec = records(tmp_path / "white.pdf", cfg, render=False)[0]
+    text = " ".join(c.text for c in rec.chunks)
+    for hidden in ("marmoset", "ocelot", "invisible", "draft", "white words"):
+        assert hidden not in text, text
+    for shown in ("Pump maintenance schedule", "Safety notice: stop the pump first.", "Replace the gasket and", "check the seal."):
+        assert shown in text, text
