@@ -12,8 +12,8 @@ from PIL import Image, UnidentifiedImageError
 
 from . import images as imaging
 from .llm import LiteLLM, LLMError
-from .prompt import (build_messages, clean_rewrite, normalize_history, prompt_sources, rewrite_messages,
-                     standalone_question, trim_history)
+from .prompt import (build_messages, clean_rewrite, estimate_image_tokens, fit_prompt, normalize_history,
+                     prompt_sources, prompt_tokens, rewrite_messages, standalone_question, trim_history)
 from .records import Answer, Hit, cited_refs, split_citations
 from .retrieve import Retriever
 from .thinking import strip_thinking
@@ -103,7 +103,10 @@ class Assistant:
             if vision and pcfg["max_images"] < self.cfg["llm"]["max_images"]:
                 note = self._image_limit_note(pcfg["max_images"])
             try:
-                messages = build_messages(ask, hits, turns, pcfg, vision, user_image, search_for)
+                messages, pcfg, cut = self._fit(lambda c: build_messages(ask, hits, turns, c, vision, user_image,
+                                                                         search_for), pcfg, hits, vision)
+                if cut:
+                    note = "; ".join(n for n in (note, cut) if n)
                 for token in self.llm.stream(messages):
                     if not parts:
                         timings["first_token_ms"] = (time.perf_counter() - t0) * 1000
@@ -111,6 +114,12 @@ class Assistant:
                     yield "token", token
                 break
             except LLMError as exc:
+                if attempt == 1 and exc.context and not parts and self.llm.context_said is None:
+                    # the server said the model's context: fit the prompt to it and ask again
+                    self.llm.context_said, said = exc.context
+                    estimate = prompt_tokens(messages, estimate_image_tokens(pcfg["image_max_side"]))
+                    self.llm.token_scale = max(1.0, (said or 0) / max(estimate, 1))
+                    continue
                 if attempt == 1 and vision and exc.image_limit and not parts:
                     self.llm.image_limit = exc.image_limit  # vLLM's --limit-mm-per-prompt: send that many
                     continue
@@ -145,6 +154,28 @@ class Assistant:
         if vision and self.llm.image_limit is not None:
             pcfg["max_images"] = max(0, min(pcfg["max_images"], self.llm.image_limit - int(user_image)))
         return pcfg
+
+    def _fit(self, build, pcfg: dict, hits: list[Hit], vision: bool) -> tuple[list[dict], dict, str | None]:
+        """(messages, the settings they were built with, a note when sources or earlier turns had
+        to be left out): the prompt fitted to the model's context (:meth:`LiteLLM.context_tokens`),
+        the reply's ``max_tokens`` kept free (at most half of it)."""
+        context = self.llm.context_tokens() if self.llm.configured else None
+        if not context:
+            return build(pcfg), pcfg, None
+        reply = min(int(pcfg.get("max_tokens") or 0), context // 2)
+        messages, used = fit_prompt(build, pcfg, context - reply, estimate_image_tokens(pcfg["image_max_side"]),
+                                    self.llm.token_scale)
+        if used == pcfg:
+            return messages, used, None
+        (v0, p0), (v1, p1) = prompt_sources(hits, pcfg), prompt_sources(hits, used)
+        left = [f"{len(p1)} of {len(p0)} passages" if len(p1) < len(p0) else "",
+                f"{len(v1)} of {len(v0)} figure images" if vision and len(v1) < len(v0) else "",
+                "no earlier turns" if used["history_tokens"] == 0 and pcfg["history_tokens"] else
+                "fewer earlier turns" if used["history_tokens"] < pcfg["history_tokens"] else ""]
+        where = "llm.context_tokens" if self.cfg["llm"].get("context_tokens") else \
+            "as the server said" if self.llm.context_said else "num_ctx" if self.llm.ollama else "litellm's model table"
+        return messages, used, (f"the prompt was cut to fit {self.llm.model}'s context of {context} tokens ({where}): "
+                                + ", ".join(x for x in left if x))
 
     def _image_limit_note(self, sent: int) -> str:
         return (f"{self.llm.model} takes at most {self.llm.image_limit} image(s) per request (the server's "

@@ -41,6 +41,7 @@ class LLMError(Exception):
         self.images_rejected = images_rejected
         self.detail = detail
         self.image_limit = image_limit
+        self.context: tuple[int, int | None] | None = None  # (context tokens, prompt tokens) a server said
 
 
 def _litellm():
@@ -137,9 +138,60 @@ def rejects_system(status: int | None, message: str) -> bool:
     return status in (400, 422, 500) and bool(SYSTEM_REFUSED.search(message or ""))
 
 
-def ollama_capabilities(api_base: str | None, model: str, timeout: float = 5.0) -> list[str] | None:
-    """The capabilities an Ollama server lists for a model (``POST /api/show``), e.g.
-    ``["completion", "vision"]``; None when the server cannot be asked or does not say."""
+CONTEXT_LIMIT = re.compile(r"maximum context length is (\d+) tokens|\bn_ctx\W+(\d+)|context length of only (\d+)",
+                           re.I)
+PROMPT_TOKENS = re.compile(r"\((\d+) in the messages|has (\d+) input tokens|n_prompt_tokens\W+(\d+)", re.I)
+
+
+def context_limit(status: int | None, message: str) -> tuple[int, int | None] | None:
+    """(the model's context in tokens, the prompt's tokens when said) from a server refusing a
+    prompt too long for it: vLLM, llama.cpp (``exceed_context_size_error``), LM Studio; None for
+    any other failure.
+
+    >>> context_limit(400, "This model's maximum context length is 4096 tokens. However, you requested 6120 "
+    ...                    "tokens (5096 in the messages, 1024 in the completion). Please reduce the length")
+    (4096, 5096)
+    >>> context_limit(400, '{"code":400,"message":"the request exceeds the available context size, try increasing '
+    ...                    'it","type":"exceed_context_size_error","n_prompt_tokens":5210,"n_ctx":4096}')
+    (4096, 5210)
+    >>> context_limit(401, "maximum context length is 4096 tokens") is None
+    True
+    """
+    if status not in (400, 413, 422, 500):
+        return None
+    found = CONTEXT_LIMIT.search(message or "")
+    if not found:
+        return None
+    said = PROMPT_TOKENS.search(message)
+    return int(next(g for g in found.groups() if g)), int(next(g for g in said.groups() if g)) if said else None
+
+
+OLLAMA_DEFAULT_CONTEXT = 8192  # num_ctx mmrag asks Ollama for when neither llm.context_tokens nor the model says
+
+
+def ollama_context(info: dict | None) -> int:
+    """The context (``num_ctx``) to ask Ollama for: the model's own ``num_ctx`` parameter
+    (Modelfile) when it sets one, else ``OLLAMA_DEFAULT_CONTEXT`` or the model's trained context
+    (``model_info`` ``*.context_length``) when smaller. Ollama's own default (2048 or 4096 tokens,
+    by version) would cut a prompt with a few figures from its start, silently.
+
+    >>> ollama_context({"parameters": "stop <end>\\nnum_ctx                        32768", "model_info": {}})
+    32768
+    >>> ollama_context({"model_info": {"llama.context_length": 4096}}), ollama_context(None)
+    (4096, 8192)
+    """
+    info = info or {}
+    found = re.search(r"^\s*num_ctx\s+(\d+)", str(info.get("parameters") or ""), re.M)
+    if found:
+        return int(found.group(1))
+    trained = [int(v) for k, v in (info.get("model_info") or {}).items()
+               if k.endswith(".context_length") and isinstance(v, int) and v > 0]
+    return min([OLLAMA_DEFAULT_CONTEXT] + trained)
+
+
+def ollama_show(api_base: str | None, model: str, timeout: float = 5.0) -> dict | None:
+    """What an Ollama server says about a model (``POST /api/show``: ``capabilities``,
+    ``parameters``, ``model_info``); None when it cannot be asked."""
     base = (api_base or os.environ.get("OLLAMA_API_BASE") or OLLAMA_DEFAULT_BASE).rstrip("/")
     for suffix in ("/api/generate", "/api/chat", "/api", "/v1"):
         if base.endswith(suffix):
@@ -149,9 +201,20 @@ def ollama_capabilities(api_base: str | None, model: str, timeout: float = 5.0) 
                                  headers={"Content-Type": "application/json"}, method="POST")
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
-            caps = json.loads(resp.read()).get("capabilities")
+            info = json.loads(resp.read())
     except Exception:
         return None
+    return info if isinstance(info, dict) else None
+
+
+def ollama_capabilities(info: dict | None) -> list[str] | None:
+    """The capabilities an Ollama server lists for a model (from :func:`ollama_show`), e.g.
+    ``["completion", "vision"]``; None when it does not say.
+
+    >>> ollama_capabilities({"capabilities": ["completion", "vision"]}), ollama_capabilities({})
+    (['completion', 'vision'], None)
+    """
+    caps = (info or {}).get("capabilities")
     return [str(c) for c in caps] if isinstance(caps, list) else None
 
 
@@ -166,6 +229,9 @@ class LiteLLM:
         self.images_rejected: str | None = None  # what the server said when it refused images
         self.image_limit: int | None = None  # images per request the server accepts, once it said so
         self.system_rejected: str | None = None  # what the server said when its template refused the system role
+        self.context_said: int | None = None  # the context a server said the model has, on refusing a prompt
+        self.token_scale = 1.0  # the server's prompt tokens / mmrag's estimate, learnt from such a refusal
+        self._show: dict | None | bool = False  # Ollama's /api/show answer, asked once (False: not yet)
 
     @property
     def configured(self) -> bool:
@@ -183,9 +249,38 @@ class LiteLLM:
             self._vision = self._detect_vision()
         return self._vision
 
+    @property
+    def ollama(self) -> bool:
+        return provider_of(self.model or "") in OLLAMA_PROVIDERS
+
+    def _ollama_info(self) -> dict | None:
+        if self._show is False:
+            self._show = ollama_show(self.cfg.get("api_base"), self.model)
+        return self._show or None
+
+    def context_tokens(self) -> int | None:
+        """The model's context window in tokens, prompt and reply together: ``llm.context_tokens``
+        when set, else what a server said on refusing a longer prompt, else for Ollama the
+        ``num_ctx`` mmrag asks for (:func:`ollama_context`), else litellm's model table; None
+        when unknown (the prompt is then not cut until a server refuses it)."""
+        if self.cfg.get("context_tokens"):
+            return int(self.cfg["context_tokens"])
+        if self.context_said:
+            return self.context_said
+        if not self.configured:
+            return None
+        if self.ollama:
+            return ollama_context(self._ollama_info())
+        try:
+            info = _litellm().get_model_info(model=self.model)
+        except Exception:
+            return None
+        n = info.get("max_input_tokens") or info.get("max_tokens")
+        return int(n) if n else None
+
     def _detect_vision(self) -> bool:
-        if provider_of(self.model) in OLLAMA_PROVIDERS:
-            return vision_from_capabilities(ollama_capabilities(self.cfg.get("api_base"), self.model))
+        if self.ollama:
+            return vision_from_capabilities(ollama_capabilities(self._ollama_info()))
         try:
             info = _litellm().get_model_info(model=self.model)
         except Exception:  # not in litellm's table
@@ -213,6 +308,8 @@ class LiteLLM:
         args = dict(model=self.model, messages=messages, stream=stream, api_base=self.cfg.get("api_base"),
                     api_key=key, temperature=self.cfg.get("temperature"), max_tokens=self.cfg.get("max_tokens"),
                     timeout=self.cfg.get("timeout_s"), num_retries=0)
+        if self.ollama:  # Ollama's default context would silently cut the prompt's start
+            args["num_ctx"] = self.context_tokens()
         args.update(overrides)
         return _litellm().completion(**args)
 
@@ -283,8 +380,12 @@ class LiteLLM:
                          for m in messages)
         status = getattr(exc, "status_code", None)
         limit = image_limit(str(exc)) if had_images and status in (400, 413, 422, 500) else None
-        return LLMError(describe_failure(exc, self.model, key),
-                        had_images and limit is None and rejects_images(status, str(exc)), detail, limit)
+        context = context_limit(status, str(exc))
+        err = LLMError(describe_failure(exc, self.model, key),
+                       had_images and limit is None and context is None and rejects_images(status, str(exc)),
+                       detail, limit)
+        err.context = context
+        return err
 
 
 def one_line(text: str, key: str | None = None, limit: int = 200) -> str:

@@ -50,6 +50,64 @@ def estimate_tokens(text: str) -> int:
     return len(text) // 4 + 1
 
 
+def estimate_image_tokens(max_side: int) -> int:
+    """Tokens one image of at most ``max_side`` pixels may cost a model: one per 28×28 pixels (as
+    Qwen2.5-VL counts; LLaVA's 576 and GPT-4o's 765 for a 1024 px image are below), at least 256.
+
+    >>> estimate_image_tokens(1024), estimate_image_tokens(256)
+    (1369, 256)
+    """
+    return max(256, (max_side // 28 + 1) ** 2)
+
+
+def prompt_tokens(messages: list[dict], image_tokens: int) -> int:
+    """A cautious estimate of a chat prompt's tokens: 3.5 characters of text a token (prose in
+    English is nearer 4; code, numbers and other languages fewer), ``image_tokens`` per image part,
+    a few per message.
+
+    >>> prompt_tokens([{"role": "user", "content": [{"type": "text", "text": "x" * 700},
+    ...                                             {"type": "image_url", "image_url": {"url": "data:"}}]}], 256)
+    460
+    """
+    total = 0
+    for m in messages:
+        parts = _parts(m.get("content"))
+        chars = sum(len(p.get("text") or "") for p in parts if p.get("type") == "text")
+        total += 4 + int(chars / 3.5) + image_tokens * sum(p.get("type") == "image_url" for p in parts)
+    return total
+
+
+def fit_prompt(build, cfg: dict, budget: int, image_tokens: int, scale: float = 1.0) -> tuple[list[dict], dict]:
+    """The largest prompt ``build(cfg) -> messages`` makes that fits ``budget`` tokens (estimated
+    by :func:`prompt_tokens`, times ``scale``), and the ``llm`` settings it was built with. Cut in
+    this order: earlier turns (``history_tokens`` halved down to none; the question in full stays
+    in the prompt), figure images down to one, passages down to two, the last image, passages
+    down to one. A prompt that does not fit even then is returned as it is (the server decides).
+
+    >>> build = lambda c: [{"role": "user", "content": "p" * 350 * c["max_passages"] + "h" * c["history_tokens"]}]
+    >>> msgs, used = fit_prompt(build, {"history_tokens": 400, "max_images": 0, "max_passages": 6}, 350, 256)
+    >>> used["history_tokens"], used["max_passages"], prompt_tokens(msgs, 256) <= 350
+    (0, 3, True)
+    """
+    cfg = dict(cfg)
+    while True:
+        messages = build(cfg)
+        if prompt_tokens(messages, image_tokens) * scale <= budget:
+            return messages, cfg
+        if cfg["history_tokens"] > 0:
+            cfg["history_tokens"] = cfg["history_tokens"] // 2 if cfg["history_tokens"] > 100 else 0
+        elif cfg["max_images"] > 1:
+            cfg["max_images"] -= 1
+        elif cfg["max_passages"] > 2:
+            cfg["max_passages"] -= 1
+        elif cfg["max_images"] > 0:
+            cfg["max_images"] -= 1
+        elif cfg["max_passages"] > 1:
+            cfg["max_passages"] -= 1
+        else:
+            return messages, cfg
+
+
 def message_text(content) -> str:
     """The text of one chat message, whatever shape it comes in: a string, a list of parts
     (Gradio 6 and OpenAI: ``{"type": "text", "text": ...}``), files (dicts with a path) or

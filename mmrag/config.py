@@ -71,6 +71,7 @@ class LLMSettings(Section):
     image_max_side: int = Field(1024, gt=0)
     max_passages: int = Field(6, ge=0)
     history_tokens: int = Field(3000, ge=0)
+    context_tokens: int | None = Field(None, ge=512)  # the model's context window; null: asked or learnt
 
 
 class DescribeSettings(Section):

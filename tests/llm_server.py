@@ -55,6 +55,14 @@ class LLMServer:
         # user/assistant, starting with user; no empty answer) or "gemma" (alternate, no system role)
         self.image_limit: int | None = None
         self.template: str | None = None
+        # context windows, prompts counted by ``prompt_tokens``: ``max_context`` (OpenAI API) refuses
+        # a prompt plus max_tokens over it with vLLM's 400; Ollama runs a request with its
+        # ``options.num_ctx``, else ``ollama_num_ctx`` (its default), and cuts a longer prompt from
+        # its start, silently, as Ollama does (``truncated`` set in the request's record)
+        self.max_context: int | None = None
+        self.ollama_num_ctx = 2048
+        self.show_parameters = ""  # /api/show "parameters" (a Modelfile's, e.g. "num_ctx 4096")
+        self.context_length = 8192  # /api/show model_info "test.context_length"
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -78,7 +86,8 @@ class LLMServer:
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
                 if self.path.rstrip("/").endswith("/api/show"):
                     server.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
-                    info = {"modelfile": "", "details": {"family": "test"}, "model_info": {"test.context_length": 8192}}
+                    info = {"modelfile": "", "details": {"family": "test"}, "parameters": server.show_parameters,
+                            "model_info": {"test.context_length": server.context_length}}
                     if server.capabilities is not None:
                         info["capabilities"] = server.capabilities
                     return self._json(200, info)
@@ -87,6 +96,9 @@ class LLMServer:
                 server.requests.append({"path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()},
                                         "body": body})
                 ollama = self.path.startswith("/api/")
+                if ollama:
+                    num_ctx = (body.get("options") or {}).get("num_ctx") or server.ollama_num_ctx
+                    server.requests[-1]["truncated"] = server.prompt_tokens(body) > num_ctx
                 refusal = None if ollama else server.refusal(body)
                 if refusal:
                     return self._json(400, {"object": "error", "message": refusal, "type": "BadRequestError",
@@ -184,6 +196,11 @@ class LLMServer:
     def refusal(self, body: dict) -> str | None:
         """What vLLM would answer with a 400 for this request, if anything (see ``image_limit``
         and ``template``)."""
+        asked = self.prompt_tokens(body) + int(body.get("max_tokens") or 0)
+        if self.max_context is not None and asked > self.max_context:
+            return (f"This model's maximum context length is {self.max_context} tokens. However, you requested "
+                    f"{asked} tokens ({self.prompt_tokens(body)} in the messages, {body.get('max_tokens') or 0} in "
+                    f"the completion). Please reduce the length of the messages or completion.")
         if self.image_limit is not None and len(self.image_data(body)) > self.image_limit:
             return f"At most {self.image_limit} image(s) may be provided in one request."
         msgs = body.get("messages", [])
@@ -197,6 +214,17 @@ class LLMServer:
         if self.template == "mistral" and any(m["role"] == "assistant" and not m.get("content") for m in msgs):
             return "Assistant message must have either content or tool_calls, but not both."  # mistral_common
         return None
+
+    @classmethod
+    def prompt_tokens(cls, body: dict) -> int:
+        """A request's prompt tokens as this server counts them: 4 characters of text a token, one
+        per 28×28 pixels of an image, 4 per message."""
+        text = sum(len(t) for _, t in cls.texts(body)) // 4 + 4 * len(body.get("messages") or [1])
+        pixels = 0
+        for data in cls.image_data(body):
+            with Image.open(io.BytesIO(data)) as im:
+                pixels += im.size[0] * im.size[1]
+        return text + pixels // 784
 
     @property
     def api_base(self) -> str:

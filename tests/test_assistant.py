@@ -50,10 +50,11 @@ def llm_app(shared_app, server):
     server.mode, server.rewrite, server.capabilities = "ok", None, ["completion", "vision"]
     server.pieces, server.reasoning = None, []
     server.image_limit, server.template = None, None
+    server.max_context, server.ollama_num_ctx, server.show_parameters, server.context_length = None, 2048, "", 8192
     server.error_message = "scripted failure {code}"
     server.reply = "The diagram shows the parser feeding the renderer {cite}."
     server.requests.clear()
-    shared_app.cfg["llm"].update(LLM, api_base=server.api_base)
+    shared_app.cfg["llm"].update(LLM, api_base=server.api_base, context_tokens=None, max_tokens=1024)
     shared_app.assistant.llm = LiteLLM(shared_app.cfg["llm"])
     return shared_app
 
@@ -428,6 +429,61 @@ def test_server_limiting_images_per_request_gets_that_many(llm_app, server, tmp_
     assert len(server.answers()) == 4 and answer.error is None
     [only] = server.images()
     assert only.getpixel((5, 5))[:3] == (0, 200, 0)  # the user's own image takes the one place
+
+
+HISTORY = [{"role": "user", "content": "What does the parser feed? " + "Please be thorough. " * 60},
+           {"role": "assistant", "content": "The renderer [manual.pdf p.1 fig.1]. " + "It draws the output. " * 60}]
+
+
+def test_ollama_gets_a_context_that_holds_the_prompt(llm_app, server):
+    """Ollama runs a model with its default context (2048 or 4096 tokens by version; 1024 here,
+    for a prompt this size) unless asked for more, and cuts a longer prompt from its start: the
+    system prompt and first sources lost, silently. mmrag asks for num_ctx: the model's trained
+    context when under 8192 tokens, or its Modelfile's num_ctx."""
+    server.ollama_num_ctx, server.context_length = 1024, 6000
+    use_model(llm_app, model="ollama_chat/qwen2.5vl-test", api_base=server.ollama_base, api_key_env=None)
+    answer = llm_app.assistant.ask("and what does it draw?", history=HISTORY)
+    req = server.answers()[-1]
+    assert req["body"]["options"]["num_ctx"] == 6000 and not req["truncated"]
+    assert server.prompt_tokens(req["body"]) > 1024  # what Ollama's default would have cut
+    assert answer.error is None and answer.note is None  # it all fits: nothing left out
+    server.show_parameters = "num_ctx                        3000\nstop                           \"<end>\""
+    use_model(llm_app, model="ollama/qwen2.5vl-test")
+    answer = llm_app.assistant.ask("and what does it draw?", history=HISTORY)
+    req = server.answers()[-1]
+    assert req["body"]["options"]["num_ctx"] == 3000 and not req["truncated"]
+
+
+def test_prompt_is_fitted_to_a_small_context(llm_app, server):
+    """llm.context_tokens set small (a model served with a short context): the prompt is cut to
+    fit with room for the reply, earlier turns first, and the note says what was left out."""
+    use_model(llm_app, model="ollama_chat/qwen2.5vl-test", api_base=server.ollama_base, api_key_env=None,
+              context_tokens=1600, max_tokens=400)
+    answer = llm_app.assistant.ask("and what does it draw?", history=HISTORY)
+    req = server.answers()[-1]
+    assert req["body"]["options"]["num_ctx"] == 1600 and not req["truncated"]
+    assert server.prompt_tokens(req["body"]) <= 1600 - 400
+    msgs = req["body"]["messages"]
+    assert msgs[0]["content"] == SYSTEM and "Please be thorough" not in json.dumps(msgs)
+    assert user_text(req["body"]).count("<source key=") >= 2 and server.images()  # sources remain
+    assert answer.error is None and "cut to fit ollama_chat/qwen2.5vl-test's context of 1600 tokens" in answer.note
+    assert "no earlier turns" in answer.note and "llm.context_tokens" in answer.note
+
+
+def test_server_refusing_a_long_prompt_is_asked_again_with_one_that_fits(llm_app, server):
+    """vLLM: 400 "This model's maximum context length is N tokens. However, you requested ...".
+    Asked again once with the prompt fitted to N, remembered for later questions."""
+    llm_app.assistant.ask("and what does it draw?", history=HISTORY)
+    full = server.prompt_tokens(server.answers()[-1]["body"])
+    server.max_context = 1024 + full * 2 // 3
+    server.requests.clear()
+    answer = llm_app.assistant.ask("and what does it draw?", history=HISTORY)
+    sent = server.answers()
+    assert len(sent) == 2 and server.prompt_tokens(sent[1]["body"]) + 1024 <= server.max_context
+    assert answer.error is None and "parser" in answer.text and answer.citations
+    assert f"context of {server.max_context} tokens (as the server said)" in answer.note
+    llm_app.assistant.ask("and what does it draw?", history=HISTORY)  # remembered: fitted at once
+    assert len(server.answers()) == 3
 
 
 def test_history_is_kept_within_its_budget():
