@@ -109,14 +109,14 @@ def _is_scanned(page: pymupdf.Page, words: list) -> bool:
     return (not words or margin_stamp(words, page.rect.height)) and _scan_cover(page) >= SCAN_SHARE
 
 
-def _is_scan_with_text_layer(page: pymupdf.Page) -> bool:
+def _is_scan_with_text_layer(page: pymupdf.Page, bboxlog: list | None = None) -> bool:
     """A scanned page that carries a text layer (what ocrmypdf, Acrobat's 'searchable image' and
     scanners with OCR write): opaque images covering half the page or more (``_scan_cover``),
     and no text a reader sees: every text item is invisible (render mode 3) or hidden under
     images drawn after it. Its figures are in the scan's pixels, not in the page's drawing commands."""
     if _scan_cover(page, opaque=True) < SCAN_SHARE:
         return False
-    log = [(kind, F.display_rect(page, r)) for kind, r in page.get_bboxlog()]
+    log = [(kind, F.display_rect(page, r)) for kind, r in (page.get_bboxlog() if bboxlog is None else bboxlog)]
     images = [(n, r) for n, (kind, r) in enumerate(log) if kind.startswith("fill-image")]
     for n, (kind, r) in enumerate(log):
         if kind in ("fill-text", "stroke-text") and sum(abs(r & s) for m, s in images if m > n) < 0.5 * abs(r):
@@ -236,7 +236,8 @@ def _extract_page(doc, page, sha, cfg, skip, running, ocr_mode, render, xref_png
     tp = page.get_textpage(flags=TEXT_FLAGS)
     # every box from here on is in the coordinates of the page as displayed (/Rotate applied)
     words = [(*F.display_rect(page, w[:4]), *w[4:]) for w in page.get_text("words", textpage=tp)]
-    hidden = _invisible_words(page, tp, words)
+    bboxlog = page.get_bboxlog() if words else []  # once: hidden text, scan layers, figures
+    hidden = _invisible_words(page, tp, words, bboxlog)
     changed = {words[n][5] for n in hidden}  # blocks that lose words a reader cannot see
     words = [w for n, w in enumerate(words) if n not in hidden]
     blocks = _text_blocks(page, tp, words, changed)
@@ -262,10 +263,10 @@ def _extract_page(doc, page, sha, cfg, skip, running, ocr_mode, render, xref_png
         try:
             if scanned:
                 cands = []
-            elif _is_scan_with_text_layer(page):  # figures from the scan's pixels, minus its text lines
+            elif _is_scan_with_text_layer(page, bboxlog):  # figures from the scan's pixels, minus its text lines
                 cands = F.find_scanned_figures(_grey_cells(page), lines, size, min_side)
             else:
-                cands = F.find_figures(page, lines, skip, min_side)
+                cands = F.find_figures(page, lines, skip, min_side, bboxlog)
         except Exception as exc:
             warn("figure detection failed, no figures from this page", exc)
     blocks = text.drop_running(blocks, size[1], running)
@@ -308,25 +309,61 @@ MIN_INK_CONTRAST = 24  # grey levels between the lightest and darkest pixel: les
 WHITE_TEXT = 0.9  # text this light in every channel (of 1) is checked against what the page shows under it
 
 
-def _invisible_words(page: pymupdf.Page, tp: pymupdf.TextPage, words: list) -> set[int]:
+MAX_COVER_FILLS = 3000  # fills drawn after text that are checked for covering it (more: a plot page)
+MAX_COVER_PAIRS = 20_000_000  # fill x text-item comparisons a page may cost: fewer fills on text-dense pages
+
+
+def covered_text(log: list) -> list[tuple]:
+    """Where fills drawn after text lie over it, from a page's bbox log (``get_bboxlog()``:
+    kind, box): the overlap of each path or image with each text item drawn before it. Text
+    there may be hidden (a redaction box, a white-out, a picture) or show through (a highlight):
+    the page's pixels decide. Only the first ``MAX_COVER_FILLS`` fills after text count (fewer
+    on a text-dense page: ``MAX_COVER_PAIRS`` comparisons at most).
+
+    >>> covered_text([("fill-text", (72, 60, 300, 75)), ("fill-path", (120, 58, 210, 77)), ("fill-text", (72, 90, 200, 105))])
+    [(120.0, 60.0, 210.0, 75.0)]
+    """
+    texts = [(n, r) for n, (kind, r) in enumerate(log) if kind in ("fill-text", "stroke-text")]
+    if not texts:
+        return []
+    fills = [(n, r) for n, (kind, r) in enumerate(log) if n > texts[0][0] and kind in ("fill-path", "fill-image")]
+    t = np.array([r for _, r in texts], float).reshape(-1, 4)
+    order = np.array([n for n, _ in texts])
+    out: list[tuple] = []
+    for n, (x0, y0, x1, y1) in fills[:min(MAX_COVER_FILLS, MAX_COVER_PAIRS // len(texts))]:
+        box = np.stack([np.maximum(t[:, 0], x0), np.maximum(t[:, 1], y0), np.minimum(t[:, 2], x1), np.minimum(t[:, 3], y1)], 1)
+        hit = (order < n) & (box[:, 2] > box[:, 0]) & (box[:, 3] > box[:, 1])
+        out += [tuple(map(float, b)) for b in box[hit]]
+        if len(out) > MAX_COVER_FILLS:
+            break
+    return out
+
+
+def _invisible_words(page: pymupdf.Page, tp: pymupdf.TextPage, words: list, bboxlog: list = ()) -> set[int]:
     """The indices of ``words`` (displayed coordinates) a reader cannot see: set in white or
     near-white (``WHITE_TEXT``), fully transparent or invisible (render mode 3: MuPDF gives it
-    alpha 0), where the rendered page shows no ink contrast (``MIN_INK_CONTRAST``) in the word's
-    box: white text on white paper (hidden keyword lists, template leftovers). White text on a
-    dark banner or photo is seen, and kept; so is an invisible OCR layer over a scan's ink, or
-    over text drawn as outlines. Pages without such text cost one look at the text's colours, no render."""
+    alpha 0), or covered by a fill drawn after it (``covered_text`` of the page's ``bboxlog``),
+    where the rendered page shows no ink contrast (``MIN_INK_CONTRAST``) in the word's box:
+    white text on white paper (hidden keyword lists, template leftovers), text under a black
+    redaction box or a white-out. White text on a dark banner or photo is seen, and kept; so is
+    an invisible OCR layer over a scan's ink, or over text drawn as outlines, and text under a
+    see-through highlight. Pages without such text cost one look at the text's colours, no render."""
     suspect = [F.display_rect(page, s["bbox"]) for b in page.get_text("dict", textpage=tp)["blocks"]
                if b.get("type") == 0 for ln in b["lines"] for s in ln["spans"]
                if s.get("alpha", 255) == 0 or min((s["color"] >> k) & 255 for k in (16, 8, 0)) >= 255 * WHITE_TEXT]
+    suspect += [F.display_rect(page, r) for r in covered_text(bboxlog)]
     if not suspect:
         return set()
     zoom = render_zoom(page.rect.width, page.rect.height, 1.0)
     pix = page.get_pixmap(matrix=pymupdf.Matrix(zoom, zoom), colorspace=pymupdf.csGRAY, alpha=False)
     grey = np.frombuffer(pix.samples, np.uint8).reshape(pix.height, pix.stride)[:, : pix.width]
+    marked = np.zeros(grey.shape, bool)  # the suspect areas, in the render's pixels
+    for r in suspect:
+        marked[max(0, int(r.y0 * zoom)): int(r.y1 * zoom) + 1, max(0, int(r.x0 * zoom)): int(r.x1 * zoom) + 1] = True
     out = set()
     for n, w in enumerate(words):
-        centre = pymupdf.Point((w[0] + w[2]) / 2, (w[1] + w[3]) / 2)
-        if not any(centre in r for r in suspect):
+        cx, cy = int((w[0] + w[2]) / 2 * zoom), int((w[1] + w[3]) / 2 * zoom)
+        if not (0 <= cy < marked.shape[0] and 0 <= cx < marked.shape[1] and marked[cy, cx]):
             continue
         box = grey[max(0, int(w[1] * zoom)): int(w[3] * zoom) + 1, max(0, int(w[0] * zoom)): int(w[2] * zoom) + 1]
         if not box.size or int(box.max()) - int(box.min()) < MIN_INK_CONTRAST:

@@ -260,11 +260,12 @@ def visible_image_boxes(page: pymupdf.Page, infos: list[dict]) -> list[pymupdf.R
     return boxes
 
 
-def _ink_items(page: pymupdf.Page) -> list[tuple[BBox, str, int, float]]:
-    """(box in displayed coordinates, "path" | "image", image xref, image native zoom)."""
+def _ink_items(page: pymupdf.Page, log: list | None = None) -> list[tuple[BBox, str, int, float]]:
+    """(box in displayed coordinates, "path" | "image", image xref, image native zoom).
+    ``log``: the page's ``get_bboxlog()`` when the caller has it already."""
     page_area = abs(page.rect)
     items: list[tuple[BBox, str, int, float]] = []
-    for kind, rect in page.get_bboxlog():
+    for kind, rect in (page.get_bboxlog() if log is None else log):
         if kind in ("fill-path", "stroke-path"):
             r = display_rect(page, rect) & page.rect
             if not r.is_empty and abs(r) < BACKGROUND * page_area:
@@ -417,10 +418,11 @@ def _text_area(box: BBox, lines: list[tuple[str, BBox]]) -> float:
 
 
 def find_figures(page: pymupdf.Page, lines: list[tuple[str, BBox]], skip_xrefs: set[int],
-                 min_side: float) -> list[Candidate]:
+                 min_side: float, log: list | None = None) -> list[Candidate]:
     """Figure regions of a born-digital page, in reading order. Images whose xref is in
-    ``skip_xrefs`` (placed on many pages) count only where the page captions them (``captioned_xrefs``)."""
-    items = _ink_items(page)
+    ``skip_xrefs`` (placed on many pages) count only where the page captions them (``captioned_xrefs``).
+    ``log``: the page's ``get_bboxlog()`` when the caller has it already."""
+    items = _ink_items(page, log)
     size = (page.rect.width, page.rect.height)
     repeated = [(it[0], it[2]) for it in items if it[1] == "image" and it[2] in skip_xrefs]
     if repeated:

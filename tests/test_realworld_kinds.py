@@ -845,9 +845,11 @@ def test_an_image_placed_larger_than_its_clip_is_the_part_the_page_shows(tmp_pat
 
 # ---- text a reader cannot see -------------------------------------------------------------------
 
-def test_white_and_transparent_text_on_white_is_not_indexed_but_white_text_on_a_banner_is(tmp_path, cfg):
-    """White text on white paper (hidden keyword lists, template leftovers) and fully transparent
-    text are not what a reader sees: not stored. White text on a dark banner is, and stays."""
+def test_white_transparent_and_covered_text_is_not_indexed_but_white_text_on_a_banner_is(tmp_path, cfg):
+    """White text on white paper (hidden keyword lists, template leftovers), fully transparent
+    text, and text under a box drawn over it (a redaction done with a black box, a white-out)
+    are not what a reader sees: not stored. White text on a dark banner and text under a
+    see-through highlight are, and stay."""
     doc = pymupdf.open()
     page = doc.new_page(width=612, height=792)
     page.insert_text((72, 72), "Pump maintenance schedule for the spring.", fontsize=11)
@@ -858,10 +860,19 @@ def test_white_and_transparent_text_on_white_is_not_indexed_but_white_text_on_a_
     page.insert_text((72, 200), "Replace the gasket and", fontsize=11)
     page.insert_text((196, 200), "white words inside a line", fontsize=11, color=(0.97, 0.97, 0.97))
     page.insert_text((72, 214), "check the seal.", fontsize=11)
+    # a redaction done by drawing a black box over the text (the text is still in the file), a
+    # white-out box over a line, and a see-through highlight over a line that is read
+    page.insert_text((72, 300), "Claimant: Jonathan Quigley-Barnes", fontsize=11)
+    page.draw_rect(pymupdf.Rect(124, 288, 260, 304), color=None, fill=(0, 0, 0))
+    page.insert_text((72, 340), "Obsolete paragraph about asbestos seals.", fontsize=11)
+    page.draw_rect(pymupdf.Rect(70, 328, 330, 344), color=None, fill=(1, 1, 1))
+    page.insert_text((72, 380), "Torque the bolts to 40 Nm.", fontsize=11)
+    page.draw_rect(pymupdf.Rect(70, 368, 220, 384), color=None, fill=(1, 1, 0), fill_opacity=0.4)
     doc.save(tmp_path / "white.pdf")
     rec = records(tmp_path / "white.pdf", cfg, render=False)[0]
-    text = " ".join(c.text for c in rec.chunks)
-    for hidden in ("marmoset", "ocelot", "invisible", "draft", "white words"):
+    text = " ".join([c.text for c in rec.chunks] + [f.ocr_text for f in rec.figures])
+    for hidden in ("marmoset", "ocelot", "invisible", "draft", "white words", "Quigley", "asbestos"):
         assert hidden not in text, text
-    for shown in ("Pump maintenance schedule", "Safety notice: stop the pump first.", "Replace the gasket and", "check the seal."):
+    for shown in ("Pump maintenance schedule", "Safety notice: stop the pump first.", "Replace the gasket and", "check the seal.",
+                  "Claimant:", "Torque the bolts to 40 Nm."):
         assert shown in text, text
