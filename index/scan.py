@@ -251,7 +251,9 @@ class ExactScan:
             size = len(self.ids)
             if n <= 0 or not self.row_of:
                 return []
-            dots = self.vectors[:size] @ q
+            # numpy's own loop, one thread: OpenBLAS's sgemv (``@``) took 16 vs 8.4 ms alone at
+            # 100k x 512, and 40 vs 14.7 ms with the passage scan beside it (its threads contend)
+            dots = np.einsum("ij,j->i", self.vectors[:size], q)
             keep, everything = self._accepted(flt, size)
             if not everything:
                 dots[~keep] = -np.inf
