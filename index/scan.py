@@ -18,6 +18,7 @@ Scores are Chroma's for its ``cosine`` space: 1 − (1 − cos) with the distanc
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
 import time
@@ -29,8 +30,39 @@ from .records import Filter
 
 log = logging.getLogger(__name__)
 
-PAGE = 5000  # rows per Chroma read while building (embeddings come back as float64: ~20 MB at 512-d)
+PAGE = 2000  # rows per Chroma read while building (~0.4 s at 100k; embeddings come back as float64)
 FETCH = 1000  # ids per Chroma read while catching up with another process's writes
+
+# A process that exits while a thread is inside a Chroma read crashes (SIGSEGV: the interpreter
+# goes away under Chroma's Rust code), e.g. a one-shot `mmrag ask` that started a scan: at exit
+# the reading threads are told to stop after their current read, and waited for.
+_STOP = threading.Event()
+_THREADS: list[threading.Thread] = []
+_AT_EXIT = threading.Lock()
+
+
+class _Stopped(Exception):
+    pass
+
+
+def _stop_readers() -> None:
+    _STOP.set()
+    for thread in list(_THREADS):
+        thread.join(60)
+
+
+def _watch(thread: threading.Thread) -> None:
+    """Join ``thread`` at exit (registered with the first one: after Chroma's own exit hooks,
+    so it runs before them)."""
+    with _AT_EXIT:
+        if not _THREADS:
+            atexit.register(_stop_readers)
+        _THREADS[:] = [t for t in _THREADS if t.is_alive()] + [thread]
+
+
+def _check_stop() -> None:
+    if _STOP.is_set():
+        raise _Stopped
 
 
 def unit_rows(vectors) -> np.ndarray:
@@ -269,12 +301,14 @@ def read_rows(col, which: str, scan: ExactScan, ids: Sequence[str] | None = None
     if ids is not None:
         ids = list(ids)
         for i in range(0, len(ids), FETCH):
+            _check_stop()
             got = col.get(ids=ids[i:i + FETCH], include=["embeddings", "metadatas"])
             scan.add(got["ids"], got["metadatas"], got["embeddings"])
             done += len(got["ids"])
         return done
     offset = 0
     while True:
+        _check_stop()
         got = col.get(include=["embeddings", "metadatas"], limit=PAGE, offset=offset)
         if not len(got["ids"]):
             return done
@@ -344,7 +378,10 @@ class Mirror:
             if (self._thread is not None and self._thread.is_alive()) or self.failed == self.version or \
                     (self.scan is not None and self.synced == self.version):
                 return
+            if _STOP.is_set():
+                return
             self._thread = threading.Thread(target=self._run, name=f"mmrag-scan-{self.which}", daemon=True)
+            _watch(self._thread)
             self._thread.start()
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -364,6 +401,8 @@ class Mirror:
                     scan = self._build(col)
                 else:
                     self._catch_up(col, scan)
+            except _Stopped:  # the process is exiting
+                return
             except Exception as exc:  # the collection went away meanwhile, a read failed: HNSW goes on
                 log.warning("exact scan of the %s collection: %s; searching with HNSW", self.which, exc)
                 with self._lock:
@@ -379,6 +418,7 @@ class Mirror:
 
     def _build(self, col) -> ExactScan:
         total = col.count()
+        _check_stop()
         t0 = time.perf_counter()
         first = col.get(include=["embeddings"], limit=1)
         dim = len(first["embeddings"][0]) if len(first["ids"]) else 0
@@ -398,6 +438,7 @@ class Mirror:
 
     def _catch_up(self, col, scan: ExactScan) -> None:
         """Make the scan's rows the collection's: drop the ids it no longer has, read the new ones."""
+        _check_stop()
         stored = set(col.get(include=[])["ids"])
         have = scan.ids_now()
         gone = have - stored
