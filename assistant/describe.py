@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from .llm import LLMError, _litellm, describe_failure
-from .prompt import quote
+from .llm import LLMError, _litellm, describe_failure, rejects_system
+from .prompt import fold_system, quote
 from .thinking import strip_thinking
 
 SYSTEM = (
@@ -123,12 +123,17 @@ class Describer:
         key = self._key()
         messages = describe_messages(figure_data_url(image_path, int(self.cfg["image_max_side"])), caption, context,
                                      doc)
-        try:
-            response = litellm.completion(model=self.model, messages=messages, api_base=self.api_base, api_key=key,
-                                          temperature=0, max_tokens=self.cfg.get("max_tokens"),
-                                          timeout=self.cfg.get("timeout_s"), num_retries=0)
-        except Exception as exc:
-            raise LLMError(describe_failure(exc, self.model, key if key != "unused" else None)) from None
+        for attempt in (1, 2):
+            try:
+                response = litellm.completion(model=self.model, messages=messages, api_base=self.api_base,
+                                              api_key=key, temperature=0, max_tokens=self.cfg.get("max_tokens"),
+                                              timeout=self.cfg.get("timeout_s"), num_retries=0)
+                break
+            except Exception as exc:
+                if attempt == 1 and rejects_system(getattr(exc, "status_code", None), str(exc)):
+                    messages = fold_system(messages)  # a template without a system role (Gemma's)
+                    continue
+                raise LLMError(describe_failure(exc, self.model, key if key != "unused" else None)) from None
         text = strip_thinking(response.choices[0].message.content or "") if response.choices else ""
         if not text:
             raise LLMError(f"LLM {self.model}: the describing model answered nothing")

@@ -317,7 +317,7 @@ class LiteLLM:
         """The reply's text, piece by piece, without a reasoning model's thinking (a separate
         reasoning field is never read; inline ``<think>…</think>`` is removed, see
         :mod:`assistant.thinking`). Raises LLMError (``images_rejected`` set when the server
-        refused the image parts; a reply that was all thinking and no answer is an error too)."""
+        refused the image parts; a reply that was all thinking, or empty, is an error too)."""
         key = self._call_key()  # known before the call, so that its failure is masked
         for attempt in (1, 2):
             think, reasoned, sent = ThinkFilter(), False, self._roles(messages)
@@ -344,6 +344,8 @@ class LiteLLM:
         if not think.shown and (reasoned or think.thought):
             raise LLMError(f"LLM {self.model}: the model only thought and gave no answer "
                            f"(its reply may have run out of llm.max_tokens while thinking)")
+        if not think.shown:  # a stream that ended with no text (or only spaces): no answer, say so
+            raise LLMError(f"LLM {self.model}: the model answered nothing (an empty reply)")
 
     def complete(self, messages: list[dict], max_tokens: int = 200, timeout: float | None = None) -> str:
         """A short non-streaming reply (e.g. a rewritten question), a reasoning model's thinking

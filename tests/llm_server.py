@@ -39,6 +39,7 @@ class LLMServer:
         self.describes: list[dict] = []  # {"body", "reply"} per description request, in arrival order
         self.describe_mode = "ok"  # ok | 500 | stall
         self.describe_delay = 0.0
+        self.describe_refusals: list[str] = []  # what description requests were refused with (``template``)
         self.describe_thinking = ""  # put before each description's text (a reasoning model's thinking)
         self._lock = threading.Lock()
         self.rewrite: str | None = None  # reply to non-streamed calls; None: repeat the last question
@@ -92,6 +93,11 @@ class LLMServer:
                         info["capabilities"] = server.capabilities
                     return self._json(200, info)
                 if server.is_describe(body):
+                    refusal = server.refusal(body)
+                    if refusal:
+                        server.describe_refusals.append(refusal)
+                        return self._json(400, {"object": "error", "message": refusal, "type": "BadRequestError",
+                                                "param": None, "code": 400})
                     return self.describe(body)
                 server.requests.append({"path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()},
                                         "body": body})
@@ -234,8 +240,9 @@ class LLMServer:
     def is_describe(body: dict) -> bool:
         if not body.get("messages"):
             return False
-        first = body["messages"][0]
-        return first["role"] == "system" and str(first["content"]).startswith("You describe figures")
+        first = body["messages"][0]["content"]  # the system message, or the first user turn it was folded into
+        text = first if isinstance(first, str) else next((p.get("text", "") for p in first if p.get("type") == "text"), "")
+        return text.startswith("You describe figures")
 
     @staticmethod
     def describe_word(n: int) -> str:

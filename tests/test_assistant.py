@@ -357,6 +357,19 @@ def test_reasoning_model_that_only_thinks_or_opens_no_tag(llm_app, server):
 
 
 @pytest.mark.parametrize("provider", ["openai", "ollama_chat"])
+def test_a_reply_with_no_text_is_an_error_with_the_sources(llm_app, server, provider):
+    """A server that streams nothing but its end (an overloaded or misconfigured local server), or
+    only empty and blank pieces: the user reads that the model answered nothing, and the sources."""
+    if provider != "openai":
+        use_model(llm_app, model=f"{provider}/qwen3-test", api_base=server.ollama_base, api_key_env=None)
+    for pieces in ([], ["", "\n", "  "]):
+        server.pieces = pieces
+        answer = llm_app.assistant.ask("What does the parser feed?")
+        assert answer.error and "answered nothing" in answer.error
+        assert answer.text.startswith("No answer from the language model") and answer.citations
+
+
+@pytest.mark.parametrize("provider", ["openai", "ollama_chat"])
 def test_follow_up_rewrite_by_a_reasoning_model(llm_app, server, provider):
     if provider != "openai":
         use_model(llm_app, model=f"{provider}/qwen3-test", api_base=server.ollama_base, api_key_env=None)

@@ -66,6 +66,23 @@ def test_a_reasoning_model_describes_without_its_thinking(server, tmp_path, thin
     assert got.text == server.describes[-1]["reply"] and "Blue?" not in got.text
 
 
+def test_a_model_without_system_role_describes(server, tmp_path):
+    """Gemma on vLLM refuses the system role: the describing prompt is sent again with its
+    instructions opening the user turn, and the figure is described."""
+    from assistant.describe import SYSTEM, Describer
+
+    (tmp_path / "f.png").write_bytes(pdfgen.png_bytes(color=(20, 90, 200)))
+    server.template = "gemma"
+    cfg = {"model": None, "api_base": None, "api_key_env": None, "image_max_side": 256, "max_tokens": 400,
+           "timeout_s": 5}
+    got = Describer(cfg, llm(server)).describe(tmp_path / "f.png", "Figure 1: boxes.", "", "m.pdf")
+    assert server.describe_refusals == ["System role not supported"]
+    assert got.text == server.describes[-1]["reply"]
+    [msg] = server.describes[-1]["body"]["messages"]
+    assert msg["role"] == "user" and msg["content"][0]["text"].startswith(SYSTEM)
+    assert msg["content"][-1]["type"] == "image_url"
+
+
 def test_ingest_describes_each_image_once_and_finds_figures_by_their_description(make_cfg, clip, passages, server,
                                                                                   tmp_path):
     cfg = make_cfg(llm=llm(server), describe={"mode": "ingest", "image_max_side": 200})
