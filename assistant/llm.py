@@ -275,7 +275,7 @@ class LiteLLM:
             info = _litellm().get_model_info(model=self.model)
         except Exception:
             return None
-        n = info.get("max_input_tokens") or info.get("max_tokens")
+        n = info.get("max_input_tokens")  # (its max_tokens is often the reply's limit, not the context)
         return int(n) if n else None
 
     def _detect_vision(self) -> bool:
