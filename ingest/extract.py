@@ -236,8 +236,15 @@ def _extract_page(doc, page, sha, cfg, skip, running, ocr_mode, render, xref_png
     tp = page.get_textpage(flags=TEXT_FLAGS)
     # every box from here on is in the coordinates of the page as displayed (/Rotate applied)
     words = [(*F.display_rect(page, w[:4]), *w[4:]) for w in page.get_text("words", textpage=tp)]
-    bboxlog = page.get_bboxlog() if words else []  # once: hidden text, scan layers, figures
-    hidden = _invisible_words(page, tp, words, bboxlog)
+    try:
+        bboxlog = page.get_bboxlog() if words else []  # once: hidden text, scan layers, figures
+    except Exception:
+        bboxlog = None  # figure finding reads it again, and reports what fails
+    try:
+        hidden = _invisible_words(page, tp, words, bboxlog or [])
+    except Exception as exc:  # the page's text is kept, hidden words included
+        warn("the check for hidden text failed, all its text is kept", exc)
+        hidden = set()
     changed = {words[n][5] for n in hidden}  # blocks that lose words a reader cannot see
     words = [w for n, w in enumerate(words) if n not in hidden]
     blocks = _text_blocks(page, tp, words, changed)

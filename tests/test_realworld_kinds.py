@@ -876,3 +876,21 @@ def test_white_transparent_and_covered_text_is_not_indexed_but_white_text_on_a_b
     for shown in ("Pump maintenance schedule", "Safety notice: stop the pump first.", "Replace the gasket and", "check the seal.",
                   "Claimant:", "Torque the bolts to 40 Nm."):
         assert shown in text, text
+
+
+def test_a_failing_hidden_text_check_keeps_the_page_text_with_a_warning(tmp_path, cfg, monkeypatch):
+    """The check for hidden text renders the page; when that fails (a page MuPDF cannot draw),
+    the page's text is kept as extracted and the record says what was skipped."""
+    doc = pymupdf.open()
+    page = doc.new_page()
+    page.insert_text((72, 72), "Pump maintenance schedule.", fontsize=11)
+    page.insert_text((72, 100), "white words", fontsize=11, color=(1, 1, 1))
+    doc.save(tmp_path / "w.pdf")
+
+    def no_render(*a, **k):
+        raise RuntimeError("cannot draw this page")
+
+    monkeypatch.setattr(pymupdf.Page, "get_pixmap", no_render)
+    rec = records(tmp_path / "w.pdf", cfg, render=False)[0]
+    assert [c.text for c in rec.chunks] == ["Pump maintenance schedule. white words"]
+    assert rec.warnings == ("page 1: the check for hidden text failed, all its text is kept (cannot draw this page)",)
