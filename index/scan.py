@@ -52,8 +52,8 @@ def _stop_readers() -> None:
 
 
 def _watch(thread: threading.Thread) -> None:
-    """Join ``thread`` at exit (registered with the first one: after Chroma's own exit hooks,
-    so it runs before them)."""
+    """Stop and join ``thread`` at exit (``atexit`` hooks run before the interpreter tears down
+    the modules Chroma's code in that thread still uses)."""
     with _AT_EXIT:
         if not _THREADS:
             atexit.register(_stop_readers)
@@ -220,8 +220,8 @@ class ExactScan:
             if code is None:
                 return 0
             size = len(self.ids)
-            rows = np.flatnonzero(self.alive[:size] & (self.doc[:size] == code))
-        return self.drop([self.ids[r] for r in rows])
+            ids = [self.ids[r] for r in np.flatnonzero(self.alive[:size] & (self.doc[:size] == code))]
+        return self.drop(ids)  # by id: a compaction in between moves rows, not ids
 
     def _grow(self, size: int) -> None:
         cap = len(self.alive)

@@ -62,5 +62,6 @@ class ChromaSettings(Section):
     headers: dict[str, str] = Field(default_factory=dict)
     ef_search: int = Field(DEFAULT_EF_SEARCH, gt=0)  # HNSW search breadth
     # auto: above ef_search items (where HNSW is approximate), local mode, search an exact scan
-    # kept in memory (~205 MB per 100k figures/pages, ~154 MB per 100k passages); off: HNSW only
+    # kept in memory (arrays of ~205 MB per 100k figures/pages, ~154 MB per 100k passages; the
+    # process grew ~730 MB at 100k of each); off: HNSW only
     exact_scan: Literal["auto", "off"] = DEFAULT_EXACT_SCAN

@@ -24,6 +24,11 @@ from .records import (DocRecord, Filter, TextItem, VisualItem, doc_from_chroma, 
 from .scan import ExactScan, Mirror
 from .settings import DEFAULT_EF_SEARCH, DEFAULT_EXACT_SCAN, ChromaSettings
 
+# a collection of up to this many items has its exact scan read inside its first query (~2 s at
+# 20,000 here, docs/BENCHMARKS.md): no answer then depends on when a background read ended
+SYNC_SCAN_ROWS = 20_000
+SYNC_SCAN_WAIT_S = 60.0  # a read slower than this (a loaded machine): HNSW answers meanwhile
+
 VISUAL = "mmrag_visual"
 TEXT = "mmrag_text"
 DOCS = "mmrag_docs"
@@ -136,15 +141,20 @@ class Store:
     embedded mode with an exact in-memory scan (``index/scan.py``) instead of HNSW, which is
     approximate there; the scan is read in the background on the first such query (HNSW answers
     until it is ready) and kept in step with every write (this store's own, another process's
-    seen through the generation file, a reindex's swap). ``off``: HNSW only."""
+    seen through the generation file, a reindex's swap). ``off``: HNSW only. A collection of up to
+    ``SYNC_SCAN_ROWS`` items is read inside that first query instead (under ~2 s), so its answers
+    never depend on timing. ``read_scans=False`` (a one-shot command answering one question) never
+    starts a read: HNSW answers, with no background read to pay for and wait for at exit."""
 
     def __init__(self, client, visual_identity: str | Callable[[], str], text_identity: str | Callable[[], str],
                  check: bool = True, ef_search: int = DEFAULT_EF_SEARCH,
-                 generation: str | os.PathLike | None = None, exact_scan: str = DEFAULT_EXACT_SCAN):
+                 generation: str | os.PathLike | None = None, exact_scan: str = DEFAULT_EXACT_SCAN,
+                 read_scans: bool = True):
         if exact_scan not in ("auto", "off"):
             raise ValueError(f"exact_scan should be auto or off, not {exact_scan!r}")
         self.client = client
         self.exact_scan = exact_scan
+        self.read_scans = read_scans
         self.check = check
         self.ef_search = ef_search
         self._identity = {"visual": visual_identity, "text": text_identity}
@@ -445,9 +455,25 @@ class Store:
             return None
         mirror = self._mirrors[which]
         scan = mirror.ready()
-        if scan is None:
+        if scan is None and self.read_scans:
             mirror.start()
+            if known[1] <= SYNC_SCAN_ROWS:  # read it now: answers that do not depend on timing
+                mirror.wait(SYNC_SCAN_WAIT_S)
+                scan = mirror.ready()
         return scan
+
+    def read_scans_now(self, wait: bool = True, timeout: float | None = None) -> bool:
+        """Start reading the exact scan of every collection that uses one (``exact_scan: auto``,
+        embedded mode, more items than ``ef_search``), instead of at its first query: a server
+        warms them at start, ``mmrag eval`` waits so that every question gets the same search.
+        Returns True when every such scan is ready (always, with ``wait=False``)."""
+        for which in NAMES:
+            if self.exact_scan == "off" or not self._local or self._plain(which) is None:
+                continue
+            col = self._vectors(which)
+            if col.count() > self.ef_search:
+                self._mirrors[which].start()
+        return self.wait_for_scans(timeout) if wait else True
 
     def _scan_query(self, col, which: str, scan: ExactScan, vector, n: int, flt: Filter | None) -> list[Match]:
         """The exact nearest ``n`` from the scan, with their records read by id (one Chroma get:

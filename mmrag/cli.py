@@ -24,12 +24,12 @@ log = logging.getLogger("mmrag")
 _DATA_DIR = ["the data dir"]  # named in storage-fault messages once the config is read
 
 
-def _app(args, check=True):
+def _app(args, check=True, one_shot=False):
     from .wiring import build
 
     cfg = load_config(args.config)
     _DATA_DIR[0] = cfg["data_dir"]
-    return build(cfg, check=check)
+    return build(cfg, check=check, one_shot=one_shot)
 
 
 def _walk_pdfs(folder: Path) -> list[Path]:
@@ -181,7 +181,7 @@ def _query_image(app, args):
 
 
 def cmd_search(args) -> int:
-    app = _app(args)
+    app = _app(args, one_shot=True)
     image = _query_image(app, args)
     if not args.query and image is None:
         raise MMRagError("give a query, --image FILE or --like ID")
@@ -216,7 +216,7 @@ def cmd_ask(args) -> int:
     history = load_history(args.history) if args.history else []  # checked before any model loads
     if args.image and not Path(args.image).is_file():
         raise MMRagError(f"--image: no such file {args.image}")
-    app = _app(args)
+    app = _app(args, one_shot=True)
     if args.image:
         image, show = args.image, True  # searched by, and shown to the model as the user's image
     else:

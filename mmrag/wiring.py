@@ -40,9 +40,12 @@ def build_passages(t: TextEmbedderSettings, device: str = "auto") -> SentenceEmb
     return SentenceEmbedder(t.model, device, t.batch_size, t.runtime, precision=t.precision)
 
 
-def build(cfg: dict, clip=None, passages=None, client=None, llm=None, check: bool = True) -> App:
+def build(cfg: dict, clip=None, passages=None, client=None, llm=None, check: bool = True,
+          one_shot: bool = False) -> App:
     """The app from a config mapping (checked again here: ConfigError on a bad value). ``clip``,
-    ``passages``, ``client`` and ``llm`` replace the configured ones (tests pass tiny real models)."""
+    ``passages``, ``client`` and ``llm`` replace the configured ones (tests pass tiny real models).
+    ``one_shot``: the process answers one question and exits (``mmrag search``/``ask``): it never
+    reads an exact scan (``Store(read_scans=False)``)."""
     typed = validate_config(cfg)
     clip = clip or build_clip(typed.clip)
     passages = passages or build_passages(typed.text_embedder, typed.clip.device)
@@ -50,7 +53,8 @@ def build(cfg: dict, clip=None, passages=None, client=None, llm=None, check: boo
     # documents never compute them (no checkpoint hash, no weights needed)
     store = Store(client or make_client(typed.chroma, typed.data_dir), lambda: clip.identity,
                   lambda: passages.identity, check=check, ef_search=typed.chroma.ef_search,
-                  generation=Path(typed.data_dir) / "generation", exact_scan=typed.chroma.exact_scan)
+                  generation=Path(typed.data_dir) / "generation", exact_scan=typed.chroma.exact_scan,
+                  read_scans=not one_shot)
     keyword = KeywordIndex(Path(typed.data_dir) / "keyword")  # local even when Chroma is a server
     library = Library(cfg, store, clip, passages, keyword)
     library.describing = describing = Describing(cfg, library)

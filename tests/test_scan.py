@@ -101,6 +101,28 @@ def test_the_scan_answers_the_exact_nearest_accepted_items_where_hnsw_does_not(l
     assert hnsw.scan_status()["visual"]["rows"] == 0
 
 
+def test_a_first_query_is_already_exact_and_a_one_shot_process_reads_nothing(library):
+    """A collection under SYNC_SCAN_ROWS is read inside its first query, so even that one is
+    exact (no answer depends on when a background read ended); a one-shot store (``mmrag
+    search``/``ask``) never starts a read, and ``read_scans_now`` (server start, ``mmrag eval``)
+    reads every scan before any query."""
+    path, _, vecs, items, tvecs, texts, queries, tqueries = library
+    first = open_store(path, BIG_DIM)  # another process opening the library
+    assert [m.id for m in first.query_visual(queries[1], 50)] == brute_force(vecs, items, queries[1], 50, None)
+    assert [m.id for m in first.query_text(tqueries[1], 20)] == brute_force(tvecs, texts, tqueries[1], 20, None)
+
+    one_shot = open_store(path, BIG_DIM, read_scans=False)
+    hnsw = open_store(path, BIG_DIM, exact_scan="off")
+    for q in queries[:5]:
+        assert [m.id for m in one_shot.query_visual(q, 50)] == [m.id for m in hnsw.query_visual(q, 50)]
+    assert one_shot.wait_for_scans(1)
+    assert one_shot.scan_status()["visual"]["rows"] == 0 and one_shot.scan_status()["text"]["rows"] == 0
+
+    warm = open_store(path, BIG_DIM)
+    assert warm.read_scans_now(timeout=60)
+    assert {w: (s["ready"], s["rows"]) for w, s in warm.scan_status().items()} == {"visual": (True, BIG), "text": (True, N)}
+
+
 def test_a_collection_hnsw_searches_exhaustively_gets_no_scan(tmp_path):
     """Up to ef_search items HNSW is exact already and its answers stay as they were."""
     store = Store(chromadb.PersistentClient(path=str(tmp_path), settings=Settings(anonymized_telemetry=False)),

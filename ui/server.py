@@ -137,4 +137,6 @@ def launch(app, prevent_thread_lock: bool = False, quiet: bool = False):
 def serve(cfg: dict) -> None:
     from mmrag.wiring import build
 
-    launch(build(cfg))
+    app = build(cfg)
+    app.store.read_scans_now(wait=False)  # a large library's exact scans, read before the first question
+    launch(app)
