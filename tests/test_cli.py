@@ -39,6 +39,7 @@ def test_unknown_config_key_is_a_clear_error(tmp_path):
     ("clip:\n  precision: int8\n  runtime: torch\n",
      "clip.precision' = 'int8' is not allowed: int8 needs runtime: onnx (runtime: torch is the fp32 reference)"),
     ("text_embedder:\n  precision: fp16\n", "text_embedder.precision' = 'fp16' is not allowed: it should be 'fp32' or 'int8'"),
+    ("chroma:\n  exact_scan: always\n", "chroma.exact_scan' = 'always' is not allowed: it should be 'auto' or 'off'"),
 ])
 def test_a_bad_config_stops_every_command_with_one_line(tmp_path, body, says):
     bad = tmp_path / "c.yaml"
