@@ -16,7 +16,6 @@ from .prompt import (build_messages, clean_rewrite, estimate_image_tokens, fit_p
                      prompt_sources, prompt_tokens, rewrite_messages, standalone_question, trim_history)
 from .records import Answer, Hit, cited_refs, split_citations
 from .retrieve import Retriever
-from .thinking import strip_thinking
 
 log = logging.getLogger(__name__)
 MAX_PRIOR_FIGURES = 8  # figures cited earlier in the conversation kept as candidates
@@ -130,7 +129,7 @@ class Assistant:
                     continue
                 error = str(exc)
                 break
-        text = strip_thinking("".join(parts))  # what a </think> that nothing opened came after goes too
+        text = "".join(parts).strip()  # the stream's thinking already removed (assistant.thinking)
         if error and not text:
             text = fallback_text(hits)
         timings["total_ms"] = (time.perf_counter() - t0) * 1000

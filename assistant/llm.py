@@ -21,7 +21,7 @@ import urllib.request
 from collections.abc import Iterator
 
 from .prompt import fold_system
-from .thinking import ThinkFilter, strip_thinking
+from .thinking import ThinkFilter
 
 OLLAMA_PROVIDERS = ("ollama", "ollama_chat")
 OLLAMA_DEFAULT_BASE = "http://localhost:11434"
@@ -231,6 +231,7 @@ class LiteLLM:
         self.system_rejected: str | None = None  # what the server said when its template refused the system role
         self.context_said: int | None = None  # the context a server said the model has, on refusing a prompt
         self.token_scale = 1.0  # the server's prompt tokens / mmrag's estimate, learnt from such a refusal
+        self.closes_thinking: bool | None = None  # whether replies close thinking they did not open (R1's template)
         self._show: dict | None | bool = False  # Ollama's /api/show answer, asked once (False: not yet)
 
     @property
@@ -320,7 +321,7 @@ class LiteLLM:
         refused the image parts; a reply that was all thinking, or empty, is an error too)."""
         key = self._call_key()  # known before the call, so that its failure is masked
         for attempt in (1, 2):
-            think, reasoned, sent = ThinkFilter(), False, self._roles(messages)
+            think, reasoned, sent = ThinkFilter(self.closes_thinking), False, self._roles(messages)
             try:
                 response = self._call(key, sent, stream=True)
                 for chunk in response:
@@ -332,6 +333,8 @@ class LiteLLM:
                     if visible:
                         yield visible
                 rest = think.close()
+                if think.closes is not None:  # the model's style, kept for the process
+                    self.closes_thinking = think.closes
                 if rest:
                     yield rest
                 break
@@ -356,7 +359,11 @@ class LiteLLM:
             sent = self._roles(messages)
             try:
                 response = self._call(key, sent, stream=False, max_tokens=max_tokens, timeout=timeout)
-                return strip_thinking(response.choices[0].message.content or "")
+                think = ThinkFilter(self.closes_thinking)
+                text = think.feed(response.choices[0].message.content or "") + think.close()
+                if think.closes is not None:
+                    self.closes_thinking = think.closes
+                return text.strip()
             except Exception as exc:
                 if attempt == 1 and self._system_refused(exc, sent):
                     continue

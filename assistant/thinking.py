@@ -3,12 +3,23 @@
 Reasoning models (Qwen3, DeepSeek-R1, QwQ, gpt-oss ...) think before they answer. Servers hand
 the thinking over in one of two ways: a separate field (vLLM's reasoning parser, Ollama's
 ``thinking``, llama.cpp's ``--reasoning-format``; litellm calls it ``reasoning_content``), which
-mmrag never shows, or inline in the answer's text as ``<think>…</think>`` (a server without a
-reasoning parser, an older Ollama), which these functions remove. The user sees the answer only,
-citations are parsed from the answer only, and a follow-up rewrite or a figure description is
-the model's text after its thinking. mmrag does not show the thinking at all: the sources and
-their keys are what an answer is checked against, and a long chain of thought streamed first
-would push the answer below the fold.
+mmrag never shows, or inline in the answer's text, which these functions remove. The user sees
+the answer only, citations are parsed from the answer only, and a follow-up rewrite or a figure
+description is the model's text after its thinking.
+
+Where inline thinking is (one rule for the stream and the whole reply, :class:`ThinkFilter`):
+
+- ``<think>`` (or ``<thinking>``) opens thinking only at the very start of the reply (after
+  space); thinking lasts to its ``</think>``, or to the end when the reply ran out of tokens. A
+  tag anywhere else is the answer's own text ("R1 wraps its reasoning in <think> tags").
+- A ``</think>`` that nothing opened (DeepSeek-R1's and Qwen3-Thinking-2507's templates put the
+  opening tag in the prompt) ends thinking only when it is the reply's first tag, ends its line
+  (a line break or the reply's end follows it, as templates write it) and comes within the first
+  ``HOLD_CHARS`` characters, a bound lifted once the model showed this style (``closes=True``).
+- A stream is held back at its start until that is decided: until such a ``</think>``, the
+  bound, or the end. A model whose reply was decided once keeps its style for the process
+  (:class:`assistant.llm.LiteLLM`): one that closes without opening is then held until its
+  ``</think>`` however long its thinking; one that did not is not held at all.
 """
 
 from __future__ import annotations
@@ -17,83 +28,122 @@ import re
 
 OPEN = ("<think>", "<thinking>")
 CLOSE = ("</think>", "</thinking>")
-_BLOCK = re.compile(r"<(think|thinking)>.*?</\1>", re.S | re.I)
-_OPEN = re.compile(r"<(think|thinking)>", re.I)
-_CLOSE = re.compile(r"</(think|thinking)>", re.I)
+_TAG = re.compile(r"</?(think|thinking)>", re.I)
+HOLD_CHARS = 4000  # a reply's start held back while it may be thinking closed by an unopened </think>
 
 
-def strip_thinking(text: str) -> str:
-    """The answer in a reply: every ``<think>…</think>`` block removed; everything after an
-    unclosed ``<think>`` is thinking (the reply ran out of tokens while thinking); everything
-    before a ``</think>`` that no ``<think>`` opened is thinking too (templates that put the
-    opening tag in the prompt, as DeepSeek-R1's does). Leading and trailing space removed.
+def strip_thinking(text: str, closes: bool | None = None) -> str:
+    """The answer in a whole reply, by the rule in the module docstring (``closes``: the model's
+    known style, True / False / None unknown). Leading and trailing space removed.
 
     >>> strip_thinking("<think>The user asks X.\\nLet me see.</think>\\n\\nWhat is X?")
     'What is X?'
-    >>> strip_thinking("Okay, they want Y. </think> Y is shown [a.pdf p.1].")
+    >>> strip_thinking("Okay, they want Y [a.pdf p.2].\\n</think>\\n\\nY is shown [a.pdf p.1].")
     'Y is shown [a.pdf p.1].'
     >>> strip_thinking("<think>still thinking when max_tokens ran out"), strip_thinking("A plain answer.")
     ('', 'A plain answer.')
+    >>> strip_thinking("DeepSeek-R1 wraps its reasoning in <think> tags before answering [r1.pdf p.3].")
+    'DeepSeek-R1 wraps its reasoning in <think> tags before answering [r1.pdf p.3].'
+    >>> strip_thinking("R1 ends reasoning with </think> and then answers [r1.pdf p.3].")
+    'R1 ends reasoning with </think> and then answers [r1.pdf p.3].'
+    >>> long = "x" * 5000 + "\\n</think>\\nA."   # past the bound: kept, unless the model is known to close
+    >>> strip_thinking(long) == long, strip_thinking(long, closes=True)
+    (True, 'A.')
     """
-    text = _BLOCK.sub("", text or "")
-    closes = list(_CLOSE.finditer(text))
-    if closes:
-        text = text[closes[-1].end():]
-    opened = _OPEN.search(text)
-    if opened:
-        text = text[: opened.start()]
-    return text.strip()
+    f = ThinkFilter(closes)
+    return (f.feed(text or "") + f.close()).strip()
 
 
 class ThinkFilter:
-    """Removes ``<think>…</think>`` from a streamed reply, piece by piece, whatever the pieces'
-    boundaries (a tag may arrive as ``<th`` + ``ink>``): ``feed(piece)`` returns the text that
-    can be shown now, ``close()`` what was held back at the end. ``thought`` is true once any
-    thinking went by; ``shown`` once any visible non-space text was returned. Leading space
-    after a thinking block is dropped. A ``</think>`` that nothing opened is passed through:
-    :func:`strip_thinking` of the whole answer removes what came before it.
+    """Removes a reasoning model's inline thinking from a streamed reply, piece by piece, whatever
+    the pieces' boundaries (a tag may arrive as ``<th`` + ``ink>``), by the module docstring's
+    rule: ``feed(piece)`` returns the text that can be shown now, ``close()`` what was held back
+    at the end. ``thought`` is true once any thinking went by; ``shown`` once any visible
+    non-space text was returned; ``closes`` (once decided) whether the reply closed thinking it
+    did not open, None while undecided. Leading space after thinking is dropped.
 
     >>> f = ThinkFilter()
     >>> [f.feed(p) for p in ["<th", "ink>plan: cite fig 1</thi", "nk>\\n\\nThe parser", " feeds it."]], f.close()
     (['', '', 'The parser', ' feeds it.'], '')
-    >>> f.thought, f.shown
-    (True, True)
+    >>> f.thought, f.shown, f.closes
+    (True, True, False)
+    >>> f = ThinkFilter()   # DeepSeek-R1: its template opened <think>; nothing streams before </think>
+    >>> [f.feed(p) for p in ["Okay, the user", " asks.\\n</th", "ink>\\n\\nIt feeds", " it."]], f.closes
+    (['', '', 'It feeds', ' it.'], True)
     """
 
-    def __init__(self):
-        self.inside = False
-        self.pending = ""  # text that may be the start of a tag
+    def __init__(self, closes: bool | None = None):
+        self.style = closes  # what the model was seen to do before (None: not known)
+        self.state = "start"  # start | inside | held | answer
+        self.pending = ""
         self.thought = False
         self.shown = False
-        self._after_think = False  # drop leading space right after a thinking block
+        self.closes: bool | None = None
+        self._after_think = False
 
     def feed(self, piece: str) -> str:
-        text = self.pending + (piece or "")
-        self.pending = ""
-        out = []
-        while text:
-            tags = CLOSE if self.inside else OPEN
-            lower = text.lower()
-            hits = [(lower.find(t), t) for t in tags if lower.find(t) >= 0]
-            if hits:
-                at, tag = min(hits)
-                if not self.inside:
-                    out.append(text[:at])
-                self.inside = not self.inside
-                self.thought = True
-                self._after_think = not self.inside
-                text = text[at + len(tag):]
-                continue
-            keep = _partial_tag(lower, tags)  # a tag may be cut at the end of this piece
-            body, self.pending = text[: len(text) - keep], text[len(text) - keep:]
-            if not self.inside:
-                out.append(body)
-            break
-        return self._visible("".join(out))
+        self.pending += piece or ""
+        return self._visible(self._step(final=False))
 
     def close(self) -> str:
-        rest, self.pending = ("" if self.inside else self.pending), ""
-        return self._visible(rest)
+        return self._visible(self._step(final=True))
+
+    def _step(self, final: bool) -> str:
+        text = self.pending
+        if self.state == "answer":
+            self.pending = ""
+            return text
+        if self.state == "start":
+            lead = text.lstrip().lower()
+            if not lead:
+                if final:
+                    self.pending, self.closes = "", False
+                return ""
+            if lead.startswith(OPEN):
+                tag = next(t for t in OPEN if lead.startswith(t))
+                self.state, self.thought = "inside", True
+                self.pending = text.lstrip()[len(tag):]
+                text = self.pending
+            elif any(t.startswith(lead) for t in OPEN) and not final:
+                return ""  # may still become an opening tag
+            else:
+                self.state = "held" if self.style is not False else "answer"
+                if self.state == "answer":
+                    self.closes = False
+                    return self._step(final)
+        if self.state == "inside":
+            found = _TAG.search(text)
+            while found and not found.group(0).startswith("</"):
+                found = _TAG.search(text, found.end())
+            if found:
+                self.state, self._after_think, self.pending = "answer", True, text[found.end():]
+                if self.closes is None:
+                    self.closes = False
+                return self._step(final)
+            keep = 0 if final else _partial_tag(text.lower(), CLOSE)
+            self.pending = "" if final else text[len(text) - keep:]
+            return ""
+        # held: a </think> nothing opened may come
+        bound = None if self.style else HOLD_CHARS
+        found = _TAG.search(text)
+        if found and not found.group(0).startswith("</"):
+            return self._release()  # the first tag opens: the answer's own text
+        if found and (bound is None or found.start() <= bound):
+            rest = text[found.end():].lstrip(" \t")
+            if not rest and not final:
+                return ""  # what follows the tag decides
+            if not rest or rest[0] in "\r\n":
+                self.state, self.thought, self.closes, self._after_think = "answer", True, True, True
+                self.pending = text[found.end():]
+                return self._step(final)
+            return self._release()
+        if final or (bound is not None and len(text) > bound + len(CLOSE[-1])):
+            return self._release()
+        return ""
+
+    def _release(self) -> str:
+        self.state, self.closes = "answer", False
+        return self._step(False)
 
     def _visible(self, text: str) -> str:
         if self._after_think or not self.shown:

@@ -338,3 +338,22 @@ def test_an_api_token_alone_also_closes_the_web_ui(tiny_clip_files, clip, passag
             assert browser.get("/config").status_code == 200
     finally:
         running.close()
+
+
+def test_streamed_answer_of_a_model_whose_template_opens_thinking(server, llm):
+    """DeepSeek-R1 behind the API: the stream carries the answer once, and none of the thinking."""
+    app, url, _ = server
+    from assistant.llm import LiteLLM
+
+    app.assistant.llm = LiteLLM(app.cfg["llm"])  # a process's first look at this model (a style is kept)
+    llm.mode, llm.rewrite = "ok", None
+    llm.pieces = ["Okay, the user asks about the blue panel.", "\n</think>\n\n", "Here {cite}."]
+    try:
+        with httpx.stream("POST", url + "/v1/chat/completions", headers={"Authorization": f"Bearer {TOKEN}"},
+                          json={"model": "mmrag", "stream": True, "messages": [
+                              {"role": "user", "content": "Which figure shows the blue panel?"}]}, timeout=120) as r:
+            events = [ln[len("data: "):] for ln in r.iter_lines() if ln.startswith("data: ")]
+    finally:
+        llm.pieces = None
+    text = "".join(json.loads(e)["choices"][0]["delta"].get("content", "") for e in events[:-1])
+    assert text.startswith("Here [") and text.count("Here [") == 1 and "Okay" not in text

@@ -349,11 +349,43 @@ def test_reasoning_model_that_only_thinks_or_opens_no_tag(llm_app, server):
     server.pieces, server.reasoning = [], [THOUGHT]  # the same behind a reasoning parser
     answer = llm_app.assistant.ask("What does the parser feed?")
     assert "only thought and gave no answer" in answer.error
-    # DeepSeek-R1's template opens <think> in the prompt: the reply only closes it
+    # DeepSeek-R1's template opens <think> in the prompt: the reply only closes it (another model)
+    use_model(llm_app, model="openai/r1-test")
     server.pieces, server.reasoning = [THOUGHT[:50], THOUGHT[50:] + "\n</think>\n\n", "The renderer {cite}."], []
     answer = llm_app.assistant.ask("What does the parser feed?")
     key = LLMServer.first_key(server.answers()[-1]["body"])
     assert answer.text == f"The renderer {key}." and [c.key for c in answer.citations] == [key]
+
+
+def test_thinking_opened_by_the_template_never_streams(llm_app, server):
+    """DeepSeek-R1 / Qwen3-Thinking-2507: the template opens <think>, the reply only closes it.
+    What streams (what the user reads while it streams) is the answer only, on the first reply
+    and, the style remembered, on a later one whose thinking is longer than the first hold."""
+    server.pieces = [THOUGHT[:50], THOUGHT[50:] + "\n</th", "ink>\n\n", "The renderer {cite}."]
+    events = list(llm_app.assistant.stream("What does the parser feed?"))
+    key = LLMServer.first_key(server.answers()[-1]["body"])
+    tokens = [v for k, v in events if k == "token"]
+    assert "".join(tokens) == events[-1][1].text == f"The renderer {key}."
+    server.pieces = [THOUGHT] * 80 + ["\n</think>\n\n", "The parser {cite}."]  # ~8,000 characters of thought
+    events = list(llm_app.assistant.stream("What does the parser feed?"))
+    assert "".join(v for k, v in events if k == "token") == events[-1][1].text == f"The parser {key}."
+
+
+def test_a_literal_think_tag_in_an_answer_or_question_is_kept(llm_app, server):
+    """An answer about reasoning models may name their tags: it is the answer, whole, with its
+    citation; a follow-up question naming the tag is searched for whole."""
+    for said in ("DeepSeek-R1 wraps its reasoning in <th", "R1 ends reasoning with </think> and then answers "):
+        server.pieces = [said, "ink> tags before answering {cite}." if said.endswith("<th") else "{cite}."]
+        events = list(llm_app.assistant.stream("How does R1 mark its reasoning?"))
+        key = LLMServer.first_key(server.answers()[-1]["body"])
+        answer, streamed = events[-1][1], "".join(v for k, v in events if k == "token")
+        assert answer.text == streamed == "".join(server.pieces).format(cite=key)
+        assert [c.key for c in answer.citations] == [key] and answer.note is None
+    history = [{"role": "user", "content": "What does the parser feed?"},
+               {"role": "assistant", "content": "The renderer [manual.pdf p.1 fig.1]."}]
+    server.pieces, server.rewrite = None, "What does the <think> tag in DeepSeek-R1 output mean?"
+    answer = llm_app.assistant.ask("and what does its <think> tag mean?", history=history)
+    assert answer.standalone == "What does the <think> tag in DeepSeek-R1 output mean?"
 
 
 @pytest.mark.parametrize("provider", ["openai", "ollama_chat"])

@@ -385,7 +385,10 @@ def api_router(app, auth: ApiAuth | None) -> APIRouter:
                     elif kind == "answer":
                         cites = citations(request, value)
                         full, streamed = compose(value, cites), "".join(sent)
-                        tail = full[len(streamed):] if full.startswith(streamed) else "\n\n" + full
+                        # only what was not streamed: the notes and sources after the answer (never the answer
+                        # again, even when the final text differs from the streamed one)
+                        tail = full[len(streamed):] if full.startswith(streamed) else \
+                            full[len(value.text):] if sent else full
                         if tail:
                             yield chunk(cid, created, {"content": tail})
                         yield chunk(cid, created, {}, "stop", citations=cites, standalone_question=value.standalone)
