@@ -113,8 +113,11 @@ def split_columns(words: list[tuple], page_width: float) -> list[Block] | None:
     if not (gutter[1] - gutter[0] >= height and gutter[0] <= mid + slack and gutter[1] >= mid - slack):
         return None
     for side in sides:
-        lines = {(w[5], w[6]): _union([v[:4] for v in side if v[5:7] == w[5:7]]) for w in side}
-        wide = sum(b[2] - b[0] >= COLUMN_LINE * page_width for b in lines.values())
+        by_line: dict[tuple, list] = {}  # one pass: each line's words' boxes
+        for w in side:
+            by_line.setdefault((w[5], w[6]), []).append(w[:4])
+        lines = [_union(boxes) for boxes in by_line.values()]
+        wide = sum(b[2] - b[0] >= COLUMN_LINE * page_width for b in lines)
         if len(lines) < 2 or 2 * wide < len(lines):
             return None
     return [words_block(left), words_block(right)]
