@@ -350,21 +350,30 @@ def _invisible_words(page: pymupdf.Page, tp: pymupdf.TextPage, words: list, bbox
     """The indices of ``words`` (displayed coordinates) a reader cannot see: set in white or
     near-white (``WHITE_TEXT``), fully transparent or invisible (render mode 3: MuPDF gives it
     alpha 0), or covered by a fill drawn after it (``covered_text`` of the page's ``bboxlog``),
-    where the rendered page shows no ink contrast (``MIN_INK_CONTRAST``) in the word's box:
-    white text on white paper (hidden keyword lists, template leftovers), text under a black
-    redaction box or a white-out. White text on a dark banner or photo is seen, and kept; so is
-    an invisible OCR layer over a scan's ink, or over text drawn as outlines, and text under a
-    see-through highlight. Pages without such text cost one look at the text's colours, no render."""
+    where the rendered page shows no colour contrast (``MIN_INK_CONTRAST`` levels in some RGB
+    channel) in the word's box: white text on white paper (hidden keyword lists, template
+    leftovers), text under a black redaction box or a white-out. White text on a dark banner, a
+    yellow or light-green one, or a photo is seen, and kept (judged in colour: in grey, white on
+    yellow is 255 against 227, and anti-aliasing at 72 dpi leaves too little); so is text under a
+    see-through highlight. Invisible or transparent text over an image is an OCR layer over its
+    scan: kept without a look at the pixels, since a faint scan's ink may show little contrast.
+    Pages without such text cost one look at the text's colours, no render."""
+    images = [r for kind, r in bboxlog if kind == "fill-image"]
+
+    def over_image(b) -> bool:
+        return any(r[0] < b[2] and b[0] < r[2] and r[1] < b[3] and b[1] < r[3] for r in images)
+
     suspect = [F.display_rect(page, s["bbox"]) for b in page.get_text("dict", textpage=tp)["blocks"]
                if b.get("type") == 0 for ln in b["lines"] for s in ln["spans"]
-               if s.get("alpha", 255) == 0 or min((s["color"] >> k) & 255 for k in (16, 8, 0)) >= 255 * WHITE_TEXT]
+               if (s.get("alpha", 255) == 0 and not over_image(s["bbox"]))
+               or min((s["color"] >> k) & 255 for k in (16, 8, 0)) >= 255 * WHITE_TEXT]
     suspect += [F.display_rect(page, r) for r in covered_text(bboxlog)]
     if not suspect:
         return set()
     zoom = render_zoom(page.rect.width, page.rect.height, 1.0)
-    pix = page.get_pixmap(matrix=pymupdf.Matrix(zoom, zoom), colorspace=pymupdf.csGRAY, alpha=False)
-    grey = np.frombuffer(pix.samples, np.uint8).reshape(pix.height, pix.stride)[:, : pix.width]
-    marked = np.zeros(grey.shape, bool)  # the suspect areas, in the render's pixels
+    pix = page.get_pixmap(matrix=pymupdf.Matrix(zoom, zoom), colorspace=pymupdf.csRGB, alpha=False)
+    rgb = np.frombuffer(pix.samples, np.uint8).reshape(pix.height, pix.stride)[:, : pix.width * 3].reshape(pix.height, pix.width, 3)
+    marked = np.zeros(rgb.shape[:2], bool)  # the suspect areas, in the render's pixels
     for r in suspect:
         marked[max(0, int(r.y0 * zoom)): int(r.y1 * zoom) + 1, max(0, int(r.x0 * zoom)): int(r.x1 * zoom) + 1] = True
     out = set()
@@ -372,8 +381,9 @@ def _invisible_words(page: pymupdf.Page, tp: pymupdf.TextPage, words: list, bbox
         cx, cy = int((w[0] + w[2]) / 2 * zoom), int((w[1] + w[3]) / 2 * zoom)
         if not (0 <= cy < marked.shape[0] and 0 <= cx < marked.shape[1] and marked[cy, cx]):
             continue
-        box = grey[max(0, int(w[1] * zoom)): int(w[3] * zoom) + 1, max(0, int(w[0] * zoom)): int(w[2] * zoom) + 1]
-        if not box.size or int(box.max()) - int(box.min()) < MIN_INK_CONTRAST:
+        box = rgb[max(0, int(w[1] * zoom)): int(w[3] * zoom) + 1, max(0, int(w[0] * zoom)): int(w[2] * zoom) + 1]
+        box = box.reshape(-1, 3).astype(np.int16)
+        if not box.size or int((box.max(0) - box.min(0)).max()) < MIN_INK_CONTRAST:
             out.add(n)
     return out
 

@@ -868,14 +868,60 @@ def test_white_transparent_and_covered_text_is_not_indexed_but_white_text_on_a_b
     page.draw_rect(pymupdf.Rect(70, 328, 330, 344), color=None, fill=(1, 1, 1))
     page.insert_text((72, 380), "Torque the bolts to 40 Nm.", fontsize=11)
     page.draw_rect(pymupdf.Rect(70, 368, 220, 384), color=None, fill=(1, 1, 0), fill_opacity=0.4)
+    # white labels on light banners (yellow, light green: in grey, barely lighter than white)
+    banners = []
+    for n, (fill, size) in enumerate([(f, z) for f in ((1, 1, 0), (0.6, 1, 0.6)) for z in (8, 10, 12)]):
+        y = 420 + 40 * n
+        page.draw_rect(pymupdf.Rect(60, y - 20, 552, y + 8), color=None, fill=fill)
+        banners.append(f"Banner {n} label: wear gloves.")
+        page.insert_text((72, y), banners[-1], fontsize=size, color=(1, 1, 1))
     doc.save(tmp_path / "white.pdf")
     rec = records(tmp_path / "white.pdf", cfg, render=False)[0]
     text = " ".join([c.text for c in rec.chunks] + [f.ocr_text for f in rec.figures])
     for hidden in ("marmoset", "ocelot", "invisible", "draft", "white words", "Quigley", "asbestos"):
         assert hidden not in text, text
     for shown in ("Pump maintenance schedule", "Safety notice: stop the pump first.", "Replace the gasket and", "check the seal.",
-                  "Claimant:", "Torque the bolts to 40 Nm."):
+                  "Claimant:", "Torque the bolts to 40 Nm.", *banners):
         assert shown in text, text
+
+
+def test_a_filled_square_annotation_hides_text_but_an_unapplied_redact_annotation_does_not(tmp_path, cfg):
+    """Annotations count as the viewer draws them: a filled Square annotation over a name hides
+    it like a drawn box; a Redact annotation only marked (not applied) shows the text outlined,
+    and the text stays searchable until the redaction is applied."""
+    doc = pymupdf.open()
+    page = doc.new_page()
+    page.insert_text((72, 72), "Claimant: Jonathan Quigley-Barnes", fontsize=11)
+    box = page.add_rect_annot(pymupdf.Rect(124, 60, 260, 76))
+    box.set_colors(stroke=(0, 0, 0), fill=(0, 0, 0))
+    box.update()
+    page.insert_text((72, 120), "Secret code ZEBRA-99 here", fontsize=11)
+    page.add_redact_annot(pymupdf.Rect(130, 108, 200, 124), fill=(0, 0, 0))
+    doc.save(tmp_path / "annots.pdf")
+    rec = records(tmp_path / "annots.pdf", cfg, render=False)[0]
+    text = " ".join([c.text for c in rec.chunks] + [f.ocr_text for f in rec.figures])
+    assert "Claimant:" in text and "Quigley" not in text, text
+    assert "ZEBRA-99" in text, text
+
+
+def test_an_invisible_ocr_layer_over_a_faint_scan_is_all_searchable(tmp_path, cfg):
+    """An OCR layer (invisible render mode 3, or fully transparent text) over a scan whose ink is
+    faint (light grey, small print) is the page's text: every word of it is kept, however little
+    contrast the scan shows under it."""
+    words = "The seal kit number is QX-4471 and the torque is forty newton metres today".split()
+    source = pymupdf.open()
+    page = source.new_page(width=612, height=792)
+    page.insert_text((72, 100), " ".join(words), fontsize=6, color=(0.85, 0.85, 0.85))
+    scan = page.get_pixmap(dpi=150).tobytes("png")
+    doc = pymupdf.open()
+    for invisible in ({"render_mode": 3}, {"fill_opacity": 0}):
+        page = doc.new_page(width=612, height=792)
+        page.insert_image(page.rect, stream=scan, keep_proportion=False)
+        page.insert_text((72, 100), " ".join(words), fontsize=6, **invisible)
+    doc.save(tmp_path / "faint.pdf")
+    for rec in records(tmp_path / "faint.pdf", cfg, render=False):
+        text = " ".join(c.text for c in rec.chunks).split()
+        assert text == words, (rec.page, text)
 
 
 def test_a_failing_hidden_text_check_keeps_the_page_text_with_a_warning(tmp_path, cfg, monkeypatch):
