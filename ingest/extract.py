@@ -322,24 +322,30 @@ MAX_COVER_PAIRS = 20_000_000  # fill x text-item comparisons a page may cost: fe
 
 def covered_text(log: list) -> list[tuple]:
     """Where fills drawn after text lie over it, from a page's bbox log (``get_bboxlog()``:
-    kind, box): the overlap of each path or image with each text item drawn before it. Text
-    there may be hidden (a redaction box, a white-out, a picture) or show through (a highlight):
-    the page's pixels decide. Only the first ``MAX_COVER_FILLS`` fills after text count (fewer
+    kind, box): the overlap of each path or image with each text item drawn before it (an image
+    drawn over invisible text, ``ignore-text``, is the scan of an OCR layer put under it: no
+    cover). Text there may be hidden (a redaction box, a white-out, a picture) or show through
+    (a highlight): the page's pixels decide. Only the first ``MAX_COVER_FILLS`` fills after text count (fewer
     on a text-dense page: ``MAX_COVER_PAIRS`` comparisons at most).
 
     >>> covered_text([("fill-text", (72, 60, 300, 75)), ("fill-path", (120, 58, 210, 77)), ("fill-text", (72, 90, 200, 105))])
     [(120.0, 60.0, 210.0, 75.0)]
+    >>> covered_text([("ignore-text", (72, 60, 300, 75)), ("fill-image", (0, 0, 612, 792)), ("fill-path", (120, 58, 210, 77))])
+    [(120.0, 60.0, 210.0, 75.0)]
     """
-    texts = [(n, r) for n, (kind, r) in enumerate(log) if kind in ("fill-text", "stroke-text")]
+    texts = [(n, r, kind == "ignore-text") for n, (kind, r) in enumerate(log) if kind in ("fill-text", "stroke-text", "ignore-text")]
     if not texts:
         return []
-    fills = [(n, r) for n, (kind, r) in enumerate(log) if n > texts[0][0] and kind in ("fill-path", "fill-image")]
-    t = np.array([r for _, r in texts], float).reshape(-1, 4)
-    order = np.array([n for n, _ in texts])
+    fills = [(n, kind, r) for n, (kind, r) in enumerate(log) if n > texts[0][0] and kind in ("fill-path", "fill-image")]
+    t = np.array([r for _, r, _ in texts], float).reshape(-1, 4)
+    order = np.array([n for n, _, _ in texts])
+    ocr_layer = np.array([i for _, _, i in texts])  # invisible text: an image over it is its scan, not a cover
     out: list[tuple] = []
-    for n, (x0, y0, x1, y1) in fills[:min(MAX_COVER_FILLS, MAX_COVER_PAIRS // len(texts))]:
+    for n, kind, (x0, y0, x1, y1) in fills[:min(MAX_COVER_FILLS, MAX_COVER_PAIRS // len(texts))]:
         box = np.stack([np.maximum(t[:, 0], x0), np.maximum(t[:, 1], y0), np.minimum(t[:, 2], x1), np.minimum(t[:, 3], y1)], 1)
         hit = (order < n) & (box[:, 2] > box[:, 0]) & (box[:, 3] > box[:, 1])
+        if kind == "fill-image":
+            hit &= ~ocr_layer
         out += [tuple(map(float, b)) for b in box[hit]]
         if len(out) > MAX_COVER_FILLS:
             break
