@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from .llm import LLMError, _litellm, describe_failure, rejects_system
+from .llm import LiteLLM, LLMError, _litellm, call_options, describe_failure, rejects_system
 from .prompt import fold_system, quote
 from .thinking import strip_thinking
 
@@ -99,6 +99,11 @@ class Describer:
         self.model: str | None = conn["model"]
         self.api_base: str | None = conn["api_base"]
         self.api_key_env: str | None = conn["api_key_env"]
+        # the context answers use for the same model (Ollama's num_ctx: one size, no reloads)
+        same = self.model == llm.get("model") and self.api_base == llm.get("api_base")
+        self._context = LiteLLM({"model": self.model, "api_base": self.api_base,
+                                 "context_tokens": llm.get("context_tokens") if same else None})
+        self.system_rejected = False  # the server's template refused the system role: fold it from now on
 
     @property
     def configured(self) -> bool:
@@ -123,14 +128,19 @@ class Describer:
         key = self._key()
         messages = describe_messages(figure_data_url(image_path, int(self.cfg["image_max_side"])), caption, context,
                                      doc)
+        if self.system_rejected:
+            messages = fold_system(messages)
+        options = call_options(self.model, self._context.context_tokens() if self._context.ollama else None)
         for attempt in (1, 2):
             try:
                 response = litellm.completion(model=self.model, messages=messages, api_base=self.api_base,
                                               api_key=key, temperature=0, max_tokens=self.cfg.get("max_tokens"),
-                                              timeout=self.cfg.get("timeout_s"), num_retries=0)
+                                              timeout=self.cfg.get("timeout_s"), num_retries=0, **options)
                 break
             except Exception as exc:
-                if attempt == 1 and rejects_system(getattr(exc, "status_code", None), str(exc)):
+                if attempt == 1 and not self.system_rejected and \
+                        rejects_system(getattr(exc, "status_code", None), str(exc)):
+                    self.system_rejected = True  # remembered, as answers do: later figures pay no refusal
                     messages = fold_system(messages)  # a template without a system role (Gemma's)
                     continue
                 raise LLMError(describe_failure(exc, self.model, key if key != "unused" else None)) from None

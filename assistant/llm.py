@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 import urllib.request
 from collections.abc import Iterator
 
@@ -189,6 +190,21 @@ def ollama_context(info: dict | None) -> int:
     return min([OLLAMA_DEFAULT_CONTEXT] + trained)
 
 
+def call_options(model: str | None, context: int | None) -> dict:
+    """The options every call to ``model`` sends, answers and figure descriptions alike: for
+    Ollama, ``num_ctx`` = ``context`` (the same on every call, so that Ollama neither cuts a prompt
+    from its start at its own default nor reloads the model for a new context size, ollama#9977;
+    it overrides the server's OLLAMA_CONTEXT_LENGTH); nothing for other servers.
+
+    >>> call_options("ollama_chat/qwen2.5vl", 8192), call_options("openai/vlm", 8192)
+    ({'num_ctx': 8192}, {})
+    """
+    return {"num_ctx": int(context)} if provider_of(model or "") in OLLAMA_PROVIDERS and context else {}
+
+
+SHOW_RETRY_S = 60.0  # a failed /api/show is asked again after this long
+
+
 def ollama_show(api_base: str | None, model: str, timeout: float = 5.0) -> dict | None:
     """What an Ollama server says about a model (``POST /api/show``: ``capabilities``,
     ``parameters``, ``model_info``); None when it cannot be asked."""
@@ -233,6 +249,7 @@ class LiteLLM:
         self.token_scale = 1.0  # the server's prompt tokens / mmrag's estimate, learnt from such a refusal
         self.closes_thinking: bool | None = None  # whether replies close thinking they did not open (R1's template)
         self._show: dict | None | bool = False  # Ollama's /api/show answer, asked once (False: not yet)
+        self._show_at = 0.0
 
     @property
     def configured(self) -> bool:
@@ -255,8 +272,9 @@ class LiteLLM:
         return provider_of(self.model or "") in OLLAMA_PROVIDERS
 
     def _ollama_info(self) -> dict | None:
-        if self._show is False:
-            self._show = ollama_show(self.cfg.get("api_base"), self.model)
+        # asked once; a failure (None) is asked again after SHOW_RETRY_S, not kept for the process
+        if self._show is False or (self._show is None and time.monotonic() - self._show_at > SHOW_RETRY_S):
+            self._show, self._show_at = ollama_show(self.cfg.get("api_base"), self.model), time.monotonic()
         return self._show or None
 
     def context_tokens(self) -> int | None:
@@ -309,8 +327,7 @@ class LiteLLM:
         args = dict(model=self.model, messages=messages, stream=stream, api_base=self.cfg.get("api_base"),
                     api_key=key, temperature=self.cfg.get("temperature"), max_tokens=self.cfg.get("max_tokens"),
                     timeout=self.cfg.get("timeout_s"), num_retries=0)
-        if self.ollama:  # Ollama's default context would silently cut the prompt's start
-            args["num_ctx"] = self.context_tokens()
+        args.update(call_options(self.model, self.context_tokens()))  # Ollama: num_ctx, on every call
         args.update(overrides)
         return _litellm().completion(**args)
 

@@ -188,6 +188,10 @@ class LLMServer:
                        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                                     "finish_reason": "stop"}],
                        "usage": {"prompt_tokens": 700 + n, "completion_tokens": 20, "total_tokens": 720 + n}}
+                if self.path.startswith("/api/chat"):  # ollama_chat/NAME, not streamed
+                    out = {"model": body["model"], "created_at": "2025-01-01T00:00:00Z", "done": True,
+                           "done_reason": "stop", "message": {"role": "assistant", "content": text},
+                           "prompt_eval_count": 700 + n, "eval_count": 20}
                 data = json.dumps(out).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")

@@ -75,12 +75,33 @@ def test_a_model_without_system_role_describes(server, tmp_path):
     server.template = "gemma"
     cfg = {"model": None, "api_base": None, "api_key_env": None, "image_max_side": 256, "max_tokens": 400,
            "timeout_s": 5}
-    got = Describer(cfg, llm(server)).describe(tmp_path / "f.png", "Figure 1: boxes.", "", "m.pdf")
+    describer = Describer(cfg, llm(server))
+    got = describer.describe(tmp_path / "f.png", "Figure 1: boxes.", "", "m.pdf")
     assert server.describe_refusals == ["System role not supported"]
     assert got.text == server.describes[-1]["reply"]
     [msg] = server.describes[-1]["body"]["messages"]
     assert msg["role"] == "user" and msg["content"][0]["text"].startswith(SYSTEM)
     assert msg["content"][-1]["type"] == "image_url"
+    describer.describe(tmp_path / "f.png", "Figure 1: boxes.", "", "m.pdf")  # remembered: no second refusal
+    assert server.describe_refusals == ["System role not supported"] and len(server.describes) == 2
+
+
+def test_ollama_descriptions_send_the_num_ctx_answers_send(server, tmp_path):
+    """Ollama cuts a prompt at its own default context and reloads the model at each change of
+    num_ctx (ollama#9977): descriptions and answers of one model ask for the same context."""
+    from assistant.describe import Describer
+    from assistant.llm import LiteLLM
+
+    (tmp_path / "f.png").write_bytes(pdfgen.png_bytes(color=(20, 90, 200)))
+    server.show_parameters = "num_ctx 16384"
+    chat = dict(llm(server), model="ollama_chat/qwen-test", api_base=server.ollama_base)
+    cfg = {"model": None, "api_base": None, "api_key_env": None, "image_max_side": 256, "max_tokens": 400,
+           "timeout_s": 5}
+    got = Describer(cfg, chat).describe(tmp_path / "f.png", "Figure 1: boxes.", "", "m.pdf")
+    assert got.text == server.describes[-1]["reply"]
+    assert server.describes[-1]["body"]["options"]["num_ctx"] == 16384
+    list(LiteLLM(chat).stream([{"role": "user", "content": "What does the parser feed?"}]))
+    assert server.answers()[-1]["body"]["options"]["num_ctx"] == 16384
 
 
 def test_ingest_describes_each_image_once_and_finds_figures_by_their_description(make_cfg, clip, passages, server,
