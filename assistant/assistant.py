@@ -12,7 +12,8 @@ from PIL import Image, UnidentifiedImageError
 
 from . import images as imaging
 from .llm import LiteLLM, LLMError
-from .prompt import (build_messages, clean_rewrite, estimate_image_tokens, fit_prompt, normalize_history,
+from .prompt import (build_messages, clean_rewrite, estimate_image_tokens, estimate_tokens, fit_prompt,
+                     image_data_url, normalize_history,
                      prompt_sources, prompt_tokens, rewrite_messages, standalone_question, trim_history)
 from .records import Answer, Hit, cited_refs, split_citations
 from .retrieve import Retriever
@@ -97,13 +98,23 @@ class Assistant:
         ask = question or ("What does the attached image show? Find material like it." if user_image is not None
                            else "Find material like the given figure.")
         error, parts = None, []
+        encoded: dict = {}  # each image encoded once per question, however often the prompt is fitted
+
+        def encode(image, side):
+            k = (id(image), os.fspath(image) if isinstance(image, (str, os.PathLike)) else None, side)
+            if k not in encoded:
+                encoded[k] = image_data_url(image, side)
+            return encoded[k]
+
+        history_need = sum(estimate_tokens(str(m.get("content", ""))) for m in turns)
         for attempt in (1, 2):
             pcfg = self._prompt_cfg(vision, user_image is not None)
             if vision and pcfg["max_images"] < self.cfg["llm"]["max_images"]:
                 note = self._image_limit_note(pcfg["max_images"])
             try:
                 messages, pcfg, cut = self._fit(lambda c: build_messages(ask, hits, turns, c, vision, user_image,
-                                                                         search_for), pcfg, hits, vision)
+                                                                         search_for, encode), pcfg, hits, vision,
+                                                history_need)
                 if cut:
                     note = "; ".join(n for n in (note, cut) if n)
                 for token in self.llm.stream(messages):
@@ -154,7 +165,8 @@ class Assistant:
             pcfg["max_images"] = max(0, min(pcfg["max_images"], self.llm.image_limit - int(user_image)))
         return pcfg
 
-    def _fit(self, build, pcfg: dict, hits: list[Hit], vision: bool) -> tuple[list[dict], dict, str | None]:
+    def _fit(self, build, pcfg: dict, hits: list[Hit], vision: bool,
+             history_need: int | None = None) -> tuple[list[dict], dict, str | None]:
         """(messages, the settings they were built with, a note when sources or earlier turns had
         to be left out): the prompt fitted to the model's context (:meth:`LiteLLM.context_tokens`),
         the reply's ``max_tokens`` kept free (at most half of it)."""
@@ -163,14 +175,15 @@ class Assistant:
             return build(pcfg), pcfg, None
         reply = min(int(pcfg.get("max_tokens") or 0), context // 2)
         messages, used = fit_prompt(build, pcfg, context - reply, estimate_image_tokens(pcfg["image_max_side"]),
-                                    self.llm.token_scale)
-        if used == pcfg:
+                                    self.llm.token_scale, history_need)
+        turns = min(pcfg["history_tokens"], history_need) if history_need is not None else pcfg["history_tokens"]
+        if used == dict(pcfg, history_tokens=turns):
             return messages, used, None
         (v0, p0), (v1, p1) = prompt_sources(hits, pcfg), prompt_sources(hits, used)
         left = [f"{len(p1)} of {len(p0)} passages" if len(p1) < len(p0) else "",
                 f"{len(v1)} of {len(v0)} figure images" if vision and len(v1) < len(v0) else "",
-                "no earlier turns" if used["history_tokens"] == 0 and pcfg["history_tokens"] else
-                "fewer earlier turns" if used["history_tokens"] < pcfg["history_tokens"] else ""]
+                "no earlier turns" if used["history_tokens"] == 0 and turns else
+                "fewer earlier turns" if used["history_tokens"] < turns else ""]  # only when turns were dropped
         where = "llm.context_tokens" if self.cfg["llm"].get("context_tokens") else \
             "as the server said" if self.llm.context_said else "num_ctx" if self.llm.ollama else "litellm's model table"
         return messages, used, (f"the prompt was cut to fit {self.llm.model}'s context of {context} tokens ({where}): "

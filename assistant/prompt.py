@@ -77,12 +77,22 @@ def prompt_tokens(messages: list[dict], image_tokens: int) -> int:
     return total
 
 
-def fit_prompt(build, cfg: dict, budget: int, image_tokens: int, scale: float = 1.0) -> tuple[list[dict], dict]:
+def fit_prompt(build, cfg: dict, budget: int, image_tokens: int, scale: float = 1.0,
+               history_need: int | None = None) -> tuple[list[dict], dict]:
     """The largest prompt ``build(cfg) -> messages`` makes that fits ``budget`` tokens (estimated
     by :func:`prompt_tokens`, times ``scale``), and the ``llm`` settings it was built with. Cut in
     this order: earlier turns (``history_tokens`` halved down to none; the question in full stays
     in the prompt), figure images down to one, passages down to two, the last image, passages
     down to one. A prompt that does not fit even then is returned as it is (the server decides).
+    ``history_need``: the tokens the earlier turns take (:func:`estimate_tokens`); the halving
+    starts there, and is skipped when there are none (no build wasted on turns that are not there).
+
+    >>> builds = []
+    >>> build2 = lambda c: builds.append(c["max_images"]) or [{"role": "user", "content": "p" * 350 * c["max_images"]}]
+    >>> _, used = fit_prompt(build2, {"history_tokens": 3000, "max_images": 4, "max_passages": 6}, 250, 0,
+    ...                      history_need=0)
+    >>> builds, used["max_images"]
+    ([4, 3, 2], 2)
 
     >>> build = lambda c: [{"role": "user", "content": "p" * 350 * c["max_passages"] + "h" * c["history_tokens"]}]
     >>> msgs, used = fit_prompt(build, {"history_tokens": 400, "max_images": 0, "max_passages": 6}, 350, 256)
@@ -90,6 +100,8 @@ def fit_prompt(build, cfg: dict, budget: int, image_tokens: int, scale: float = 
     (0, 3, True)
     """
     cfg = dict(cfg)
+    if history_need is not None:
+        cfg["history_tokens"] = min(cfg["history_tokens"], history_need)
     while True:
         messages = build(cfg)
         if prompt_tokens(messages, image_tokens) * scale <= budget:
@@ -319,14 +331,17 @@ def prompt_sources(hits: list[Hit], cfg: dict) -> tuple[list[Hit], list[Hit]]:
 
 
 def build_messages(question: str, hits: list[Hit], history: list[dict], cfg: dict, vision: bool,
-                   user_image=None, standalone: str | None = None) -> list[dict]:
+                   user_image=None, standalone: str | None = None, encode=None) -> list[dict]:
     """Chat messages: system prompt, trimmed history (text of earlier questions and answers, with
     their citation keys), then the question with its sources.
 
     With ``vision`` the user's attached image (``user_image``: a PIL image or path) goes first,
     marked as the user's, then the top figure/page images as ``image_url`` parts (base64 data
     URLs); without it the figures' captions and text stand in for them. ``standalone`` is the
-    follow-up rewritten with the conversation, shown to the model when it differs."""
+    follow-up rewritten with the conversation, shown to the model when it differs. ``encode``
+    (``image, max_side -> (data URL, size)``, default :func:`image_data_url`) lets a caller that
+    builds the prompt again (:func:`fit_prompt`) encode each image once."""
+    encode = encode or image_data_url
     visual, passages = prompt_sources(hits, cfg)
     lines = [f"Question: {question}"]
     if standalone and standalone.strip() != question.strip():
@@ -347,11 +362,11 @@ def build_messages(question: str, hits: list[Hit], history: list[dict], cfg: dic
     parts: list[dict] = [{"type": "text", "text": "\n".join(lines)}]
     if vision:
         if user_image is not None:
-            url, _ = image_data_url(user_image, cfg["image_max_side"])
+            url, _ = encode(user_image, cfg["image_max_side"])
             parts.append({"type": "text", "text": "The user's own image (attached to the question; not a source):"})
             parts.append({"type": "image_url", "image_url": {"url": url}})
         for h in visual:
-            url, _ = image_data_url(h.image, cfg["image_max_side"])
+            url, _ = encode(h.image, cfg["image_max_side"])
             parts.append({"type": "text", "text": f"Image of {quote(_describe(h))}:"})
             parts.append({"type": "image_url", "image_url": {"url": url}})
     return alternate_roles([{"role": "system", "content": SYSTEM}] + trim_history(history, cfg["history_tokens"])

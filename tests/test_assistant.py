@@ -518,6 +518,17 @@ def test_prompt_is_fitted_to_a_small_context(llm_app, server):
     assert "no earlier turns" in answer.note and "llm.context_tokens" in answer.note
 
 
+def test_a_first_question_cut_to_fit_names_no_earlier_turns(llm_app, server):
+    """With no conversation, a prompt cut to fit a small context drops figures or passages, and
+    the note does not say earlier turns were dropped (there were none)."""
+    use_model(llm_app, model="ollama_chat/qwen2.5vl-test", api_base=server.ollama_base, api_key_env=None,
+              context_tokens=1300, max_tokens=400)
+    answer = llm_app.assistant.ask("What does the parser feed in the diagram?")
+    req = server.answers()[-1]
+    assert server.prompt_tokens(req["body"]) <= 1300 - 400 and answer.error is None
+    assert "cut to fit" in answer.note and "earlier turns" not in answer.note
+
+
 def test_server_refusing_a_long_prompt_is_asked_again_with_one_that_fits(llm_app, server):
     """vLLM: 400 "This model's maximum context length is N tokens. However, you requested ...".
     Asked again once with the prompt fitted to N, remembered for later questions."""
