@@ -97,7 +97,7 @@ class Assistant:
             note = self._no_vision_note(user_image is not None)
         ask = question or ("What does the attached image show? Find material like it." if user_image is not None
                            else "Find material like the given figure.")
-        error, parts = None, []
+        error, parts, cut_note = None, [], None
         encoded: dict = {}  # each image encoded once per question, however often the prompt is fitted
 
         def encode(image, side):
@@ -112,12 +112,11 @@ class Assistant:
             if vision and pcfg["max_images"] < self.cfg["llm"]["max_images"]:
                 note = self._image_limit_note(pcfg["max_images"])
             try:
-                messages, pcfg, cut = self._fit(lambda c: build_messages(ask, hits, turns, c, vision, user_image,
+                messages, pcfg, cut, reply = self._fit(lambda c: build_messages(ask, hits, turns, c, vision, user_image,
                                                                          search_for, encode), pcfg, hits, vision,
                                                 history_need)
-                if cut:
-                    note = "; ".join(n for n in (note, cut) if n)
-                for token in self.llm.stream(messages):
+                cut_note = cut  # this attempt's only: a refit's note replaces the first one's
+                for token in self.llm.stream(messages, max_tokens=reply):
                     if not parts:
                         timings["first_token_ms"] = (time.perf_counter() - t0) * 1000
                     parts.append(token)
@@ -140,6 +139,7 @@ class Assistant:
                     continue
                 error = str(exc)
                 break
+        note = "; ".join(n for n in (note, cut_note) if n) or None
         text = "".join(parts).strip()  # the stream's thinking already removed (assistant.thinking)
         if error and not text:
             text = fallback_text(hits)
@@ -166,19 +166,23 @@ class Assistant:
         return pcfg
 
     def _fit(self, build, pcfg: dict, hits: list[Hit], vision: bool,
-             history_need: int | None = None) -> tuple[list[dict], dict, str | None]:
+             history_need: int | None = None) -> tuple[list[dict], dict, str | None, int | None]:
         """(messages, the settings they were built with, a note when sources or earlier turns had
-        to be left out): the prompt fitted to the model's context (:meth:`LiteLLM.context_tokens`),
-        the reply's ``max_tokens`` kept free (at most half of it)."""
+        to be left out, the reply's max_tokens to send): the prompt fitted to the model's context
+        (:meth:`LiteLLM.context_tokens`), the reply's ``max_tokens`` kept free (at most half of it),
+        and ``max_tokens`` sent no larger than the context less the prompt (a server such as vLLM
+        refuses a prompt plus max_tokens over its context); None: as configured."""
         context = self.llm.context_tokens() if self.llm.configured else None
         if not context:
-            return build(pcfg), pcfg, None
+            return build(pcfg), pcfg, None, None
         reply = min(int(pcfg.get("max_tokens") or 0), context // 2)
         messages, used = fit_prompt(build, pcfg, context - reply, estimate_image_tokens(pcfg["image_max_side"]),
                                     self.llm.token_scale, history_need)
         turns = min(pcfg["history_tokens"], history_need) if history_need is not None else pcfg["history_tokens"]
+        prompt = int(prompt_tokens(messages, estimate_image_tokens(pcfg["image_max_side"])) * self.llm.token_scale)
+        cap = max(1, min(int(pcfg.get("max_tokens") or context), context - prompt))
         if used == dict(pcfg, history_tokens=turns):
-            return messages, used, None
+            return messages, used, None, cap
         (v0, p0), (v1, p1) = prompt_sources(hits, pcfg), prompt_sources(hits, used)
         left = [f"{len(p1)} of {len(p0)} passages" if len(p1) < len(p0) else "",
                 f"{len(v1)} of {len(v0)} figure images" if vision and len(v1) < len(v0) else "",
@@ -187,7 +191,7 @@ class Assistant:
         where = "llm.context_tokens" if self.cfg["llm"].get("context_tokens") else \
             "as the server said" if self.llm.context_said else "num_ctx" if self.llm.ollama else "litellm's model table"
         return messages, used, (f"the prompt was cut to fit {self.llm.model}'s context of {context} tokens ({where}): "
-                                + ", ".join(x for x in left if x))
+                                + ", ".join(x for x in left if x)), cap
 
     def _image_limit_note(self, sent: int) -> str:
         return (f"{self.llm.model} takes at most {self.llm.image_limit} image(s) per request (the server's "

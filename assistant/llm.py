@@ -331,7 +331,7 @@ class LiteLLM:
         args.update(overrides)
         return _litellm().completion(**args)
 
-    def stream(self, messages: list[dict]) -> Iterator[str]:
+    def stream(self, messages: list[dict], max_tokens: int | None = None) -> Iterator[str]:
         """The reply's text, piece by piece, without a reasoning model's thinking (a separate
         reasoning field is never read; inline ``<think>…</think>`` is removed, see
         :mod:`assistant.thinking`). Raises LLMError (``images_rejected`` set when the server
@@ -340,7 +340,8 @@ class LiteLLM:
         for attempt in (1, 2):
             think, reasoned, sent = ThinkFilter(self.closes_thinking), False, self._roles(messages)
             try:
-                response = self._call(key, sent, stream=True)
+                response = self._call(key, sent, stream=True,
+                                      **({"max_tokens": max_tokens} if max_tokens else {}))
                 for chunk in response:
                     delta = chunk.choices[0].delta if chunk.choices else None
                     if delta is None:

@@ -545,6 +545,19 @@ def test_server_refusing_a_long_prompt_is_asked_again_with_one_that_fits(llm_app
     assert len(server.answers()) == 3
 
 
+def test_max_tokens_over_half_the_context_is_capped_after_a_refusal(llm_app, server):
+    """vLLM refuses a prompt plus max_tokens over its context: after the refusal that names it,
+    the question asked again sends max_tokens no larger than the context less the prompt, and the
+    answer carries only the second attempt's note."""
+    use_model(llm_app, max_tokens=1500)
+    server.max_context = 2048
+    answer = llm_app.assistant.ask("and what does it draw?", history=HISTORY)
+    sent = server.answers()
+    assert answer.error is None and len(sent) == 2
+    assert server.prompt_tokens(sent[1]["body"]) + sent[1]["body"]["max_tokens"] <= 2048
+    assert answer.note is None or answer.note.count("cut to fit") == 1
+
+
 def test_history_is_kept_within_its_budget():
     history = [{"role": "user", "content": "q" * 400}, {"role": "assistant", "content": "a" * 400},
                {"role": "user", "content": "recent question"}, {"role": "assistant", "content": "recent answer"}]
