@@ -59,7 +59,7 @@ def run_eval(cfg: dict, corpus: Path, queries_path: Path | None = None, run_out:
         if progress:
             progress.close()
         ingest_s = time.perf_counter() - t0
-        app.store.read_scans_now()  # a corpus above chroma.ef_search: every question searches the same way
+        app.library.store.read_scans_now()  # a corpus above chroma.ef_search: every question searches the same way
         failed = [r.message for r in results if r.status == "failed"]
         report = {"corpus": str(corpus), "queries": len(queries), "ingest_s": round(ingest_s, 1),
                   "failed": failed, "clip_model": app.library.clip.identity}

@@ -120,3 +120,38 @@ def test_list_and_remove_work_with_the_clip_checkpoint_gone(write_config, tiny_c
     assert out.returncode == 2 and "set clip.pretrained in config.yaml" in out.stderr and str(ckpt) in out.stderr
     assert mmrag("--config", config, "remove", "a.pdf").returncode == 0
     assert [d["doc"] for d in json.loads(mmrag("--config", config, "list", "--json").stdout)] == ["b.pdf"]
+
+
+def test_serve_starts_and_reads_the_exact_scans_of_a_large_library(write_config, tmp_path):
+    """`mmrag serve`, the README's main job, as a user starts it: on a library whose collections
+    are above chroma.ef_search it reads their exact scans at launch (before the first question),
+    answers HTTP, and stops cleanly on SIGTERM."""
+    import signal
+    import time
+    import urllib.request
+
+    from tests.conftest import free_port
+
+    port = free_port()
+    config = write_config(chroma={"ef_search": 4}, ui={"port": port})
+    doc = pdfgen.figure_doc(tmp_path / "figs.pdf", pages=6)  # 6 pages + their figures > 4 visual items
+    assert mmrag("--config", config, "ingest", "--quiet", doc).returncode == 0
+    proc = subprocess.Popen([sys.executable, "-m", "mmrag", "-v", "--config", str(config), "serve"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, page = time.monotonic() + 180, None
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as resp:
+                    page = resp.status, resp.read().decode("utf-8", "replace")
+                break
+            except OSError:
+                time.sleep(0.5)
+        assert page is not None, f"serve did not answer (exit {proc.poll()})"
+        assert page[0] == 200 and "gradio" in page[1].lower()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-2000:]
+    assert f"chat UI and API on http://127.0.0.1:{port}/" in out
+    assert "exact scan of the visual collection: reading" in err, err[-2000:]

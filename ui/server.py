@@ -138,5 +138,5 @@ def serve(cfg: dict) -> None:
     from mmrag.wiring import build
 
     app = build(cfg)
-    app.store.read_scans_now(wait=False)  # a large library's exact scans, read before the first question
+    app.library.store.read_scans_now(wait=False)  # a large library's exact scans, read before the first question
     launch(app)
