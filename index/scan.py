@@ -385,11 +385,21 @@ class Mirror:
             self._thread.start()
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Wait until a running build or catch-up is over; True when the scan is ready."""
+        """Wait until a running build or catch-up is over (at most ``timeout`` seconds; None:
+        no limit); True when the scan is ready."""
         thread = self._thread
         if thread is not None:
             thread.join(timeout)
         return self.ready() is not None
+
+    def settled(self, timeout: float | None = None) -> bool:
+        """Like ``wait``, but a scan that was never started counts as settled: True when the
+        scan is ready or no build was ever started (nothing to wait for); False when a read is
+        still running after ``timeout`` seconds, or failed."""
+        if self.wait(timeout):
+            return True
+        with self._lock:
+            return self.scan is None and self._thread is None
 
     def _run(self) -> None:
         while True:

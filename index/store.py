@@ -501,7 +501,7 @@ class Store:
 
     def wait_for_scans(self, timeout: float | None = None) -> bool:
         """Wait for the exact scans being read or catching up; True when every started one is ready."""
-        return all(m.wait(timeout) or m.scan is None and m._thread is None for m in self._mirrors.values())
+        return all(m.settled(timeout) for m in self._mirrors.values())
 
     def _nearest_in(self, col, which: str, vector, n: int, flt: Filter | None) -> list[Match]:
         if flt is None:
