@@ -82,6 +82,18 @@ def visual_from_chroma(id: str, meta: dict, document: str | None) -> VisualItem:
                       document or "")
 
 
+def stands_for(kind: str, source: str | None) -> str:
+    """What a passage stands for, from its stored ``kind`` and ``source`` (raw metadata values):
+    ``text`` for a chunk, its figure's kind for a figure passage (no source: ``text``). The one
+    place this rule lives: ``TextItem.stands_for`` and the exact scan's rows (which read 100k
+    items' metadata without building records) both use it; ``Filter.where`` states it for Chroma.
+
+    >>> stands_for("text", "ocr"), stands_for("figure_text", "raster"), stands_for("figure_text", "")
+    ('text', 'raster', 'text')
+    """
+    return "text" if kind == "text" else (source or "text")
+
+
 @dataclass(frozen=True)
 class TextItem:
     """A passage in the text collection: a chunk of a page's text, or a figure passage (caption
@@ -100,7 +112,7 @@ class TextItem:
     @property
     def stands_for(self) -> str:
         """The kind of result it stands for: ``text`` for a chunk, the figure's kind otherwise."""
-        return "text" if self.kind == "text" else self.source
+        return stands_for(self.kind, self.source)
 
     def to_chroma(self) -> tuple[str, dict, str]:
         meta = {"doc_sha": self.doc_sha, "doc": self.doc, "page": self.page, "kind": self.kind,

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
-from .records import Filter
+from .records import Filter, stands_for
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +109,9 @@ def chroma_scores(dots: np.ndarray) -> list[float]:
 
 def row_fields(which: str, meta: dict) -> tuple[str, str, str, int]:
     """What ``Filter`` tests of a stored item, from its Chroma metadata: (doc_sha, kind, label,
-    page), where kind is what the item is or stands for (a figure passage: its figure's kind,
-    as ``TextItem.stands_for``) and label is the zero-shot label of a visual item ("" for text).
+    page), where kind is what the item is or stands for (a figure passage: its figure's kind, by
+    ``records.stands_for``, the rule ``TextItem.stands_for`` uses) and label is the zero-shot
+    label of a visual item ("" for text).
 
     >>> row_fields("visual", {"doc_sha": "s", "kind": "vector", "label": "chart", "page": 3})
     ('s', 'vector', 'chart', 3)
@@ -121,8 +122,7 @@ def row_fields(which: str, meta: dict) -> tuple[str, str, str, int]:
     """
     if which == "visual":
         return meta["doc_sha"], meta["kind"], meta.get("label") or "", int(meta["page"])
-    kind = "text" if meta["kind"] == "text" else (meta.get("source") or "text")
-    return meta["doc_sha"], kind, "", int(meta["page"])
+    return meta["doc_sha"], stands_for(meta["kind"], meta.get("source")), "", int(meta["page"])
 
 
 class _Codes:
