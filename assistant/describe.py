@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from .llm import LiteLLM, LLMError, _litellm, call_options, describe_failure, rejects_system
+from .llm import LiteLLM, LLMError, _litellm, call_options, describe_failure, rejects_system, reply_in_reasoning
 from .prompt import fold_system, quote
 from .thinking import strip_thinking
 
@@ -145,6 +145,7 @@ class Describer:
                     continue
                 raise LLMError(describe_failure(exc, self.model, key if key != "unused" else None)) from None
         text = strip_thinking(response.choices[0].message.content or "") if response.choices else ""
+        text = text or reply_in_reasoning(response)  # vLLM's reasoning parser, thinking off: all of it there
         if not text:
             raise LLMError(f"LLM {self.model}: the describing model answered nothing")
         usage = getattr(response, "usage", None)

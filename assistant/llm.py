@@ -15,6 +15,7 @@ Whether the model is sent images (``llm.vision: auto``) is decided once per proc
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import time
@@ -22,8 +23,9 @@ import urllib.request
 from collections.abc import Iterator
 
 from .prompt import fold_system
-from .thinking import ThinkFilter
+from .thinking import ThinkFilter, answer_in_reasoning
 
+log = logging.getLogger(__name__)
 OLLAMA_PROVIDERS = ("ollama", "ollama_chat")
 OLLAMA_DEFAULT_BASE = "http://localhost:11434"
 
@@ -248,6 +250,7 @@ class LiteLLM:
         self.context_said: int | None = None  # the context a server said the model has, on refusing a prompt
         self.token_scale = 1.0  # the server's prompt tokens / mmrag's estimate, learnt from such a refusal
         self.closes_thinking: bool | None = None  # whether replies close thinking they did not open (R1's template)
+        self.answered_in_reasoning = False  # a reply came whole in the reasoning field (logged once)
         self._show: dict | None | bool = False  # Ollama's /api/show answer, asked once (False: not yet)
         self._show_at = 0.0
 
@@ -333,20 +336,28 @@ class LiteLLM:
 
     def stream(self, messages: list[dict], max_tokens: int | None = None) -> Iterator[str]:
         """The reply's text, piece by piece, without a reasoning model's thinking (a separate
-        reasoning field is never read; inline ``<think>…</think>`` is removed, see
-        :mod:`assistant.thinking`). Raises LLMError (``images_rejected`` set when the server
-        refused the image parts; a reply that was all thinking, or empty, is an error too)."""
+        reasoning field is never shown; inline ``<think>…</think>`` is removed, see
+        :mod:`assistant.thinking`). A reply whose server put all of it in the reasoning field and
+        ended it itself (vLLM's reasoning parser with thinking off,
+        :func:`assistant.thinking.answer_in_reasoning`) is the answer, yielded whole at the end.
+        Raises LLMError (``images_rejected`` set when the server refused the image parts; a reply
+        that was all thinking, or empty, is an error too)."""
         key = self._call_key()  # known before the call, so that its failure is masked
         for attempt in (1, 2):
-            think, reasoned, sent = ThinkFilter(self.closes_thinking), False, self._roles(messages)
+            think, sent = ThinkFilter(self.closes_thinking), self._roles(messages)
+            reasoning, content_seen, finish = [], False, None
             try:
                 response = self._call(key, sent, stream=True,
                                       **({"max_tokens": max_tokens} if max_tokens else {}))
                 for chunk in response:
-                    delta = chunk.choices[0].delta if chunk.choices else None
+                    choice = chunk.choices[0] if chunk.choices else None
+                    finish = getattr(choice, "finish_reason", None) or finish
+                    delta = getattr(choice, "delta", None)
                     if delta is None:
                         continue
-                    reasoned = reasoned or bool(getattr(delta, "reasoning_content", None))
+                    if getattr(delta, "reasoning_content", None):
+                        reasoning.append(delta.reasoning_content)  # kept, never shown, unless it is the answer
+                    content_seen = content_seen or bool(delta.content)
                     visible = think.feed(delta.content or "")
                     if visible:
                         yield visible
@@ -362,9 +373,16 @@ class LiteLLM:
                 if attempt == 1 and not think.shown and self._system_refused(exc, sent):
                     continue
                 raise self._error(exc, key, sent) from None
-        if not think.shown and (reasoned or think.thought):
+        if not think.shown and not think.thought:
+            answer = answer_in_reasoning("".join(reasoning), content_seen, finish)
+            if answer:  # vLLM's reasoning parser put the whole answer in the reasoning field
+                self._answer_in_reasoning()
+                yield answer
+                return
+        if not think.shown and (reasoning or think.thought):
             raise LLMError(f"LLM {self.model}: the model only thought and gave no answer "
-                           f"(its reply may have run out of llm.max_tokens while thinking)")
+                           + ("(its reply ran out of llm.max_tokens while thinking)" if finish == "length" else
+                              "(its reply may have run out of llm.max_tokens while thinking)"))
         if not think.shown:  # a stream that ended with no text (or only spaces): no answer, say so
             raise LLMError(f"LLM {self.model}: the model answered nothing (an empty reply)")
 
@@ -381,12 +399,23 @@ class LiteLLM:
                 text = think.feed(response.choices[0].message.content or "") + think.close()
                 if think.closes is not None:
                     self.closes_thinking = think.closes
+                if not text.strip() and not think.thought:
+                    text = reply_in_reasoning(response)
+                    if text:
+                        self._answer_in_reasoning()
                 return text.strip()
             except Exception as exc:
                 if attempt == 1 and self._system_refused(exc, sent):
                     continue
                 raise self._error(exc, key, sent) from None
         raise AssertionError("unreachable")
+
+    def _answer_in_reasoning(self) -> None:
+        if not self.answered_in_reasoning:
+            log.warning("%s: the server sent the whole reply as reasoning, with no answer text, and ended it "
+                        "itself (vLLM's reasoning parser with thinking switched off?); it is used as the answer",
+                        self.model)
+        self.answered_in_reasoning = True
 
     def _roles(self, messages: list[dict]) -> list[dict]:
         """The messages as this server's chat template takes them: the system text in the first
@@ -413,6 +442,17 @@ class LiteLLM:
                        detail, limit)
         err.context = context
         return err
+
+
+def reply_in_reasoning(response) -> str:
+    """The answer of a non-streamed litellm ``response`` whose text came in its reasoning field
+    (:func:`assistant.thinking.answer_in_reasoning`), else ""."""
+    choice = response.choices[0] if getattr(response, "choices", None) else None
+    message = getattr(choice, "message", None)
+    if message is None:
+        return ""
+    return answer_in_reasoning(getattr(message, "reasoning_content", None) or "", bool(message.content),
+                               getattr(choice, "finish_reason", None))
 
 
 def one_line(text: str, key: str | None = None, limit: int = 200) -> str:

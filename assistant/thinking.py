@@ -168,3 +168,40 @@ def _partial_tag(lower: str, tags: tuple[str, ...]) -> int:
                 best = n
                 break
     return best
+
+
+def answer_in_reasoning(reasoning: str, content_seen: bool, finish_reason: str | None) -> str:
+    """The answer a server handed over in its reasoning field, or "" when that field holds real
+    thinking (which is never shown).
+
+    vLLM's reasoning parsers (``deepseek_r1``; ``qwen3`` in some versions) count everything a
+    model writes before a ``</think>`` as reasoning. A reply with no ``</think>`` at all, because
+    thinking was switched off (Qwen3 with ``enable_thinking: false``, whose template closes the
+    thinking in the prompt) or the template opens none, comes back whole as ``reasoning_content``
+    with ``content`` null and ``finish_reason`` "stop" (vllm#17349, #19222, #19839, #40816). A
+    reply whose thinking was cut by ``max_tokens`` looks the same but for its finish reason. So
+    the reasoning text is the answer only when all of these hold:
+
+    - ``finish_reason`` is "stop": the model ended its turn itself; "length" (cut by max_tokens)
+      or an unknown reason is a reply that stopped mid-thought;
+    - ``content_seen`` is false: no content arrived at all, not even the blank line a model
+      writes after its ``</think>`` (a parser sends it as content), which would mean the thinking
+      closed and no answer followed;
+    - the reasoning text holds no closing tag of its own.
+
+    Inline tags at its start are removed as in :func:`strip_thinking`.
+
+    >>> answer_in_reasoning("The parser feeds the renderer [m.pdf p.2].", False, "stop")
+    'The parser feeds the renderer [m.pdf p.2].'
+    >>> answer_in_reasoning("The user asks about the parser. Let me", False, "length")   # cut while thinking
+    ''
+    >>> answer_in_reasoning("The user asks about the parser.", True, "stop")   # closed, then nothing
+    ''
+    >>> answer_in_reasoning("The user asks.\\n</think>", False, "stop"), answer_in_reasoning("A.", False, None)
+    ('', '')
+    """
+    if finish_reason != "stop" or content_seen or not (reasoning or "").strip():
+        return ""
+    if any(t in reasoning.lower() for t in CLOSE):
+        return ""
+    return strip_thinking(reasoning, closes=False)

@@ -37,7 +37,7 @@ class LLMServer:
         self.reply = "The diagram shows the parser feeding the renderer {cite}."
         self.error_message = "scripted failure {code}"  # what a failing reply says ({code} filled in)
         self.describes: list[dict] = []  # {"body", "reply"} per description request, in arrival order
-        self.describe_mode = "ok"  # ok | 500 | stall
+        self.describe_mode = "ok"  # ok | 500 | stall | reasoning (the description in reasoning_content, content null)
         self.describe_delay = 0.0
         self.describe_refusals: list[str] = []  # what description requests were refused with (``template``)
         self.describe_thinking = ""  # put before each description's text (a reasoning model's thinking)
@@ -51,6 +51,10 @@ class LLMServer:
         # parser and llama.cpp send it; Ollama: ``message.thinking``), also in non-streamed replies
         self.pieces: list[str] | None = None
         self.reasoning: list[str] = []
+        # how a reply ended (OpenAI API, streamed and not): "stop", or "length" for one cut by
+        # max_tokens; ``pieces == []`` with ``reasoning`` is a reply whose content never came (null),
+        # all of it in the reasoning field, as vLLM's reasoning parser sends Qwen3's with thinking off
+        self.finish_reason = "stop"
         # vLLM's refusals (OpenAI API only), a 400 as vLLM words it: ``image_limit`` images per
         # request at most (--limit-mm-per-prompt); ``template`` "mistral" (roles must alternate
         # user/assistant, starting with user; no empty answer) or "gemma" (alternate, no system role)
@@ -119,7 +123,7 @@ class LLMServer:
                 thinking = "".join(server.reasoning)
                 if not body.get("stream"):
                     text = server.rewrite if server.rewrite is not None else server.last_question(body)
-                    message = {"role": "assistant", "content": text}
+                    message = {"role": "assistant", "content": None if server.pieces == [] else text}
                     if thinking:
                         message["thinking" if ollama else "reasoning_content"] = thinking
                     return self._json(200, {"model": body.get("model"), "created_at": "2026-01-01T00:00:00Z",
@@ -127,7 +131,8 @@ class LLMServer:
                                       {"model": body.get("model"), "created_at": "2026-01-01T00:00:00Z",
                                        "message": message, "done": True, "done_reason": "stop"} if ollama else
                                       {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                                       "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+                                       "choices": [{"index": 0, "message": message,
+                                                    "finish_reason": server.finish_reason}],
                                        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
                 fill = dict(cite=server.first_key(body), fig=server.first_key(body, figure=True))
                 if server.pieces is not None:
@@ -135,7 +140,7 @@ class LLMServer:
                 else:
                     words = server.reply.format(**fill).split(" ")
                     pieces = [w + (" " if i < len(words) - 1 else "") for i, w in enumerate(words)]
-                pieces = [(True, p) for p in server.reasoning] + [(False, p) for p in pieces]
+                pieces = [(True, p.format(**fill)) for p in server.reasoning] + [(False, p) for p in pieces]
                 self.send_response(200)
                 self.send_header("Content-Type", "application/x-ndjson" if ollama else "text/event-stream")
                 self.end_headers()
@@ -164,7 +169,7 @@ class LLMServer:
                     self.wfile.write((json.dumps(end) + "\n").encode())
                 else:
                     end = {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": body["model"],
-                           "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+                           "choices": [{"index": 0, "delta": {}, "finish_reason": server.finish_reason}]}
                     self.wfile.write(f"data: {json.dumps(end)}\n\ndata: [DONE]\n\n".encode())
 
             def describe(self, body):
@@ -184,9 +189,11 @@ class LLMServer:
                 text = f"A vector diagram with two boxes; it shows the {server.describe_word(n)} component."
                 record["reply"] = text
                 text = server.describe_thinking + text
+                message = {"role": "assistant", "content": text}
+                if server.describe_mode == "reasoning":
+                    message = {"role": "assistant", "content": None, "reasoning_content": text}
                 out = {"id": "d", "object": "chat.completion", "created": 0, "model": body["model"],
-                       "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                    "finish_reason": "stop"}],
+                       "choices": [{"index": 0, "message": message, "finish_reason": server.finish_reason}],
                        "usage": {"prompt_tokens": 700 + n, "completion_tokens": 20, "total_tokens": 720 + n}}
                 if self.path.startswith("/api/chat"):  # ollama_chat/NAME, not streamed
                     out = {"model": body["model"], "created_at": "2025-01-01T00:00:00Z", "done": True,

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from assistant.llm import LiteLLM
+from assistant.llm import LiteLLM, LLMError
 from assistant.prompt import SYSTEM, build_messages, trim_history
 from mmrag.wiring import build
 from tests import pdfgen
@@ -48,7 +48,7 @@ def llm_app(shared_app, server):
     """The shared app with a fresh openai/test-vlm model (vision forced on) and a reset server."""
     os.environ["MMRAG_TEST_KEY"] = "sk-test-secret-123"
     server.mode, server.rewrite, server.capabilities = "ok", None, ["completion", "vision"]
-    server.pieces, server.reasoning = None, []
+    server.pieces, server.reasoning, server.finish_reason, server.describe_mode = None, [], "stop", "ok"
     server.image_limit, server.template = None, None
     server.max_context, server.ollama_num_ctx, server.show_parameters, server.context_length = None, 2048, "", 8192
     server.error_message = "scripted failure {code}"
@@ -350,14 +350,58 @@ def test_reasoning_model_that_only_thinks_or_opens_no_tag(llm_app, server):
     assert "only thought and gave no answer" in answer.error and "llm.max_tokens" in answer.error
     assert answer.text.startswith("No answer from the language model") and "<think>" not in answer.text
     server.pieces, server.reasoning = [], [THOUGHT]  # the same behind a reasoning parser
+    server.finish_reason = "length"
     answer = llm_app.assistant.ask("What does the parser feed?")
     assert "only thought and gave no answer" in answer.error
+    server.finish_reason = "stop"
     # DeepSeek-R1's template opens <think> in the prompt: the reply only closes it (another model)
     use_model(llm_app, model="openai/r1-test")
     server.pieces, server.reasoning = [THOUGHT[:50], THOUGHT[50:] + "\n</think>\n\n", "The renderer {cite}."], []
     answer = llm_app.assistant.ask("What does the parser feed?")
     key = LLMServer.first_key(server.answers()[-1]["body"])
     assert answer.text == f"The renderer {key}." and [c.key for c in answer.citations] == [key]
+
+
+def test_an_answer_sent_whole_as_reasoning_is_the_answer(llm_app, server, tmp_path):
+    """vLLM's reasoning parser (deepseek_r1; qwen3 in some versions) counts all a model writes
+    before a </think> as reasoning: Qwen3 with thinking off writes none, and its whole answer
+    comes as reasoning_content, content null, finish_reason "stop". The user gets that answer,
+    streamed or not (rewrite, figure description); real thinking never: a reply cut by max_tokens
+    ("length"), or one whose thinking closed (the blank line after </think> came as content) and
+    then stopped, is an error with the sources."""
+    from assistant.describe import Describer
+
+    server.pieces, server.reasoning = [], ["The parser feeds ", "the renderer {cite}."]
+    events = list(llm_app.assistant.stream("What does the parser feed?"))
+    key = LLMServer.first_key(server.answers()[-1]["body"])
+    answer = events[-1][1]
+    assert answer.error is None and [c.key for c in answer.citations] == [key]
+    assert answer.text == "".join(v for k, v in events if k == "token") == f"The parser feeds the renderer {key}."
+    server.reasoning = [THOUGHT[:40], THOUGHT[40:]]
+    for finish, pieces in (("length", []), ("stop", ["\n\n"])):
+        server.finish_reason, server.pieces = finish, pieces
+        answer = llm_app.assistant.ask("What does the parser feed?")
+        assert "only thought and gave no answer" in answer.error, finish
+        assert ("its reply ran out of llm.max_tokens" in answer.error) == (finish == "length")
+        assert answer.text.startswith("No answer from the language model") and "The user asks" not in answer.text
+    # not streamed: the follow-up rewrite ...
+    history = [{"role": "user", "content": "What does the parser feed?"},
+               {"role": "assistant", "content": "The renderer [manual.pdf p.1 fig.1]."}]
+    server.pieces, server.reasoning, server.rewrite = [], ["What does the renderer draw?"], "unused"
+    server.finish_reason = "stop"
+    assert llm_app.assistant.ask("and what does it draw?", history=history).standalone == "What does the renderer draw?"
+    server.finish_reason, server.reasoning = "length", ["They mean the renderer, so"]
+    assert "They mean" not in llm_app.assistant.ask("and what does it draw?", history=history).standalone
+    # ... and a figure description
+    (tmp_path / "f.png").write_bytes(pdfgen.png_bytes(color=(20, 90, 200)))
+    server.describe_mode, server.finish_reason = "reasoning", "stop"
+    cfg = {"model": None, "api_base": None, "api_key_env": None, "image_max_side": 256, "max_tokens": 400,
+           "timeout_s": 5}
+    describer = Describer(cfg, {"model": "openai/test-vlm", "api_base": server.api_base, "vision": True})
+    assert describer.describe(tmp_path / "f.png", "Figure 1: boxes.", "", "m.pdf").text == server.describes[-1]["reply"]
+    server.finish_reason = "length"
+    with pytest.raises(LLMError, match="answered nothing"):
+        describer.describe(tmp_path / "f.png", "Figure 1: boxes.", "", "m.pdf")
 
 
 def test_thinking_opened_by_the_template_never_streams(llm_app, server):
