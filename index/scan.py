@@ -19,6 +19,8 @@ Scores are Chroma's for its ``cosine`` space: 1 − (1 − cos) with the distanc
 from __future__ import annotations
 
 import atexit
+import ctypes
+import functools
 import logging
 import threading
 import time
@@ -58,6 +60,24 @@ def _watch(thread: threading.Thread) -> None:
         if not _THREADS:
             atexit.register(_stop_readers)
         _THREADS[:] = [t for t in _THREADS if t.is_alive()] + [thread]
+
+
+def release_freed_memory() -> None:
+    """Hand the heap memory a large read freed back to the system (glibc's ``malloc_trim(0)``).
+    A full read leaves glibc holding what Chroma's pages (float64 embeddings, metadata dicts)
+    took: ~111 MB at 100,000 items that the process keeps but never uses again. Does nothing
+    where the C library is not glibc."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl, macOS, Windows)
+        return None
 
 
 def _check_stop() -> None:
@@ -441,6 +461,7 @@ class Mirror:
 
         read_rows(col, self.which, scan, progress=progress)
         self._catch_up(col, scan)  # rows written while the pages were read (offsets shift)
+        release_freed_memory()
         self.build_s = round(time.perf_counter() - t0, 1)
         log.info("exact scan of the %s collection: %d vectors in %.1f s, %.0f MB", self.which, len(scan),
                  self.build_s, scan.nbytes / 1e6)
