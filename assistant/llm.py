@@ -20,7 +20,7 @@ import os
 import re
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from .prompt import fold_system
 from .thinking import ThinkFilter, answer_in_reasoning
@@ -238,9 +238,10 @@ def ollama_capabilities(info: dict | None) -> list[str] | None:
 
 class LiteLLM:
     """One configured model (``cfg`` is the ``llm`` config section). ``stream`` yields text;
-    ``complete`` returns a short reply; both raise LLMError."""
+    ``complete`` returns a short reply; both raise LLMError. ``clock`` (seconds, monotonic) times
+    the retry of a failed Ollama ``/api/show`` (after ``SHOW_RETRY_S``)."""
 
-    def __init__(self, cfg: dict):
+    def __init__(self, cfg: dict, clock: Callable[[], float] = time.monotonic):
         self.cfg = cfg
         self.model = cfg.get("model")  # litellm itself is imported on the first call (seconds)
         self._vision: bool | None = None  # decided on first use (vision: auto)
@@ -253,6 +254,7 @@ class LiteLLM:
         self.answered_in_reasoning = False  # a reply came whole in the reasoning field (logged once)
         self._show: dict | None | bool = False  # Ollama's /api/show answer, asked once (False: not yet)
         self._show_at = 0.0
+        self._clock = clock
 
     @property
     def configured(self) -> bool:
@@ -276,8 +278,8 @@ class LiteLLM:
 
     def _ollama_info(self) -> dict | None:
         # asked once; a failure (None) is asked again after SHOW_RETRY_S, not kept for the process
-        if self._show is False or (self._show is None and time.monotonic() - self._show_at > SHOW_RETRY_S):
-            self._show, self._show_at = ollama_show(self.cfg.get("api_base"), self.model), time.monotonic()
+        if self._show is False or (self._show is None and self._clock() - self._show_at > SHOW_RETRY_S):
+            self._show, self._show_at = ollama_show(self.cfg.get("api_base"), self.model), self._clock()
         return self._show or None
 
     def context_tokens(self) -> int | None:

@@ -66,6 +66,7 @@ class LLMServer:
         # its start, silently, as Ollama does (``truncated`` set in the request's record)
         self.max_context: int | None = None
         self.ollama_num_ctx = 2048
+        self.show_status = 200  # /api/show's status: 500 fails it (an Ollama still starting, a proxy in front)
         self.show_parameters = ""  # /api/show "parameters" (a Modelfile's, e.g. "num_ctx 4096")
         self.context_length = 8192  # /api/show model_info "test.context_length"
         server = self
@@ -91,6 +92,8 @@ class LLMServer:
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
                 if self.path.rstrip("/").endswith("/api/show"):
                     server.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
+                    if server.show_status != 200:
+                        return self._json(server.show_status, {"error": "scripted /api/show failure"})
                     info = {"modelfile": "", "details": {"family": "test"}, "parameters": server.show_parameters,
                             "model_info": {"test.context_length": server.context_length}}
                     if server.capabilities is not None:

@@ -546,6 +546,37 @@ def test_ollama_gets_a_context_that_holds_the_prompt(llm_app, server):
     assert req["body"]["options"]["num_ctx"] == 3000 and not req["truncated"]
 
 
+def test_a_failed_ollama_show_is_asked_again_after_a_minute_not_before(llm_app, server):
+    """An Ollama that fails /api/show (still starting, a proxy in front) leaves mmrag asking for
+    its default num_ctx (8192 tokens); it is asked again SHOW_RETRY_S (60 s) later, not on every
+    question and not never: then the Modelfile's num_ctx is sent. The clock is the model's own."""
+    from assistant.llm import OLLAMA_DEFAULT_CONTEXT, SHOW_RETRY_S
+
+    now = [1000.0]
+    server.show_status, server.show_parameters = 500, "num_ctx 4096"
+    llm_app.cfg["llm"].update(model="ollama_chat/qwen2.5vl-test", api_base=server.ollama_base, api_key_env=None)
+    llm_app.assistant.llm = LiteLLM(llm_app.cfg["llm"], clock=lambda: now[0])
+
+    def ask() -> tuple[int, int]:
+        """(num_ctx the answer was asked with, /api/show requests so far)"""
+        assert llm_app.assistant.ask("What does the parser feed?").error is None
+        shows = sum(r["path"].endswith("/api/show") and not r["headers"].get("User-Agent", "").startswith("litellm")
+                    for r in server.requests)  # mmrag's own (litellm asks too, for its model info)
+        return server.answers()[-1]["body"]["options"]["num_ctx"], shows
+
+    try:
+        assert ask() == (OLLAMA_DEFAULT_CONTEXT, 1)  # failed: the default, asked once
+        server.show_status = 200  # the server is up now
+        now[0] += SHOW_RETRY_S - 1
+        assert ask() == (OLLAMA_DEFAULT_CONTEXT, 1)  # within the minute: not asked again
+        now[0] += 2
+        assert ask() == (4096, 2)  # past it: asked again, the Modelfile's num_ctx sent
+        now[0] += 10 * SHOW_RETRY_S
+        assert ask() == (4096, 2)  # an answer is kept for the process
+    finally:
+        server.show_status = 200
+
+
 def test_prompt_is_fitted_to_a_small_context(llm_app, server):
     """llm.context_tokens set small (a model served with a short context): the prompt is cut to
     fit with room for the reply, earlier turns first, and the note says what was left out."""
