@@ -176,10 +176,9 @@ class Assistant:
         if not context:
             return build(pcfg), pcfg, None, None
         reply = min(int(pcfg.get("max_tokens") or 0), context // 2)
-        messages, used = fit_prompt(build, pcfg, context - reply, estimate_image_tokens(pcfg["image_max_side"]),
-                                    self.llm.token_scale, history_need)
+        messages, used, prompt = fit_prompt(build, pcfg, context - reply, estimate_image_tokens(pcfg["image_max_side"]),
+                                            self.llm.token_scale, history_need)
         turns = min(pcfg["history_tokens"], history_need) if history_need is not None else pcfg["history_tokens"]
-        prompt = int(prompt_tokens(messages, estimate_image_tokens(pcfg["image_max_side"])) * self.llm.token_scale)
         cap = max(1, min(int(pcfg.get("max_tokens") or context), context - prompt))
         if used == dict(pcfg, history_tokens=turns):
             return messages, used, None, cap

@@ -78,9 +78,10 @@ def prompt_tokens(messages: list[dict], image_tokens: int) -> int:
 
 
 def fit_prompt(build, cfg: dict, budget: int, image_tokens: int, scale: float = 1.0,
-               history_need: int | None = None) -> tuple[list[dict], dict]:
+               history_need: int | None = None) -> tuple[list[dict], dict, int]:
     """The largest prompt ``build(cfg) -> messages`` makes that fits ``budget`` tokens (estimated
-    by :func:`prompt_tokens`, times ``scale``), and the ``llm`` settings it was built with. Cut in
+    by :func:`prompt_tokens`, times ``scale``), the ``llm`` settings it was built with, and its
+    tokens as measured (``prompt_tokens × scale``, rounded down: no second count needed). Cut in
     this order: earlier turns (``history_tokens`` halved down to none; the question in full stays
     in the prompt), figure images down to one, passages down to two, the last image, passages
     down to one. A prompt that does not fit even then is returned as it is (the server decides).
@@ -89,23 +90,27 @@ def fit_prompt(build, cfg: dict, budget: int, image_tokens: int, scale: float = 
 
     >>> builds = []
     >>> build2 = lambda c: builds.append(c["max_images"]) or [{"role": "user", "content": "p" * 350 * c["max_images"]}]
-    >>> _, used = fit_prompt(build2, {"history_tokens": 3000, "max_images": 4, "max_passages": 6}, 250, 0,
-    ...                      history_need=0)
-    >>> builds, used["max_images"]
-    ([4, 3, 2], 2)
+    >>> _, used, tokens = fit_prompt(build2, {"history_tokens": 3000, "max_images": 4, "max_passages": 6}, 250, 0,
+    ...                              history_need=0)
+    >>> builds, used["max_images"], tokens
+    ([4, 3, 2], 2, 204)
+    >>> _, used, tokens = fit_prompt(build2, used, 250, 0, scale=1.5)   # a server that counts 1.5× more
+    >>> used["max_images"], tokens
+    (1, 156)
 
     >>> build = lambda c: [{"role": "user", "content": "p" * 350 * c["max_passages"] + "h" * c["history_tokens"]}]
-    >>> msgs, used = fit_prompt(build, {"history_tokens": 400, "max_images": 0, "max_passages": 6}, 350, 256)
-    >>> used["history_tokens"], used["max_passages"], prompt_tokens(msgs, 256) <= 350
-    (0, 3, True)
+    >>> msgs, used, tokens = fit_prompt(build, {"history_tokens": 400, "max_images": 0, "max_passages": 6}, 350, 256)
+    >>> used["history_tokens"], used["max_passages"], tokens, tokens == prompt_tokens(msgs, 256) <= 350
+    (0, 3, 304, True)
     """
     cfg = dict(cfg)
     if history_need is not None:
         cfg["history_tokens"] = min(cfg["history_tokens"], history_need)
     while True:
         messages = build(cfg)
-        if prompt_tokens(messages, image_tokens) * scale <= budget:
-            return messages, cfg
+        measured = prompt_tokens(messages, image_tokens) * scale
+        if measured <= budget:
+            return messages, cfg, int(measured)
         if cfg["history_tokens"] > 0:
             cfg["history_tokens"] = cfg["history_tokens"] // 2 if cfg["history_tokens"] > 100 else 0
         elif cfg["max_images"] > 1:
@@ -117,7 +122,7 @@ def fit_prompt(build, cfg: dict, budget: int, image_tokens: int, scale: float = 
         elif cfg["max_passages"] > 1:
             cfg["max_passages"] -= 1
         else:
-            return messages, cfg
+            return messages, cfg, int(measured)
 
 
 def message_text(content) -> str:
