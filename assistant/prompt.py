@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import base64
+import io
+import math
 import os
 import re
+
+from PIL import Image
 
 from . import images as imaging
 from .records import Hit
@@ -50,34 +55,82 @@ def estimate_tokens(text: str) -> int:
     return len(text) // 4 + 1
 
 
+IMAGE_PATCH = 28  # px per side of one image token (Qwen2-VL / Qwen2.5-VL: 14 px patches merged 2×2)
+IMAGE_MIN_TOKENS = 256  # what one image costs at least (Gemma 3: 256 a picture; GPT-4o: 255 a 512 px tile)
+
+
+def image_tokens(width: int, height: int) -> int:
+    """Tokens one image of ``width`` × ``height`` pixels (as sent) costs a model, cautiously: one
+    per 28×28 pixels, each side rounded up to a multiple of 28, as Qwen2-VL's and Qwen2.5-VL's
+    image processor counts it (``smart_resize``: 14 px patches merged 2×2), and at least 256 for
+    models that pay a fixed price per image (Gemma 3: 256; GPT-4o: 85 + 170 per 512 px tile).
+    A model with a higher fixed price (LLaVA-1.5: 576) costs more for images under about 670 px a
+    side; a server that then refuses the prompt says its context, and the prompt is fitted again.
+
+    >>> image_tokens(1024, 1024), image_tokens(1024, 300), image_tokens(200, 150)
+    (1369, 407, 256)
+    """
+    return max(IMAGE_MIN_TOKENS, math.ceil(width / IMAGE_PATCH) * math.ceil(height / IMAGE_PATCH))
+
+
 def estimate_image_tokens(max_side: int) -> int:
-    """Tokens one image of at most ``max_side`` pixels may cost a model: one per 28×28 pixels (as
-    Qwen2.5-VL counts; LLaVA's 576 and GPT-4o's 765 for a 1024 px image are below), at least 256.
+    """Tokens one image of at most ``max_side`` pixels a side may cost (:func:`image_tokens` of a
+    square that size): the price of an image whose size is not known.
 
     >>> estimate_image_tokens(1024), estimate_image_tokens(256)
     (1369, 256)
     """
-    return max(256, (max_side // 28 + 1) ** 2)
+    return image_tokens(max_side, max_side)
 
 
-def prompt_tokens(messages: list[dict], image_tokens: int) -> int:
+def data_url_size(url: str) -> tuple[int, int] | None:
+    """The pixel size of the PNG or JPEG in a ``data:`` URL, read from its header (the first 3 KB,
+    never the whole image); None for any other URL or an unreadable image.
+
+    >>> data_url_size(imaging.data_url(Image.new("RGB", (300, 120), "white"), 1024)[0])
+    (300, 120)
+    >>> data_url_size("https://example.org/figure.png") is None
+    True
+    """
+    if not url.startswith("data:") or "," not in url:
+        return None
+    b64 = url.split(",", 1)[1]
+    for length in (4096, len(b64)):  # the header; the whole image when the header is longer
+        try:
+            with Image.open(io.BytesIO(base64.b64decode(b64[:length - length % 4]))) as im:
+                return im.size
+        except Exception:
+            continue
+    return None
+
+
+def prompt_tokens(messages: list[dict], image_tokens_each: int) -> int:
     """A cautious estimate of a chat prompt's tokens: 3.5 characters of text a token (prose in
-    English is nearer 4; code, numbers and other languages fewer), ``image_tokens`` per image part,
-    a few per message.
+    English is nearer 4; code, numbers and other languages fewer), a few per message, and per
+    image part :func:`image_tokens` of the image's size as encoded (``data:`` URLs), else
+    ``image_tokens_each`` (the estimate for an image of unknown size).
 
+    >>> small = imaging.data_url(Image.new("RGB", (800, 600), "white"), 1024)[0]   # 29 × 22 tokens
     >>> prompt_tokens([{"role": "user", "content": [{"type": "text", "text": "x" * 700},
-    ...                                             {"type": "image_url", "image_url": {"url": "data:"}}]}], 256)
-    460
+    ...                                             {"type": "image_url", "image_url": {"url": small}},
+    ...                                             {"type": "image_url", "image_url": {"url": "https://x/y.png"}}]}],
+    ...               1369)
+    2211
     """
     total = 0
     for m in messages:
         parts = _parts(m.get("content"))
         chars = sum(len(p.get("text") or "") for p in parts if p.get("type") == "text")
-        total += 4 + int(chars / 3.5) + image_tokens * sum(p.get("type") == "image_url" for p in parts)
+        total += 4 + int(chars / 3.5)
+        for p in parts:
+            if p.get("type") == "image_url":
+                url = p.get("image_url")
+                size = data_url_size(str(url.get("url") if isinstance(url, dict) else url or ""))
+                total += image_tokens(*size) if size else image_tokens_each
     return total
 
 
-def fit_prompt(build, cfg: dict, budget: int, image_tokens: int, scale: float = 1.0,
+def fit_prompt(build, cfg: dict, budget: int, image_tokens_each: int, scale: float = 1.0,
                history_need: int | None = None) -> tuple[list[dict], dict, int]:
     """The largest prompt ``build(cfg) -> messages`` makes that fits ``budget`` tokens (estimated
     by :func:`prompt_tokens`, times ``scale``), the ``llm`` settings it was built with, and its
@@ -108,7 +161,7 @@ def fit_prompt(build, cfg: dict, budget: int, image_tokens: int, scale: float = 
         cfg["history_tokens"] = min(cfg["history_tokens"], history_need)
     while True:
         messages = build(cfg)
-        measured = prompt_tokens(messages, image_tokens) * scale
+        measured = prompt_tokens(messages, image_tokens_each) * scale
         if measured <= budget:
             return messages, cfg, int(measured)
         if cfg["history_tokens"] > 0:

@@ -604,6 +604,18 @@ def test_a_first_question_cut_to_fit_names_no_earlier_turns(llm_app, server):
     assert "cut to fit" in answer.note and "earlier turns" not in answer.note
 
 
+def test_small_figures_cost_their_own_size_in_the_context(llm_app, server):
+    """A figure image costs the tokens of its size as sent (one per 28×28 pixels, at least 256),
+    not of llm.image_max_side: small figures in a small context are all shown, where pricing each
+    at 1024 px (1,369 tokens) would leave them out."""
+    use_model(llm_app, image_max_side=1024, max_images=3, context_tokens=3000, max_tokens=400)
+    answer = llm_app.assistant.ask("What does the parser feed in the diagram?")
+    sizes = [im.size for im in server.images()]
+    assert len(sizes) == 3 and all(max(s) < 700 for s in sizes)  # the figures, as small as they are
+    assert server.prompt_tokens(server.answers()[-1]["body"]) <= 3000 - 400
+    assert answer.error is None and answer.note is None  # nothing left out
+
+
 def test_server_refusing_a_long_prompt_is_asked_again_with_one_that_fits(llm_app, server):
     """vLLM: 400 "This model's maximum context length is N tokens. However, you requested ...".
     Asked again once with the prompt fitted to N, remembered for later questions."""
