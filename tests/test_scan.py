@@ -247,3 +247,63 @@ def test_memory_a_large_read_freed_goes_back_to_the_system():
     release_freed_memory()
     assert held - _rss_mb() > 100, (held, _rss_mb())
     assert live[:1] == b"y"
+
+
+def _metas(ids: range) -> list[dict]:
+    kinds = ("page", "vector", "raster")
+    return [{"doc_sha": DOCS[i // 3 % 3], "kind": kinds[i % 3], "label": ("chart", "photo")[i // 9 % 2],
+             "page": 1 + i % 5} for i in ids]
+
+
+@pytest.mark.parametrize("shape", ["spread", "shared_part", "ties"])
+def test_the_int8_first_pass_gives_the_float32_products_answer(shape, monkeypatch):
+    """Above COARSE_MIN_ROWS a query first scores every row in int8 and reads in float32 only
+    the rows whose error bound can reach the top n: the answer (ids, scores, order of ties) is
+    the full float32 product's, for spread-out vectors, vectors sharing a large common part (as
+    CLIP embeddings do), and exact ties (the same figure stored twice), under filters, through
+    added, replaced and dropped rows and a compaction."""
+    import index.scan as scan_module
+
+    rng = np.random.default_rng({"spread": 1, "shared_part": 2, "ties": 3}[shape])
+    rows, dim = 6000, 48
+    vecs = rng.standard_normal((rows, dim)).astype(np.float32)
+    if shape == "shared_part":  # pairwise cosine ~0.9
+        vecs = (3 * rng.standard_normal(dim) + vecs).astype(np.float32)
+    if shape == "ties":
+        vecs[::7] = vecs[1::7][: len(vecs[::7])] if len(vecs[1::7]) >= len(vecs[::7]) else vecs[::7]
+    scan = scan_module.ExactScan("visual", dim)
+    for start in range(0, rows, 2000):  # as a read adds them: the int8 copy starts at COARSE_MIN_ROWS
+        scan.add([f"v{i}" for i in range(start, start + 2000)], _metas(range(start, start + 2000)),
+                 vecs[start:start + 2000])
+    assert scan.codes is not None
+    filters = [None, Filter.of(DOCS[1:], ["vector", "page"], ["chart", ""]), Filter.of(DOCS[:1], None, None)]
+
+    def both(q, n, flt):
+        fast = scan.nearest(q, n, flt)
+        with monkeypatch.context() as m:
+            m.setattr(scan_module, "COARSE_MIN_ROWS", 10 ** 9)
+            plain = scan.nearest(q, n, flt)
+        return fast, plain
+
+    def check(queries):
+        for q in queries:
+            for n in (1, 10, 50):
+                for flt in filters:
+                    fast, plain = both(q, n, flt)
+                    assert fast == plain
+                    assert len(fast) == n
+
+    queries = list(rng.standard_normal((8, dim)).astype(np.float32)) + [vecs[5], vecs[7 * 40]]
+    if shape == "shared_part":
+        queries = [q + 3 * vecs.mean(axis=0) for q in queries[:8]] + queries[8:]
+    check(queries)
+    answered = scan.first_pass["answered"]
+    assert answered >= len(queries) * 3 * 3 // 2  # it narrowed most queries (else it tested nothing)
+
+    # replace some rows, add new ones, drop enough to compact: the copy follows
+    scan.add([f"v{i}" for i in range(0, 300)], _metas(range(300)), rng.standard_normal((300, dim)).astype(np.float32))
+    scan.add([f"n{i}" for i in range(500)], _metas(range(500)), vecs[:500] * 2)  # ties with stored rows
+    assert scan.drop([f"v{i}" for i in range(1000, 2700)]) == 1700
+    assert len(scan.ids) < rows + 500  # compacted
+    check(queries)
+    assert scan.first_pass["answered"] > answered
