@@ -55,6 +55,7 @@ class LLMServer:
         # max_tokens; ``pieces == []`` with ``reasoning`` is a reply whose content never came (null),
         # all of it in the reasoning field, as vLLM's reasoning parser sends Qwen3's with thinking off
         self.finish_reason = "stop"
+        self.reasoning_field = "reasoning_content"  # or "reasoning", as vLLM names it since 0.10
         # vLLM's refusals (OpenAI API only), a 400 as vLLM words it: ``image_limit`` images per
         # request at most (--limit-mm-per-prompt); ``template`` "mistral" (roles must alternate
         # user/assistant, starting with user; no empty answer) or "gemma" (alternate, no system role)
@@ -128,7 +129,7 @@ class LLMServer:
                     text = server.rewrite if server.rewrite is not None else server.last_question(body)
                     message = {"role": "assistant", "content": None if server.pieces == [] else text}
                     if thinking:
-                        message["thinking" if ollama else "reasoning_content"] = thinking
+                        message["thinking" if ollama else server.reasoning_field] = thinking
                     return self._json(200, {"model": body.get("model"), "created_at": "2026-01-01T00:00:00Z",
                                             "response": text, "done": True, "done_reason": "stop"} if self.path == "/api/generate" else
                                       {"model": body.get("model"), "created_at": "2026-01-01T00:00:00Z",
@@ -156,7 +157,7 @@ class LLMServer:
                                 "message": {"role": "assistant", **({"content": "", "thinking": piece} if reasoning
                                                                      else {"content": piece})}}
                     else:
-                        delta = {"content": None, "reasoning_content": piece} if reasoning else {"content": piece}
+                        delta = {"content": None, server.reasoning_field: piece} if reasoning else {"content": piece}
                         line = {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": body["model"],
                                 "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
                     self.wfile.write((json.dumps(line) + "\n").encode() if ollama else f"data: {json.dumps(line)}\n\n".encode())
@@ -194,7 +195,7 @@ class LLMServer:
                 text = server.describe_thinking + text
                 message = {"role": "assistant", "content": text}
                 if server.describe_mode == "reasoning":
-                    message = {"role": "assistant", "content": None, "reasoning_content": text}
+                    message = {"role": "assistant", "content": None, server.reasoning_field: text}
                 out = {"id": "d", "object": "chat.completion", "created": 0, "model": body["model"],
                        "choices": [{"index": 0, "message": message, "finish_reason": server.finish_reason}],
                        "usage": {"prompt_tokens": 700 + n, "completion_tokens": 20, "total_tokens": 720 + n}}

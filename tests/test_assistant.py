@@ -49,6 +49,7 @@ def llm_app(shared_app, server):
     os.environ["MMRAG_TEST_KEY"] = "sk-test-secret-123"
     server.mode, server.rewrite, server.capabilities = "ok", None, ["completion", "vision"]
     server.pieces, server.reasoning, server.finish_reason, server.describe_mode = None, [], "stop", "ok"
+    server.reasoning_field = "reasoning_content"
     server.image_limit, server.template = None, None
     server.max_context, server.ollama_num_ctx, server.show_parameters, server.context_length = None, 2048, "", 8192
     server.error_message = "scripted failure {code}"
@@ -362,15 +363,17 @@ def test_reasoning_model_that_only_thinks_or_opens_no_tag(llm_app, server):
     assert answer.text == f"The renderer {key}." and [c.key for c in answer.citations] == [key]
 
 
-def test_an_answer_sent_whole_as_reasoning_is_the_answer(llm_app, server, tmp_path):
+@pytest.mark.parametrize("field", ["reasoning_content", "reasoning"])
+def test_an_answer_sent_whole_as_reasoning_is_the_answer(llm_app, server, tmp_path, field):
     """vLLM's reasoning parser (deepseek_r1; qwen3 in some versions) counts all a model writes
     before a </think> as reasoning: Qwen3 with thinking off writes none, and its whole answer
     comes as reasoning_content, content null, finish_reason "stop". The user gets that answer,
     streamed or not (rewrite, figure description); real thinking never: a reply cut by max_tokens
     ("length"), or one whose thinking closed (the blank line after </think> came as content) and
-    then stopped, is an error with the sources."""
+    then stopped, is an error with the sources. vLLM names the field ``reasoning`` since 0.10."""
     from assistant.describe import Describer
 
+    server.reasoning_field = field
     server.pieces, server.reasoning = [], ["The parser feeds ", "the renderer {cite}."]
     events = list(llm_app.assistant.stream("What does the parser feed?"))
     key = LLMServer.first_key(server.answers()[-1]["body"])
