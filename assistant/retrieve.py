@@ -45,6 +45,10 @@ class OneByOne:
 
 
 ALL_KINDS = KINDS
+# fused units whose records are read at once beyond the k still wanted (a unit whose record is
+# gone or whose image file is missing is skipped; then the next ones are read)
+_SLACK = 5
+_UNREAD = object()  # a unit the searches named without its record: read once it survives fusion
 
 
 def score_fusion(scored: dict[str, Sequence[tuple[str, float]]], weights: dict[str, float]) -> list[tuple[str, float]]:
@@ -162,7 +166,7 @@ class Retriever:
                     continue
                 seen.add(unit)
                 ranked.append((unit, m.score))
-                units.setdefault(unit, m.item)
+                units.setdefault(unit, _UNREAD if m.item is None else m.item)
             rankings[signal] = [u for u, _ in ranked]
             scored[signal] = ranked
 
@@ -178,10 +182,10 @@ class Retriever:
             jobs["keyword"] = _SEARCH.submit(self._keyword_matches, question, n, complete, text_filter)
         try:
             if vis_kinds and question and "clip" in signals:
-                take("clip", self.store.query_visual(self.clip.embed_query(question), n, visual_filter))
+                take("clip", self.store.query_visual(self.clip.embed_query(question), n, visual_filter, records=False))
             if vis_kinds and image is not None:
                 iv = self.clip.embed_images([image])[0]
-                take("image", self.store.query_visual(iv, n, visual_filter))
+                take("image", self.store.query_visual(iv, n, visual_filter, records=False))
             if prior and vis_kinds:
                 found = self._cited_figures(prior, library, visual_filter)
                 take("history", [Match(item, 1.0 - i / (len(found) + 1)) for i, item in enumerate(found)])
@@ -197,43 +201,53 @@ class Retriever:
             fused = score_fusion(scored, weights)
         else:
             fused = rrf(rankings, weights, rcfg["rrf_k"])
-        self._fill_figures(units, [u for u, _ in fused if isinstance(units[u], TextItem) and units[u].kind == "figure_text"])
-        hits = []
-        for unit, score in fused:
-            item = units[unit]
-            if item is None or (labels and getattr(item, "label", "") not in labels):
-                continue
-            if isinstance(item, VisualItem) and item.image and not (self.data_dir / item.image).is_file():
-                # deleted by hand, or a disk restored without it: skip the item, keep answering
-                log.warning("skipping %s p.%s %s: its image file %s is missing (`mmrag doctor --repair` drops "
-                            "such items)", item.doc, item.page, item.kind, item.image)
-                continue
-            ranks = {s: r.index(unit) + 1 for s, r in rankings.items() if unit in r}
-            hits.append(self._hit(item, score, ranks))
-            if len(hits) >= k:
-                break
-        return self._describe(hits)
+        # records are read only for the units that survive fusion, k (and a few) at a time
+        hits: list[Hit] = []
+        start = 0
+        while len(hits) < k and start < len(fused):
+            window = fused[start:start + k - len(hits) + _SLACK]
+            start += len(window)
+            descriptions = self._read_records(units, [u for u, _ in window])
+            for unit, score in window:
+                item = units[unit]
+                if item is None or (labels and getattr(item, "label", "") not in labels):
+                    continue
+                if isinstance(item, VisualItem) and item.image and not (self.data_dir / item.image).is_file():
+                    # deleted by hand, or a disk restored without it: skip the item, keep answering
+                    log.warning("skipping %s p.%s %s: its image file %s is missing (`mmrag doctor --repair` drops "
+                                "such items)", item.doc, item.page, item.kind, item.image)
+                    continue
+                ranks = {s: r.index(unit) + 1 for s, r in rankings.items() if unit in r}
+                hit = self._hit(item, score, ranks)
+                if hit.is_figure:  # its description (the figure's ``df-`` passage), when it has one
+                    hit = replace(hit, description=descriptions.get("d" + hit.id) or "")
+                hits.append(hit)
+                if len(hits) >= k:
+                    break
+        return hits
 
-    def _describe(self, hits: list[Hit]) -> list[Hit]:
-        """Figure hits carry their description (the figure's ``df-`` passage), when it has one."""
-        ids = ["d" + h.id for h in hits if h.is_figure]
-        if not ids:
-            return hits
-        text = {t.id: t.text for t in self.store.get_text(ids)}
-        return [replace(h, description=text.get("d" + h.id) or "") if h.is_figure else h for h in hits]
+    def _read_records(self, units: dict, ids: list[str]) -> dict[str, str]:
+        """Read what fusion's survivors ``ids`` still lack into ``units``: the visual record of a
+        unit the searches named without one, and of a figure reached only through its text
+        (image, caption); None for one no longer stored. Returns the stored descriptions of
+        those that may be figures (``df-`` passage id -> text), read at the same time."""
+        need = [u for u in ids if units[u] is _UNREAD or (isinstance(units[u], TextItem) and units[u].kind == "figure_text")]
+        figures = [u for u in ids if not (isinstance(units[u], TextItem) and units[u].kind != "figure_text")
+                   and not (isinstance(units[u], VisualItem) and units[u].kind == "page")]
+        described = _SEARCH.submit(self.store.get_text, ["d" + u for u in figures]) if figures else None
+        try:
+            if need:
+                found = {it.id: it for it in self.store.get_visual(need)}
+                for u in need:
+                    units[u] = found.get(u)
+        finally:
+            texts = described.result() if described else []
+        return {t.id: t.text for t in texts}
 
     def page_image(self, doc: str, page: int) -> str | None:
         """The stored render of a page (for showing a figure in its page)."""
         rel = self.store.page_image(doc, page)
         return str(self.data_dir / rel) if rel else None
-
-    def _fill_figures(self, units: dict, ids: list[str]) -> None:
-        """Figures reached only through their text need their visual record (image, caption)."""
-        if not ids:
-            return
-        found = {it.id: it for it in self.store.get_visual(ids)}
-        for i in ids:
-            units[i] = found.get(i)
 
     def _hit(self, item: VisualItem | TextItem, score: float, ranks: dict) -> Hit:
         if isinstance(item, TextItem):

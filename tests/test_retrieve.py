@@ -70,3 +70,49 @@ def test_an_error_on_the_passage_side_reaches_the_caller(app, monkeypatch):
     monkeypatch.setattr(app.retriever.store, "query_text", broken)
     with pytest.raises(RuntimeError, match="passage collection is gone"):
         app.retriever.retrieve("parser feeds the renderer")
+
+
+def test_above_ef_search_records_are_read_after_fusion_with_the_same_hits(app, passages, monkeypatch):
+    """When the exact scan answers (more items than ``ef_search``: lowered here so that this small
+    library has it), the CLIP side comes back without records and only fusion's survivors are
+    read, with their descriptions: the hits are the ones that reading every match's record
+    gives; a figure whose image file is gone is skipped and the next one read in its place."""
+    from mmrag.describing import FigureToDescribe
+
+    store = app.retriever.store
+    figures = [v for v in store.visual_items() if v.kind != "page"]
+    described = [FigureToDescribe.of(f).description_passage(f"A drawing of {f.kind} number {i}.")
+                 for i, f in enumerate(figures[:3])]
+    store.add_text(described, passages.embed([d.text for d in described]))
+    monkeypatch.setattr(store, "ef_search", 2)
+    query_visual, unread = store.query_visual, []
+
+    def spy(vector, n, flt=None, records=True):
+        got = query_visual(vector, n, flt, records)
+        unread.append(sum(m.item is None for m in got))
+        return got
+
+    asks = [(q, f) for q in QUESTIONS + ["a drawing of vector number 1"] for f in ({}, {"k": 30}, {"kinds": ["vector", "raster", "page"]})]
+    monkeypatch.setattr(store, "query_visual", spy)
+    lazy = [app.retriever.retrieve(q, **f) for q, f in asks]
+    assert sum(unread) > 0  # the scan answered without records
+    monkeypatch.setattr(store, "query_visual", lambda vector, n, flt=None, records=True: query_visual(vector, n, flt))
+    eager = [app.retriever.retrieve(q, **f) for q, f in asks]
+    assert lazy == eager
+    assert {h.description for hits in lazy for h in hits} >= {d.text for d in described}
+
+    monkeypatch.setattr(store, "query_visual", spy)
+    hits = app.retriever.retrieve(QUESTIONS[0], k=5)
+    gone = next(h for h in hits if h.image and h.kind != "page")
+    hidden = gone.image + ".away"
+    import os
+
+    os.rename(gone.image, hidden)
+    monkeypatch.setattr(retrieve_module, "_SLACK", 0)  # the skipped ones make it read the next
+    try:
+        again = app.retriever.retrieve(QUESTIONS[0], k=5)
+    finally:
+        os.rename(hidden, gone.image)
+    # (images are stored by content: every figure showing that image is skipped)
+    assert gone.image not in [h.image for h in again] and len(again) == 5
+    assert again == [h for h in app.retriever.retrieve(QUESTIONS[0], k=10) if h.image != gone.image][:5]
