@@ -492,13 +492,15 @@ class Store:
         return [Match(make(i, *records[i]), score) for i, score in hits if i in records]
 
     def scan_status(self) -> dict[str, dict]:
-        """Per vector collection: whether its exact scan is ready, its rows, its arrays' MB and
-        the seconds its first full read took (None before)."""
+        """Per vector collection: whether its exact scan is ready, its rows, its arrays' MB, the
+        seconds its first full read took (None before) and its queries the int8 first pass
+        narrowed (``answered``) or left to the full product (``too_many_candidates``)."""
         out = {}
         for which, mirror in self._mirrors.items():
             scan = mirror.scan
             out[which] = {"ready": mirror.ready() is not None, "rows": len(scan) if scan else 0,
-                          "mb": round(scan.nbytes / 1e6, 1) if scan else 0.0, "build_s": mirror.build_s}
+                          "mb": round(scan.nbytes / 1e6, 1) if scan else 0.0, "build_s": mirror.build_s,
+                          "first_pass": dict(scan.first_pass) if scan else {}}
         return out
 
     def wait_for_scans(self, timeout: float | None = None) -> bool:
