@@ -202,18 +202,49 @@ def candidate_rows(approx: np.ndarray, err: np.ndarray, n: int) -> np.ndarray:
 
 _SESSIONS: dict[int, object] = {}
 _SESSIONS_LOCK = threading.Lock()
+# the question's codes: ±63, sent as q + 64 (1..127). On x86 CPUs without VNNI (AVX2, AVX-512
+# before Cascade Lake, AMD before Zen 4) ONNX Runtime's u8 x s8 kernels add two neighbouring byte
+# products in 16 bits with saturation (vpmaddubsw): 2 * 127 * 127 = 32,258 fits, 2 * 255 * 127 would not
+Q_LEVELS = 63
+
+
+def exact_products(product, dim: int) -> bool:
+    """Whether ``product`` (as ``_int8_product`` returns) gives the exact integer products on
+    the inputs that would overflow a 16-bit pair sum: every query code at ±Q_LEVELS against
+    every row code at ±127, same and alternating signs.
+
+    >>> def saturating(q, codes, sums):  # a model of vpmaddubsw's 16-bit pair sums
+    ...     pairs = ((q.astype(np.int64) + 64)[:, None] * codes).reshape(-1, 2, codes.shape[1]).sum(axis=1)
+    ...     return np.clip(pairs, -32768, 32767).sum(axis=0) - 64 * sums
+    >>> exact_products(saturating, 8)
+    True
+    >>> def wider(q, codes, sums):  # the same kernel sent q + 128 (the codes' range was ±127)
+    ...     pairs = ((q.astype(np.int64) * 2 + 128)[:, None] * codes).reshape(-1, 2, codes.shape[1]).sum(axis=1)
+    ...     return (np.clip(pairs, -32768, 32767).sum(axis=0) - 128 * sums) // 2
+    >>> exact_products(wider, 8)
+    False
+    """
+    signs = np.array([[1] * dim, [-1] * dim, [(-1) ** i for i in range(dim)]], np.int64)
+    codes = np.ascontiguousarray((127 * signs).T).astype(np.int8)  # dim x 3 columns
+    sums = codes.sum(axis=0, dtype=np.int32)
+    for q in (Q_LEVELS * signs).astype(np.int8):
+        want = q.astype(np.int64) @ codes.astype(np.int64)
+        if not np.array_equal(np.asarray(product(q, codes, sums), np.int64), want):
+            return False
+    return True
 
 
 def _int8_product(dim: int):
-    """A function ``(q_codes int8 (dim,), codes int8 (dim × cols), sums int32 (rows,)) -> int32
-    (rows,)``: the exact integer products of q with the first ``rows`` columns, whose code sums
-    (over the ``dim`` codes of each column) are ``sums``, through ONNX Runtime's MatMulInteger (one thread: the other core
-    searches the other collection); None when ONNX Runtime cannot build it."""
+    """A function ``(q_codes int8 (dim,) within ±Q_LEVELS, codes int8 (dim × cols), sums int32
+    (rows,)) -> int32 (rows,)``: the exact integer products of q with the first ``rows`` columns,
+    whose code sums (over the ``dim`` codes of each column) are ``sums``, through ONNX Runtime's
+    MatMulInteger (one thread: the other core searches the other collection); None when ONNX
+    Runtime cannot build it or its products are not exact here (``exact_products``)."""
     with _SESSIONS_LOCK:
         if dim not in _SESSIONS:
             try:
                 import onnxruntime as ort
-                from onnx import TensorProto, helper, numpy_helper
+                from onnx import TensorProto, helper
 
                 # no zero point in the graph: with one, MatMulInteger took 10-13 ms instead of 2.5
                 # at 512 x 102,000 (it goes another way); the shift is taken back with the code sums
@@ -229,11 +260,13 @@ def _int8_product(dim: int):
                 session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
                 def product(q_codes: np.ndarray, codes: np.ndarray, sums: np.ndarray) -> np.ndarray:
-                    # q as uint8 (MatMulInteger's u8 x s8): q + 128, so each product is 128 times
+                    # q as uint8 (MatMulInteger's u8 x s8): q + 64, so each product is 64 times
                     # the column's code sum too much
-                    shifted = (q_codes.astype(np.int16) + 128).astype(np.uint8)[None, :]
-                    return session.run(None, {"q": shifted, "codes": codes})[0][0][:len(sums)] - 128 * sums
+                    shifted = (q_codes.astype(np.int16) + (Q_LEVELS + 1)).astype(np.uint8)[None, :]
+                    return session.run(None, {"q": shifted, "codes": codes})[0][0][:len(sums)] - (Q_LEVELS + 1) * sums
 
+                if not exact_products(product, dim):
+                    raise ValueError("ONNX Runtime's MatMulInteger is not exact on this CPU")
                 _SESSIONS[dim] = product
             except Exception as exc:  # a missing or too old ONNX Runtime: the float32 product alone
                 log.warning("exact scan: no int8 first pass (%s); every query reads the float32 rows", exc)
@@ -332,7 +365,9 @@ class ExactScan:
                 self._encode(rows)
             elif len(self.row_of) >= COARSE_MIN_ROWS:
                 size = len(self.ids)
-                self.center = self.vectors[:size][self.alive[:size]].mean(axis=0)
+                rows_now = self.vectors[:size][self.alive[:size]]
+                finite = np.isfinite(rows_now).all(axis=1)
+                self.center = rows_now[finite].mean(axis=0) if finite.any() else np.zeros(self.dim, np.float32)
                 self.codes = np.zeros((self.dim, len(self.alive)), np.int8)
                 self._encode(np.arange(size))
             self.version += 1
@@ -341,7 +376,11 @@ class ExactScan:
         """The int8 codes of these rows (under the lock). Centred first: the nearest rows do
         not change when one vector is taken from every row, and embeddings that share a large
         common part (CLIP's do) quantise with far less error around their mean."""
-        codes, scale, resid, size = int8_rows(self.vectors[rows] - self.center)
+        x = self.vectors[rows] - self.center
+        # a NaN or infinite vector (NaN once scaled to length 1) scores NaN, which neither path
+        # returns: coded as zeros, it keeps the others' bounds finite
+        bad = ~np.isfinite(x).all(axis=1)
+        codes, scale, resid, size = int8_rows(np.where(bad[:, None], np.float32(0), x))
         self.codes[:, rows] = codes.T
         self.code_scale[rows], self.code_resid[rows], self.code_size[rows] = scale, resid, size
         self.code_sum[rows] = codes.sum(axis=1, dtype=np.int32)
@@ -462,12 +501,15 @@ class ExactScan:
         product = _int8_product(self.dim)
         if product is None:
             return None
+        if not np.isfinite(q).all():
+            return None
         q64 = q.astype(np.float64)
         top = float(np.abs(q).max())
-        q_scale = top / 127.0 if top > 0 else 1.0
-        q_codes = np.clip(np.rint(q64 / q_scale), -127, 127).astype(np.int8)
+        q_scale = top / Q_LEVELS if top > 0 else 1.0
+        q_codes = np.clip(np.rint(q64 / q_scale), -Q_LEVELS, Q_LEVELS).astype(np.int8)
         q_err = float(np.linalg.norm(q64 - q_codes * q_scale))
-        # float32 from here: the int32 products are exact in it (|dots| <= 127² · dim < 2²⁴), and
+        # float32 from here: the int32 products are exact in it up to 2096-d (|dots| <= 63 · 127 · dim
+        # < 2²⁴; above, a relative 2⁻²⁴), and
         # its rounding (~1e-7 on scores <= 1) is far inside the margin
         dots = product(q_codes, self.codes, self.code_sum[:size]).astype(np.float32)
         approx = dots * (self.code_scale[:size] * np.float32(q_scale))

@@ -260,8 +260,9 @@ def test_the_int8_first_pass_gives_the_float32_products_answer(shape, monkeypatc
     """Above COARSE_MIN_ROWS a query first scores every row in int8 and reads in float32 only
     the rows whose error bound can reach the top n: the answer (ids, scores, order of ties) is
     the full float32 product's, for spread-out vectors, vectors sharing a large common part (as
-    CLIP embeddings do), and exact ties (the same figure stored twice), under filters, through
-    added, replaced and dropped rows and a compaction."""
+    CLIP embeddings do), and exact ties (the same figure stored twice), with a NaN and an
+    infinite vector among them, under filters, through added, replaced and dropped rows and a
+    compaction."""
     import index.scan as scan_module
 
     rng = np.random.default_rng({"spread": 1, "shared_part": 2, "ties": 3}[shape])
@@ -271,6 +272,7 @@ def test_the_int8_first_pass_gives_the_float32_products_answer(shape, monkeypatc
         vecs = (3 * rng.standard_normal(dim) + vecs).astype(np.float32)
     if shape == "ties":
         vecs[::7] = vecs[1::7][: len(vecs[::7])] if len(vecs[1::7]) >= len(vecs[::7]) else vecs[::7]
+    vecs[17] = np.nan  # an embedding gone wrong: no bound for it, the others keep theirs
     scan = scan_module.ExactScan("visual", dim)
     for start in range(0, rows, 2000):  # as a read adds them: the int8 copy starts at COARSE_MIN_ROWS
         scan.add([f"v{i}" for i in range(start, start + 2000)], _metas(range(start, start + 2000)),
@@ -295,7 +297,7 @@ def test_the_int8_first_pass_gives_the_float32_products_answer(shape, monkeypatc
 
     queries = list(rng.standard_normal((8, dim)).astype(np.float32)) + [vecs[5], vecs[7 * 40]]
     if shape == "shared_part":
-        queries = [q + 3 * vecs.mean(axis=0) for q in queries[:8]] + queries[8:]
+        queries = [q + 3 * np.nanmean(vecs, axis=0) for q in queries[:8]] + queries[8:]
     check(queries)
     answered = scan.first_pass["answered"]
     assert answered >= len(queries) * 3 * 3 // 2  # it narrowed most queries (else it tested nothing)
@@ -303,6 +305,7 @@ def test_the_int8_first_pass_gives_the_float32_products_answer(shape, monkeypatc
     # replace some rows, add new ones, drop enough to compact: the copy follows
     scan.add([f"v{i}" for i in range(0, 300)], _metas(range(300)), rng.standard_normal((300, dim)).astype(np.float32))
     scan.add([f"n{i}" for i in range(500)], _metas(range(500)), vecs[:500] * 2)  # ties with stored rows
+    scan.add(["inf"], _metas(range(1)), np.full((1, dim), np.inf, np.float32))
     assert scan.drop([f"v{i}" for i in range(1000, 2700)]) == 1700
     assert len(scan.ids) < rows + 500  # compacted
     check(queries)
