@@ -145,7 +145,7 @@ class Describer:
                     continue
                 raise LLMError(describe_failure(exc, self.model, key if key != "unused" else None)) from None
         text = strip_thinking(response.choices[0].message.content or "") if response.choices else ""
-        text = text or reply_in_reasoning(response)  # vLLM's reasoning parser, thinking off: all of it there
+        text = text or reply_in_reasoning(response, self.model)  # vLLM's reasoning parser, thinking off: all of it there
         if not text:
             raise LLMError(f"LLM {self.model}: the describing model answered nothing")
         usage = getattr(response, "usage", None)

@@ -375,7 +375,7 @@ class LiteLLM:
                 if attempt == 1 and not think.shown and self._system_refused(exc, sent):
                     continue
                 raise self._error(exc, key, sent) from None
-        if not think.shown and not think.thought:
+        if not think.shown and not think.thought and reasoning_may_hold_answer(self.model):
             answer = answer_in_reasoning("".join(reasoning), content_seen, finish)
             if answer:  # vLLM's reasoning parser put the whole answer in the reasoning field
                 self._answer_in_reasoning()
@@ -402,7 +402,7 @@ class LiteLLM:
                 if think.closes is not None:
                     self.closes_thinking = think.closes
                 if not text.strip() and not think.thought:
-                    text = reply_in_reasoning(response)
+                    text = reply_in_reasoning(response, self.model)
                     if text:
                         self._answer_in_reasoning()
                 return text.strip()
@@ -446,9 +446,23 @@ class LiteLLM:
         return err
 
 
-def reply_in_reasoning(response) -> str:
-    """The answer of a non-streamed litellm ``response`` whose text came in its reasoning field
-    (:func:`assistant.thinking.answer_in_reasoning`), else ""."""
+def reasoning_may_hold_answer(model: str) -> bool:
+    """Whether a reply that came all in the reasoning field may be the answer misfiled
+    (:func:`assistant.thinking.answer_in_reasoning`): not from Ollama, whose parser files as
+    thinking only what the model writes inside its thinking tags and drops the whitespace after
+    ``</think>``, so a thinking-only reply there is real thinking that stopped.
+
+    >>> reasoning_may_hold_answer("hosted_vllm/Qwen/Qwen3-8B"), reasoning_may_hold_answer("ollama_chat/qwen3")
+    (True, False)
+    """
+    return not model.startswith(("ollama/", "ollama_chat/"))
+
+
+def reply_in_reasoning(response, model: str) -> str:
+    """The answer of a non-streamed litellm ``response`` of ``model`` whose text came in its
+    reasoning field (:func:`assistant.thinking.answer_in_reasoning`), else ""."""
+    if not reasoning_may_hold_answer(model):
+        return ""
     choice = response.choices[0] if getattr(response, "choices", None) else None
     message = getattr(choice, "message", None)
     if message is None:

@@ -240,9 +240,11 @@ class Retriever:
                 found = {it.id: it for it in self.store.get_visual(need)}
                 for u in need:
                     units[u] = found.get(u)
-        finally:
-            texts = described.result() if described else []
-        return {t.id: t.text for t in texts}
+        except BaseException:
+            if described:
+                wait([described])  # it finishes before this error propagates (its own is dropped)
+            raise
+        return {t.id: t.text for t in (described.result() if described else [])}
 
     def page_image(self, doc: str, page: int) -> str | None:
         """The stored render of a page (for showing a figure in its page)."""

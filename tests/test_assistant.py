@@ -407,6 +407,17 @@ def test_an_answer_sent_whole_as_reasoning_is_the_answer(llm_app, server, tmp_pa
         describer.describe(tmp_path / "f.png", "Figure 1: boxes.", "", "m.pdf")
 
 
+def test_ollama_thinking_alone_is_never_the_answer(llm_app, server):
+    """Ollama files as ``thinking`` only what a model writes inside its thinking tags, so a reply
+    that is all thinking and ended ("stop") is thinking that stopped, not an answer misfiled as
+    vLLM's parser files one: an error with the sources, the thinking never shown."""
+    use_model(llm_app, model="ollama_chat/qwen3-test", api_base=server.ollama_base, api_key_env=None)
+    server.pieces, server.reasoning = [], [THOUGHT[:40], THOUGHT[40:]]
+    answer = llm_app.assistant.ask("What does the parser feed?")
+    assert "only thought and gave no answer" in answer.error
+    assert answer.text.startswith("No answer from the language model") and "The user asks" not in answer.text
+
+
 def test_thinking_opened_by_the_template_never_streams(llm_app, server):
     """DeepSeek-R1 / Qwen3-Thinking-2507: the template opens <think>, the reply only closes it.
     What streams (what the user reads while it streams) is the answer only, on the first reply
