@@ -370,6 +370,7 @@ class ExactScan:
                 self.center = rows_now[finite].mean(axis=0) if finite.any() else np.zeros(self.dim, np.float32)
                 self.codes = np.zeros((self.dim, len(self.alive)), np.int8)
                 self._encode(np.arange(size))
+                _int8_product(self.dim)  # built now (while the scan is read), not in a first query
             self.version += 1
 
     def _encode(self, rows: np.ndarray) -> None:
