@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -399,11 +400,22 @@ def _text_blocks(page: pymupdf.Page, tp: pymupdf.TextPage, words: list, changed:
     """The page's text blocks (clean text, displayed box) of the visible ``words``. A block whose
     lines alternate between the two columns of the page (drawn row by row across them) becomes
     one block per column (``text.split_columns``), so each column is read on its own. Blocks
-    numbered in ``changed`` lost invisible words: they are their remaining words, line by line."""
+    numbered in ``changed`` lost invisible words: they are their remaining words, line by line.
+    Lines of vertical text (``_vertical_lines``) are taken out of their blocks and read as
+    ``text.vertical_blocks`` orders them: top to bottom, the columns right to left."""
+    vertical = _vertical_lines(page, tp, words)
     by_block: dict[int, list] = {}
+    by_line: dict[tuple, list] = {}
     for w in words:
-        by_block.setdefault(w[5], []).append(w)
+        if (w[5], w[6]) in vertical:
+            by_line.setdefault((w[5], w[6]), []).append(w)
+            changed = changed | {w[5]}  # the block keeps its horizontal lines only
+        else:
+            by_block.setdefault(w[5], []).append(w)
     blocks = []
+    if by_line:
+        lines = [(*_union(ws), " ".join(w[4] for w in sorted(ws, key=lambda w: w[7]))) for ws in by_line.values()]
+        blocks += [(text.clean_block_text(t), box) for t, box in text.vertical_blocks(lines)]
     for b in page.get_text("blocks", textpage=tp):
         if b[6] != 0:
             continue
@@ -414,6 +426,25 @@ def _text_blocks(page: pymupdf.Page, tp: pymupdf.TextPage, words: list, changed:
             parts = [(b[4], tuple(F.display_rect(page, b[:4])))]
         blocks += [(text.clean_block_text(t), box) for t, box in parts]
     return [b for b in blocks if b[0]]
+
+
+_CJK_CHAR = re.compile(f"[{text._CJK}]")
+
+
+def _vertical_lines(page: pymupdf.Page, tp: pymupdf.TextPage, words: list) -> set[tuple[int, int]]:
+    """(block, line) numbers of the lines MuPDF reports as written vertically (``wmode`` 1: a
+    font with a vertical encoding such as Identity-V, how Chinese and Japanese are set top to
+    bottom), on an unrotated page that holds Chinese or Japanese words; empty otherwise, without
+    reading the page's text a second time. Text merely rotated 90 degrees (``wmode`` 0) is not
+    vertical writing and is left to the horizontal reading."""
+    if page.rotation or not any(_CJK_CHAR.search(w[4]) for w in words):
+        return set()
+    return {(b["number"], n) for b in page.get_text("dict", textpage=tp)["blocks"] if b.get("type") == 0
+            for n, ln in enumerate(b["lines"]) if ln.get("wmode") == 1}
+
+
+def _union(boxes: list) -> tuple:
+    return (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes))
 
 
 def _figure_ocr(png: bytes, cache: dict) -> str:

@@ -136,6 +136,64 @@ def words_block(words: list[tuple]) -> Block:
     return "\n".join(" ".join(ws) for ws in lines.values()), _union([w[:4] for w in words])
 
 
+def vertical_blocks(lines: list[tuple]) -> list[Block]:
+    r"""Blocks of vertical text (Chinese and Japanese set top to bottom, tategaki) in reading
+    order: each column top to bottom, the columns of a region from right to left.
+
+    ``lines`` are vertical text lines (x0, y0, x1, y1, text) in displayed coordinates, as MuPDF
+    gives them for a font written vertically (line ``wmode`` 1: often one character a line).
+    Lines one above the other, overlapping across, are one column (a gap of more than a
+    character's width between them starts a space, of more than two a new column); columns side
+    by side that overlap down the page with a gutter of at most two column widths are one region,
+    one block: its columns joined by line breaks (so ``clean_block_text`` runs a sentence on from
+    one column to the next without a space), and the box around them. Regions are returned top
+    to bottom, the right one first (``reading_order`` then places them among horizontal blocks).
+
+    >>> col = lambda x, s, y=100: [(x, y + 16 * i, x + 16, y + 16 * (i + 1), c) for i, c in enumerate(s)]
+    >>> vertical_blocks(col(100, "見当が") + col(124, "名前は") + col(148, "吾輩は"))
+    [('吾輩は\n名前は\n見当が', (100, 100, 164, 148))]
+    >>> [t for t, _ in vertical_blocks(col(300, "下段", 400) + col(300, "上段") + col(100, "LED") + col(100, "AB", 170))]
+    ['上段', 'LED AB', '下段']
+    """
+    cols: list[list] = []  # each: [x0, y0, x1, y1, [lines]]
+    for ln in sorted(lines, key=lambda l: (-(l[0] + l[2]) / 2, l[1])):
+        w = max(ln[2] - ln[0], 1e-3)
+        for c in cols:
+            overlap = min(c[2], ln[2]) - max(c[0], ln[0])
+            if overlap >= 0.5 * min(w, c[2] - c[0]) and -2 * w <= ln[1] - c[3] <= 2 * w:
+                c[:4] = min(c[0], ln[0]), min(c[1], ln[1]), max(c[2], ln[2]), max(c[3], ln[3])
+                c[4].append(ln)
+                break
+        else:
+            cols.append([ln[0], ln[1], ln[2], ln[3], [ln]])
+    regions: list[list] = []  # each: [x0, y0, x1, y1, [columns]], columns right to left
+    for c in sorted(cols, key=lambda c: (-c[2], c[1])):
+        width = c[2] - c[0]
+        for r in regions:
+            last = r[4][-1]
+            down = min(r[3], c[3]) - max(r[1], c[1])
+            if (down > 0.5 * min(c[3] - c[1], r[3] - r[1]) and
+                    -0.5 * width <= last[0] - c[2] <= 2 * max(width, last[2] - last[0])):
+                r[:4] = min(r[0], c[0]), min(r[1], c[1]), max(r[2], c[2]), max(r[3], c[3])
+                r[4].append(c)
+                break
+        else:
+            regions.append([c[0], c[1], c[2], c[3], [c]])
+    out: list[Block] = []
+    for r in sorted(regions, key=lambda r: (r[1], -r[2])):
+        texts = []
+        for c in r[4]:
+            parts, prev = [], None
+            for ln in sorted(c[4], key=lambda l: l[1]):
+                if prev is not None and ln[1] - prev[3] > max(ln[2] - ln[0], 1e-3):
+                    parts.append(" ")
+                parts.append(ln[4])
+                prev = ln
+            texts.append("".join(parts))
+        out.append(("\n".join(texts), (r[0], r[1], r[2], r[3])))
+    return out
+
+
 _INVISIBLE = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad"), None)  # zero-width, BOM, soft hyphen
 _LINE_END_HYPHEN = re.compile(r"(\w)[-\u00ad\u2010]\s*\n\s*(\w)")
 

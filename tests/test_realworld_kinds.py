@@ -267,6 +267,37 @@ def test_vertical_and_wrapped_chinese_is_stored_as_written_and_found_by_keyword(
         hits = app.retriever.retrieve(question, k=3, kinds=["text"], signals=["keyword"])
         assert hits and hits[0].page == page and hits[0].score > 0, (question, [(h.page, h.text) for h in hits])
 
+TATEGAKI = "吾輩は猫である。名前はまだ無い。どこで生れたかとんと見当がつかぬ。何でも薄暗いじめじめした所で泣いていた事だけは記憶している。"
+
+
+def test_vertical_japanese_columns_are_read_right_to_left(cfg, tmp_path):
+    """Japanese set vertically (tategaki: a font with the Identity-V encoding, MuPDF line wmode 1)
+    in four columns, drawn left column first as some producers do: the passage reads the
+    columns from the right one to the left one, a sentence running on from one column to the
+    next without a space, with the horizontal heading before it and the horizontal caption after;
+    the page number is dropped. A horizontal Japanese page on the same font is read as before."""
+    cols = [TATEGAKI[i:i + 17] for i in range(0, len(TATEGAKI), 17)]
+    assert len(cols) == 4 and cols[0].endswith("ど") and cols[1].startswith("こ")  # a word split over two columns
+    doc = pymupdf.open()
+    page = doc.new_page(width=595, height=842)
+    page.insert_font(fontname="tate", fontbuffer=pymupdf.Font("cjk").buffer)
+    for n in reversed(range(len(cols))):  # the rightmost column is the first to read
+        page.insert_text((340 - 30 * n, 150), cols[n], fontname="tate", fontsize=20)
+    page.insert_text((170, 90), "第一章 Chapter One: the cat speaks", fontname="japan", fontsize=14)
+    page.insert_text((170, 520), "図1 Figure 1 caption set horizontally", fontname="japan", fontsize=11)
+    page.insert_text((292, 815), "7", fontname="helv", fontsize=10)
+    flat = "取扱説明書の第二版です。電源を入れる前に、付属の電源コードを本体の背面に接続してください。"
+    doc.new_page(width=595, height=842).insert_textbox(pymupdf.Rect(72, 72, 300, 300), flat, fontname="japan", fontsize=12)
+    for xref, _, _, _, name, _ in doc[0].get_fonts():
+        if name == "tate":  # only this font is written top to bottom
+            doc.xref_set_key(xref, "Encoding", "/Identity-V")
+    doc.save(tmp_path / "tategaki.pdf")
+    recs = records(tmp_path / "tategaki.pdf", cfg, render=False)
+    assert [c.text for c in recs[0].chunks] == [
+        "第一章 Chapter One: the cat speaks " + TATEGAKI + " 図1 Figure 1 caption set horizontally"]
+    assert [c.text for c in recs[1].chunks] == [flat]
+
+
 # ---- page geometry: every box, crop and render as the page is displayed -------------------------
 
 def pixels(png):
