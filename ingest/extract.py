@@ -248,7 +248,7 @@ def _extract_page(doc, page, sha, cfg, skip, running, ocr_mode, render, xref_png
         hidden = set()
     changed = {words[n][5] for n in hidden}  # blocks that lose words a reader cannot see
     words = [w for n, w in enumerate(words) if n not in hidden]
-    blocks = _text_blocks(page, tp, words, changed)
+    blocks, vertical = _text_blocks(page, tp, words, changed)
     scanned = _is_scanned(page, words)
     min_side = float(cfg["min_figure_side"])
     source = "text"
@@ -264,7 +264,7 @@ def _extract_page(doc, page, sha, cfg, skip, running, ocr_mode, render, xref_png
             cands = F.find_scanned_figures(_grey_cells(page), lines, size, min_side)
         except Exception as exc:
             warn("figure detection failed, no figures from this page", exc)
-        blocks = lines
+        blocks, vertical = lines, set()
         source = "ocr"
     else:
         lines = F.page_lines(words)
@@ -300,7 +300,7 @@ def _extract_page(doc, page, sha, cfg, skip, running, ocr_mode, render, xref_png
     # text that belongs to a figure (labels, ticks) is kept with the figure, not in the passages
     body = [b for b in blocks if not any(regions.intersection(f.bbox, b[1]) >= 0.8 * (regions.area(b[1]) or 1)
                                          for f in figs if f.kind != "table")]
-    ordered = text.reading_order(body, size[0])
+    ordered = text.reading_order(body, size[0], vertical)
     pieces = text.chunk_blocks(ordered, int(cfg["chunk_size"]), int(cfg["chunk_overlap"]))
     chunks = [Chunk(sha, pno, i, t, tuple(round(v, 1) for v in b), source)
               for i, (t, b) in enumerate(pieces)]
@@ -396,8 +396,9 @@ def _invisible_words(page: pymupdf.Page, tp: pymupdf.TextPage, words: list, bbox
 
 
 def _text_blocks(page: pymupdf.Page, tp: pymupdf.TextPage, words: list, changed: set[int] = frozenset()
-                 ) -> list[tuple[str, tuple]]:
-    """The page's text blocks (clean text, displayed box) of the visible ``words``. A block whose
+                 ) -> tuple[list[tuple[str, tuple]], set[tuple]]:
+    """The page's text blocks (clean text, displayed box) of the visible ``words``, and the boxes
+    of those that are vertical text (for ``text.reading_order``). A block whose
     lines alternate between the two columns of the page (drawn row by row across them) becomes
     one block per column (``text.split_columns``), so each column is read on its own. Blocks
     numbered in ``changed`` lost invisible words: they are their remaining words, line by line.
@@ -416,6 +417,7 @@ def _text_blocks(page: pymupdf.Page, tp: pymupdf.TextPage, words: list, changed:
     if by_line:
         lines = [(*_union(ws), " ".join(w[4] for w in sorted(ws, key=lambda w: w[7]))) for ws in by_line.values()]
         blocks += [(text.clean_block_text(t), box) for t, box in text.vertical_blocks(lines)]
+    upright = {box for _, box in blocks}
     for b in page.get_text("blocks", textpage=tp):
         if b[6] != 0:
             continue
@@ -425,7 +427,7 @@ def _text_blocks(page: pymupdf.Page, tp: pymupdf.TextPage, words: list, changed:
         elif parts is None:
             parts = [(b[4], tuple(F.display_rect(page, b[:4])))]
         blocks += [(text.clean_block_text(t), box) for t, box in parts]
-    return [b for b in blocks if b[0]]
+    return [b for b in blocks if b[0]], upright
 
 
 _CJK_CHAR = re.compile(f"[{text._CJK}]")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
 from .records import BBox
 
@@ -44,9 +44,16 @@ def drop_running(blocks: list[Block], page_height: float, running: set[str]) -> 
     return out
 
 
-def reading_order(blocks: list[Block], page_width: float) -> list[Block]:
+def reading_order(blocks: list[Block], page_width: float, vertical: Collection[BBox] = ()) -> list[Block]:
     """Order blocks for reading: full-width blocks split the page into bands; in each band the
-    left column is read before the right one. Single-column pages come out top to bottom."""
+    left column is read before the right one. Single-column pages come out top to bottom.
+    ``vertical`` holds the boxes of blocks of vertical text (``vertical_blocks``): in a band of
+    only such blocks the right column is read first, and blocks side by side right to left.
+
+    >>> v = [("right half", (320, 100, 500, 400)), ("left half", (100, 100, 280, 400))]
+    >>> [t for t, _ in reading_order(v, 612)], [t for t, _ in reading_order(v, 612, [b for _, b in v])]
+    (['left half', 'right half'], ['right half', 'left half'])
+    """
     mid = page_width / 2
     ordered: list[Block] = []
     band: list[Block] = []
@@ -57,11 +64,12 @@ def reading_order(blocks: list[Block], page_width: float) -> list[Block]:
         two_columns = left and right and all(b[1][2] <= mid + 0.05 * page_width for b in left) and all(
             b[1][0] >= mid - 0.05 * page_width for b in right
         )
+        rtl = bool(band) and all(b[1] in vertical for b in band)  # vertical text: columns right to left
         if two_columns:
-            ordered.extend(sorted(left, key=lambda b: (b[1][1], b[1][0])))
-            ordered.extend(sorted(right, key=lambda b: (b[1][1], b[1][0])))
+            for side in ((right, left) if rtl else (left, right)):
+                ordered.extend(sorted(side, key=lambda b: (b[1][1], -b[1][2] if rtl else b[1][0])))
         else:
-            ordered.extend(sorted(band, key=lambda b: (round(b[1][1]), b[1][0])))
+            ordered.extend(sorted(band, key=lambda b: (round(b[1][1]), -b[1][2] if rtl else b[1][0])))
         band.clear()
 
     for block in sorted(blocks, key=lambda b: (b[1][1], b[1][0])):

@@ -275,7 +275,8 @@ def test_vertical_japanese_columns_are_read_right_to_left(cfg, tmp_path):
     in four columns, drawn left column first as some producers do: the passage reads the
     columns from the right one to the left one, a sentence running on from one column to the
     next without a space, with the horizontal heading before it and the horizontal caption after;
-    the page number is dropped. A horizontal Japanese page on the same font is read as before."""
+    the page number is dropped. A horizontal Japanese page on the same font is read as before. A
+    page of two vertical halves with a wide gutter reads the right half first."""
     cols = [TATEGAKI[i:i + 17] for i in range(0, len(TATEGAKI), 17)]
     assert len(cols) == 4 and cols[0].endswith("ど") and cols[1].startswith("こ")  # a word split over two columns
     doc = pymupdf.open()
@@ -288,6 +289,10 @@ def test_vertical_japanese_columns_are_read_right_to_left(cfg, tmp_path):
     page.insert_text((292, 815), "7", fontname="helv", fontsize=10)
     flat = "取扱説明書の第二版です。電源を入れる前に、付属の電源コードを本体の背面に接続してください。"
     doc.new_page(width=595, height=842).insert_textbox(pymupdf.Rect(72, 72, 300, 300), flat, fontname="japan", fontsize=12)
+    spread = doc.new_page(width=595, height=842)  # two halves with a wide gutter, as a book's spread: the right half first
+    spread.insert_font(fontname="tate", fontbuffer=pymupdf.Font("cjk").buffer)
+    for n, x in enumerate((100, 124, 440, 464)):  # drawn left to right, read right to left
+        spread.insert_text((x, 100), cols[3 - n], fontname="tate", fontsize=20)
     for xref, _, _, _, name, _ in doc[0].get_fonts():
         if name == "tate":  # only this font is written top to bottom
             doc.xref_set_key(xref, "Encoding", "/Identity-V")
@@ -296,6 +301,7 @@ def test_vertical_japanese_columns_are_read_right_to_left(cfg, tmp_path):
     assert [c.text for c in recs[0].chunks] == [
         "第一章 Chapter One: the cat speaks " + TATEGAKI + " 図1 Figure 1 caption set horizontally"]
     assert [c.text for c in recs[1].chunks] == [flat]
+    assert " ".join(c.text for c in recs[2].chunks) == cols[0] + cols[1] + " " + cols[2] + cols[3]
 
 
 # ---- page geometry: every box, crop and render as the page is displayed -------------------------
