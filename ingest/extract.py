@@ -410,12 +410,12 @@ def _text_blocks(page: pymupdf.Page, tp: pymupdf.TextPage, words: list, changed:
     for w in words:
         if (w[5], w[6]) in vertical:
             by_line.setdefault((w[5], w[6]), []).append(w)
-            changed = changed | {w[5]}  # the block keeps its horizontal lines only
         else:
             by_block.setdefault(w[5], []).append(w)
+    changed = changed | {b for b, _ in by_line}  # those blocks keep their horizontal lines only
     blocks = []
     if by_line:
-        lines = [(*_union(ws), " ".join(w[4] for w in sorted(ws, key=lambda w: w[7]))) for ws in by_line.values()]
+        lines = [(*box, t) for t, box in map(text.words_block, by_line.values())]
         blocks += [(text.clean_block_text(t), box) for t, box in text.vertical_blocks(lines)]
     upright = {box for _, box in blocks}
     for b in page.get_text("blocks", textpage=tp):
@@ -443,10 +443,6 @@ def _vertical_lines(page: pymupdf.Page, tp: pymupdf.TextPage, words: list) -> se
         return set()
     return {(b["number"], n) for b in page.get_text("dict", textpage=tp)["blocks"] if b.get("type") == 0
             for n, ln in enumerate(b["lines"]) if ln.get("wmode") == 1}
-
-
-def _union(boxes: list) -> tuple:
-    return (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes))
 
 
 def _figure_ocr(png: bytes, cache: dict) -> str:
