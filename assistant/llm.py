@@ -455,7 +455,7 @@ def reasoning_may_hold_answer(model: str) -> bool:
     >>> reasoning_may_hold_answer("hosted_vllm/Qwen/Qwen3-8B"), reasoning_may_hold_answer("ollama_chat/qwen3")
     (True, False)
     """
-    return not model.startswith(("ollama/", "ollama_chat/"))
+    return provider_of(model or "") not in OLLAMA_PROVIDERS
 
 
 def reply_in_reasoning(response, model: str) -> str:
