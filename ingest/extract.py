@@ -246,8 +246,11 @@ def _extract_page(doc, page, sha, cfg, skip, running, ocr_mode, render, xref_png
     except Exception as exc:  # the page's text is kept, hidden words included
         warn("the check for hidden text failed, all its text is kept", exc)
         hidden = set()
-    changed = {words[n][5] for n in hidden}  # blocks that lose words a reader cannot see
+    changed = {words[n][5] for n in hidden}  # blocks that lose words a reader cannot see...
     words = [w for n, w in enumerate(words) if n not in hidden]
+    twice = text.overprinted(words)  # ...or sees once though drawn twice (fake bold, a shadow, two OCR layers)
+    changed |= {words[n][5] for n in twice}
+    words = [w for n, w in enumerate(words) if n not in twice]
     blocks, vertical = _text_blocks(page, tp, words, changed)
     scanned = _is_scanned(page, words)
     min_side = float(cfg["min_figure_side"])

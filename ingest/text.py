@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import unicodedata
 from collections import Counter
@@ -142,6 +143,48 @@ def words_block(words: list[tuple]) -> Block:
     for w in sorted(words, key=lambda w: (w[5], w[6], w[7])):
         lines.setdefault((w[5], w[6]), []).append(w[4])
     return "\n".join(" ".join(ws) for ws in lines.values()), _union([w[:4] for w in words])
+
+
+OVERPRINT = 0.3  # how far (share of the word's height) a second drawing of a word may sit and still be one word to a reader
+
+
+def overprinted(words: list[tuple]) -> set[int]:
+    """Indices of ``words`` (PyMuPDF words: x0, y0, x1, y1, text, ...) that draw again a word
+    already drawn in nearly the same place: the same text, the same height within a point, each
+    corner less than ``OVERPRINT`` × its height and half its width away. Producers simulate bold by drawing a line
+    twice, a hair apart (Word's and many printer drivers' fake bold), or draw a shadow under a
+    heading, and OCR run twice leaves two text layers: a reader sees one word, and the text keeps
+    one. Each word is compared with the words of its text in the neighbouring grid cells only, so
+    a page of one repeated word costs linear time.
+
+    >>> bold = [(72, 57, 112, 76, "Safety", 0, 0, 0), (116, 57, 172, 76, "first", 0, 0, 1),
+    ...         (72.4, 57, 112.4, 76, "Safety", 0, 1, 0), (116.4, 57, 172.4, 76, "first", 0, 1, 1)]
+    >>> sorted(overprinted(bold))
+    [2, 3]
+    >>> overprinted([(72, 57, 80, 67, "la", 0, 0, 0), (84, 57, 92, 67, "la", 0, 0, 1)])  # said twice
+    set()
+    >>> overprinted([(297, 188, 300, 207, "·", 0, 0, 0), (302, 188, 305, 207, "·", 0, 0, 1)])  # \\cdots
+    set()
+    """
+    seen: dict[tuple, list[tuple]] = {}
+    repeats = set()
+    for n, w in enumerate(words):
+        height = w[3] - w[1]
+        if height <= 0 or not w[4].strip():
+            continue
+        reach = min(OVERPRINT * height, 0.5 * (w[2] - w[0]))  # and half its width: "· · ·" are three dots
+        cx, cy, r = int(w[0] // _CELL), int(w[1] // _CELL), math.ceil(reach / _CELL)
+        if any(abs(o[0] - w[0]) < reach and abs(o[1] - w[1]) < reach and abs(o[2] - w[2]) < reach
+               and abs(o[3] - w[3]) < reach and abs((o[3] - o[1]) - height) <= 1
+               for hx in range(-r, r + 1) for hy in range(-r, r + 1)
+               for o in seen.get((w[4], cx + hx, cy + hy), ())):
+            repeats.add(n)
+            continue
+        seen.setdefault((w[4], cx, cy), []).append(w)
+    return repeats
+
+
+_CELL = 4.0  # pt: grid cell of overprinted's search (a word's reach spans one cell each way at 13 pt)
 
 
 def vertical_blocks(lines: list[tuple]) -> list[Block]:

@@ -983,3 +983,28 @@ def test_a_failing_hidden_text_check_keeps_the_page_text_with_a_warning(tmp_path
     rec = records(tmp_path / "w.pdf", cfg, render=False)[0]
     assert [c.text for c in rec.chunks] == ["Pump maintenance schedule. white words"]
     assert rec.warnings == ("page 1: the check for hidden text failed, all its text is kept (cannot draw this page)",)
+
+
+def test_text_drawn_twice_in_one_place_is_read_once(tmp_path, cfg):
+    """Fake bold (a line drawn twice a hair apart, as Word and printer drivers simulate bold), a
+    heading drawn over its grey shadow, and a caption in fake bold are one line to a reader:
+    stored once, so passages, captions and keyword counts are not doubled. Words a sentence
+    really repeats ("had had", "la la") stay."""
+    doc = pymupdf.open()
+    page = doc.new_page(width=612, height=792)
+    for dx in (0, 0.4):
+        page.insert_text((72 + dx, 72), "Safety Warning: disconnect the mains", fontsize=14)
+    page.insert_text((73.5, 111.5), "Pump Overview", fontsize=20, color=(0.6, 0.6, 0.6))  # shadow
+    page.insert_text((72, 110), "Pump Overview", fontsize=20)
+    page.insert_text((72, 140), "The fitter had had the seal replaced; la la is not a model name.", fontsize=11)
+    page.draw_rect(pymupdf.Rect(150, 200, 450, 400), color=(0, 0, 0), width=1.5)
+    page.draw_line((160, 390), (440, 210), color=(0, 0, 1), width=2)
+    for dx in (0, 0.3):
+        page.insert_text((150 + dx, 420), "Figure 1: Flow rate against pump speed.", fontsize=10)
+    doc.save(tmp_path / "bold.pdf")
+    rec = records(tmp_path / "bold.pdf", cfg, render=False)[0]
+    text = " ".join(c.text for c in rec.chunks)
+    assert text.count("Safety") == 1 and text.count("mains") == 1, text
+    assert text.count("Pump Overview") == 1, text
+    assert "had had the seal replaced; la la is not" in text, text
+    assert [f.caption for f in rec.figures] == ["Figure 1: Flow rate against pump speed."]
