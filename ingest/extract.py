@@ -237,6 +237,7 @@ def _extract_page(doc, page, sha, cfg, skip, running, ocr_mode, render, xref_png
     tp = page.get_textpage(flags=TEXT_FLAGS)
     # every box from here on is in the coordinates of the page as displayed (/Rotate applied)
     words = [(*F.display_rect(page, w[:4]), *w[4:]) for w in page.get_text("words", textpage=tp)]
+    words, symbols = _dingbat_words(page, tp, words)
     try:
         bboxlog = page.get_bboxlog() if words else []  # once: hidden text, scan layers, figures
     except Exception:
@@ -246,7 +247,7 @@ def _extract_page(doc, page, sha, cfg, skip, running, ocr_mode, render, xref_png
     except Exception as exc:  # the page's text is kept, hidden words included
         warn("the check for hidden text failed, all its text is kept", exc)
         hidden = set()
-    changed = {words[n][5] for n in hidden}  # blocks that lose words a reader cannot see...
+    changed = symbols | {words[n][5] for n in hidden}  # blocks with symbols read anew, or that lose words a reader cannot see...
     words = [w for n, w in enumerate(words) if n not in hidden]
     twice = text.overprinted(words)  # ...or sees once though drawn twice (fake bold, a shadow, two OCR layers)
     changed |= {words[n][5] for n in twice}
@@ -431,6 +432,24 @@ def _text_blocks(page: pymupdf.Page, tp: pymupdf.TextPage, words: list, changed:
             parts = [(b[4], tuple(F.display_rect(page, b[:4])))]
         blocks += [(text.clean_block_text(t), box) for t, box in parts]
     return [b for b in blocks if b[0]], upright
+
+
+def _dingbat_words(page: pymupdf.Page, tp: pymupdf.TextPage, words: list) -> tuple[list, set[int]]:
+    """``words`` with those drawn in a ZapfDingbats font (a form's ticked check box, list ticks)
+    read as the symbols shown (``text.dingbats_text``: "4" becomes "✔"), and the numbers of the
+    blocks that changed. The page's text dict is read only when the page has form fields or
+    names such a font."""
+    if not words or (page.first_widget is None
+                     and not any("dingbat" in f[3].lower() for f in page.get_fonts())):
+        return words, set()
+    spans = [F.display_rect(page, s["bbox"]) + (-1, -1, 1, 1)
+             for b in page.get_text("dict", textpage=tp)["blocks"] if b.get("type") == 0
+             for ln in b["lines"] for s in ln["spans"] if "dingbat" in s["font"].lower()]
+    if not spans:
+        return words, set()
+    read = [(*w[:4], text.dingbats_text(w[4]), *w[5:]) if any(pymupdf.Rect(w[:4]) in r for r in spans) else w
+            for w in words]
+    return read, {w[5] for w, r in zip(words, read) if w[4] != r[4]}
 
 
 _CJK_CHAR = re.compile(f"[{text._CJK}]")

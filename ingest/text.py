@@ -70,7 +70,8 @@ def reading_order(blocks: list[Block], page_width: float, vertical: Collection[B
             for side in ((right, left) if rtl else (left, right)):
                 ordered.extend(sorted(side, key=lambda b: (b[1][1], -b[1][2] if rtl else b[1][0])))
         else:
-            ordered.extend(sorted(band, key=lambda b: (round(b[1][1]), -b[1][2] if rtl else b[1][0])))
+            for row in rows(band):
+                ordered.extend(sorted(row, key=lambda b: -b[1][2] if rtl else b[1][0]))
         band.clear()
 
     for block in sorted(blocks, key=lambda b: (b[1][1], b[1][0])):
@@ -82,6 +83,30 @@ def reading_order(blocks: list[Block], page_width: float, vertical: Collection[B
             band.append(block)
     flush()
     return ordered
+
+
+def rows(blocks: list[Block]) -> list[list[Block]]:
+    """``blocks`` grouped in rows, top to bottom: a block joins the row above when it overlaps
+    that row's first block down the page by at least half the taller of the two (blocks side by
+    side, of about one height; reading order reads a row across). So a form's value, set in a
+    taller box than its label, is read after the label though its top is higher; a paragraph
+    and a short note beside it are not one row.
+
+    >>> [[t for t, _ in r] for r in rows([("SN-44817", (180, 55.6, 270, 77.6)), ("Serial:", (72, 60.2, 143, 75.3)),
+    ...                                    ("Next line", (72, 90, 200, 105)), ("note", (400, 95, 500, 107)),
+    ...                                    ("paragraph", (72, 110, 300, 400)), ("side", (400, 112, 500, 124))])]
+    [['SN-44817', 'Serial:'], ['Next line', 'note'], ['paragraph'], ['side']]
+    """
+    out: list[list[Block]] = []
+    for block in sorted(blocks, key=lambda b: (round(b[1][1]), b[1][0])):
+        if out:
+            first = out[-1][0][1]
+            overlap = min(first[3], block[1][3]) - max(first[1], block[1][1])
+            if overlap >= 0.5 * max(first[3] - first[1], block[1][3] - block[1][1]) > 0:
+                out[-1].append(block)
+                continue
+        out.append([block])
+    return out
 
 
 COLUMN_LINE = 0.2  # of the page width: lines of a column of text are at least this wide (most of them)
@@ -143,6 +168,24 @@ def words_block(words: list[tuple]) -> Block:
     for w in sorted(words, key=lambda w: (w[5], w[6], w[7])):
         lines.setdefault((w[5], w[6]), []).append(w[4])
     return "\n".join(" ".join(ws) for ws in lines.values()), _union([w[:4] for w in words])
+
+
+_DINGBATS_MOVED = {0x25: 0x260E, 0x2A: 0x261B, 0x2B: 0x261E, 0x48: 0x2605, 0x6C: 0x25CF, 0x6E: 0x25A0,
+                   0x73: 0x25B2, 0x74: 0x25BC, 0x75: 0x25C6, 0x77: 0x25D7}
+
+
+def dingbats_text(text: str) -> str:
+    """Text drawn in the ZapfDingbats font (form check boxes and radio buttons, ticks and
+    bullets in lists) as the symbols a reader sees: the font has no ToUnicode map, so MuPDF
+    reports its codes as ASCII (a ticked box reads "4"). Codes 0x21-0x7E map to Unicode's
+    Dingbats block at the same offset, except the few Unicode placed elsewhere (Adobe's
+    ZapfDingbats-to-Unicode table); other characters are kept.
+
+    >>> dingbats_text("4"), dingbats_text("3"), dingbats_text("8"), dingbats_text("l"), dingbats_text("n")
+    ('✔', '✓', '✘', '●', '■')
+    """
+    return "".join(chr(_DINGBATS_MOVED.get(ord(c), 0x2700 + ord(c) - 0x20)) if 0x21 <= ord(c) <= 0x7E else c
+                   for c in text)
 
 
 OVERPRINT = 0.3  # how far (share of the word's height) a second drawing of a word may sit and still be one word to a reader

@@ -3,6 +3,7 @@ and asserts the value a user needs: which files and names, no silent loss, norma
 page geometry, images as the page shows them, captions, one figure per figure."""
 
 import io
+import re
 import unicodedata
 
 import numpy as np
@@ -1008,3 +1009,34 @@ def test_text_drawn_twice_in_one_place_is_read_once(tmp_path, cfg):
     assert text.count("Pump Overview") == 1, text
     assert "had had the seal replaced; la la is not" in text, text
     assert [f.caption for f in rec.figures] == ["Figure 1: Flow rate against pump speed."]
+
+
+def test_a_filled_form_reads_as_shown_with_ticks_as_symbols(tmp_path, cfg):
+    """A filled form (an inspection sheet) is read as the viewer shows it: the text fields'
+    values, a ticked check box as the tick beside its label (ZapfDingbats codes read as their
+    symbols, not a stray "4" or "3"), nothing for an unticked box, a FreeText note; a sticky
+    note's popup text is not on the page and is not read."""
+    doc = pymupdf.open()
+    page = doc.new_page(width=612, height=792)
+    page.insert_text((72, 72), "Serial number:", fontsize=11)
+    field = pymupdf.Widget()
+    field.field_type, field.field_name = pymupdf.PDF_WIDGET_TYPE_TEXT, "serial"
+    field.rect, field.field_value = pymupdf.Rect(180, 60, 320, 76), "SN-44817-Q"
+    page.add_widget(field)
+    for n, (label, ticked) in enumerate([("Pressure test passed:", True), ("Leak found:", False),
+                                         ("Seal replaced:", True)]):
+        y = 110 + 30 * n
+        page.insert_text((72, y), label, fontsize=11)
+        box = pymupdf.Widget()
+        box.field_type, box.field_name = pymupdf.PDF_WIDGET_TYPE_CHECKBOX, f"box{n}"
+        box.rect, box.field_value = pymupdf.Rect(200, y - 12, 212, y), ticked
+        page.add_widget(box)
+    page.add_freetext_annot(pymupdf.Rect(72, 220, 400, 240), "Inspector note: recheck the flange in May.")
+    page.add_text_annot((450, 72), "popup text the page does not show")
+    doc.save(tmp_path / "form.pdf")
+    rec = records(tmp_path / "form.pdf", cfg, render=False)[0]
+    text = " ".join(c.text for c in rec.chunks)
+    assert "Serial number: SN-44817-Q" in text, text
+    assert re.search("Pressure test passed: [✓✔] Leak found: Seal replaced: [✓✔] Inspector", text), text
+    assert "Inspector note: recheck the flange in May." in text, text
+    assert "popup" not in text and not re.search(r"\b[3-8]\b", text), text
