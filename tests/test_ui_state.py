@@ -95,3 +95,54 @@ def test_the_server_keeps_nothing_of_answered_questions_or_closed_pages(make_cfg
     next(events)  # the answer has started
     events.close()
     assert state["runs"] == {} and state["live"] == {}
+
+
+def _component(demo, kind: str, elem_id: str | None = None):
+    import gradio as gr
+
+    found = [b for b in demo.blocks.values() if isinstance(b, getattr(gr, kind))
+             and (elem_id is None or b.elem_id == elem_id)]
+    assert len(found) == 1, (kind, elem_id, found)
+    return found[0]
+
+
+def test_a_new_chat_stays_new_while_the_last_answer_still_streams(make_cfg, clip, passages, llm):
+    """New chat clicked while an answer streams: an update of that answer computed before the
+    click and applied after it used to put the old conversation back on the page, its id
+    included, so the next question joined the old conversation (queued behind its answer)
+    instead of starting its own. Here the page holds that stale id, as it did: the question
+    still starts a new conversation, is answered there, and the old answer's next update shows
+    the new chat again."""
+    from types import SimpleNamespace
+
+    from mmrag.wiring import build
+    from ui.app import build_ui
+
+    cfg = make_cfg(llm={"model": "openai/test-vlm", "api_base": llm.api_base, "vision": True, "timeout_s": 10},
+                   describe={"mode": "off"})
+    demo = build_ui(build(cfg, clip=clip, passages=passages))
+    send, new_chat = _fn(demo, "send"), _fn(demo, "new_chat")
+    chat = _component(demo, "Chatbot", "chat")
+    owner, page = "browser:browser-1", SimpleNamespace(session_hash="page-1", username=None)
+    conv_state = next(k for k, v in new_chat(owner, page).items() if type(k).__name__ == "State" and v == "")
+    first = send({"text": "a long first question", "files": []}, "browser-1", "", [], page, progress=None)
+    old = next(first)[conv_state]
+    next(first)  # its answer has started
+    new_chat(owner, page)
+    stale = old  # what the page's conversation id was set back to by the late update
+    second = send({"text": "a second question", "files": []}, "browser-1", stale, [], page, progress=None)
+    updates = list(second)
+    assert updates[0][conv_state] != old, "the question joined the conversation the page had left"
+    new = updates[0][conv_state]
+    msgs = demo.conversations.load(owner, new)["messages"]
+    texts = [m.get("text") for m in msgs]
+    assert texts[0] == "a second question" and "a long first question" not in texts, texts
+    assert msgs[-1]["kind"] == "answer" and msgs[-1]["text"], msgs  # answered in its own conversation
+    # the old answer's next update shows the page's conversation again, then leaves the page alone
+    later = [u for u in first]
+    assert later[0].get(conv_state) == new, later[0]
+    shown = str(later[0][chat])
+    assert "a second question" in shown and "a long first question" not in shown, shown
+    assert all(chat not in u and conv_state not in u for u in later[1:])
+    old_texts = [m.get("text") for m in demo.conversations.load(owner, old)["messages"]]
+    assert old_texts[0] == "a long first question" and "a second question" not in old_texts

@@ -417,6 +417,15 @@ def build_ui(app) -> gr.Blocks:
             with runs_lock:
                 shown[session] = conv_id
 
+    def page_conv(request, conv_id: str) -> str:
+        """The conversation the page shows: the server's record of its last New chat / open /
+        question (``shown``) over the page's own ``conv_state``, which an answer still streaming
+        in another conversation can set back behind a New chat (its update computed before the
+        click, applied after it); ``conv_state`` where the server has no record (no session)."""
+        session = getattr(request, "session_hash", None)
+        with runs_lock:
+            return shown.get(session, conv_id) if session else conv_id
+
     def conversation(owner: str, conv_id: str | None) -> dict | None:
         if not owner or not conv_id:
             return None
@@ -515,6 +524,7 @@ def build_ui(app) -> gr.Blocks:
         return {conv_state: conv_id, chatbot: render_chat(conv, list(run.pending) if run else ())} | panels_reset()
 
     def delete_chat(owner, conv_id, request: gr.Request):
+        conv_id = page_conv(request, conv_id)
         if conv_id and store.delete(owner, conv_id):
             with runs_lock:  # one being answered stops, and is not written back
                 conv, run = live.pop(conv_id, None), runs.get(conv_id)
@@ -544,7 +554,7 @@ def build_ui(app) -> gr.Blocks:
         if not owner_of(browser_id, request):  # this browser's first question: it gets its id now
             browser_id = uuid.uuid4().hex
         owner = owner_of(browser_id, request)
-        conv = conversation(owner, conv_id)
+        conv = conversation(owner, page_conv(request, conv_id))
         created = conv is None
         if created:
             conv = store.new()
@@ -583,16 +593,29 @@ def build_ui(app) -> gr.Blocks:
                         forget(cid, run)
             save(owner, conv)
 
+    def shown_again(owner: str, conv_id: str) -> dict:
+        """The page's update showing ``conv_id`` ("" for a new chat), as opening it would."""
+        other = conversation(owner, conv_id)
+        with runs_lock:
+            other_run = runs.get(conv_id) if other is not None else None
+            pending = list(other_run.pending) if other_run else []
+        return {conv_state: other["id"] if other else "", chatbot: render_chat(other, pending)} | panels_reset()
+
     def answer(conv, run, owner, item, progress, session):
         msgs = conv["messages"]
+        was_here = [True]  # whether the last update of this answer was for the page's conversation
         pdfs, image, notes = sort_attachments(item["files"], max_mb)
 
         def view(more: dict | None = None) -> dict:
             """The update for the page: the chat and its panels only while the page still shows
-            this conversation (the user may have opened another meanwhile)."""
+            this conversation (the user may have opened another meanwhile). The first update after
+            the page left shows the page's own conversation again: an update of this one computed
+            just before the New chat (or open) and applied just after it had put this one back on
+            the page, its id included, so the next question joined it."""
             with runs_lock:
                 pending = list(run.pending)
-                here = session is None or shown.get(session, conv["id"]) == conv["id"]
+                page_shows = shown.get(session, conv["id"]) if session else conv["id"]
+            here = page_shows == conv["id"]
             out = {chatbot: render_chat(conv, pending)} | (more or {})
             if here:  # the page's conversation is this one (whatever a late page load set meanwhile)
                 out |= {conv_state: conv["id"], owner_state: owner}
@@ -600,6 +623,9 @@ def build_ui(app) -> gr.Blocks:
                 out = {k: v for k, v in out.items() if k not in (chatbot, gallery, gallery_keys, page_view, where)}
                 if conv_list in out:  # the list gains the title, the selection stays the page's
                     out[conv_list] = gr.update(choices=conv_choices(owner))
+                if was_here[0]:
+                    out |= shown_again(owner, page_shows)
+            was_here[0] = here
             return out or {chatbot: gr.skip()}  # never {}: Gradio takes an empty dict for one value and fails the event
 
         for note in notes:
@@ -689,7 +715,8 @@ def build_ui(app) -> gr.Blocks:
         yield view(final | {box: gr.update(stop_btn=False),
                             conv_list: gr.update(choices=conv_choices(owner), value=conv["id"])})
 
-    def stop_answer(conv_id):
+    def stop_answer(conv_id, request: gr.Request):
+        conv_id = page_conv(request, conv_id)
         with runs_lock:
             run = runs.get(conv_id or "")
         if run is not None:
