@@ -23,7 +23,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 
 from .prompt import fold_system
-from .thinking import ThinkFilter, answer_in_reasoning
+from .thinking import ThinkFilter, answer_in_reasoning, known_style
 
 log = logging.getLogger(__name__)
 OLLAMA_PROVIDERS = ("ollama", "ollama_chat")
@@ -250,7 +250,9 @@ class LiteLLM:
         self.system_rejected: str | None = None  # what the server said when its template refused the system role
         self.context_said: int | None = None  # the context a server said the model has, on refusing a prompt
         self.token_scale = 1.0  # the server's prompt tokens / mmrag's estimate, learnt from such a refusal
-        self.closes_thinking: bool | None = None  # whether replies close thinking they did not open (R1's template)
+        # whether replies close thinking they did not open (R1's template): known from the name
+        # for some families, else learnt from the first reply
+        self.closes_thinking: bool | None = known_style(self.model)
         self.answered_in_reasoning = False  # a reply came whole in the reasoning field (logged once)
         self._show: dict | None | bool = False  # Ollama's /api/show answer, asked once (False: not yet)
         self._show_at = 0.0

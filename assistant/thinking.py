@@ -19,7 +19,9 @@ Where inline thinking is (one rule for the stream and the whole reply, :class:`T
 - A stream is held back at its start until that is decided: until such a ``</think>``, the
   bound, or the end. A model whose reply was decided once keeps its style for the process
   (:class:`assistant.llm.LiteLLM`): one that closes without opening is then held until its
-  ``</think>`` however long its thinking; one that did not is not held at all.
+  ``</think>`` however long its thinking; one that did not is not held at all. A model whose name
+  shows a family that never closes unopened thinking (:func:`known_style`) is not held from the
+  first reply on.
 """
 
 from __future__ import annotations
@@ -30,6 +32,38 @@ OPEN = ("<think>", "<thinking>")
 CLOSE = ("</think>", "</thinking>")
 _TAG = re.compile(r"</?(think|thinking)>", re.I)
 HOLD_CHARS = 4000  # a reply's start held back while it may be thinking closed by an unopened </think>
+
+
+# Model families whose replies never close thinking they did not open: hosted APIs that hand
+# thinking over apart, and vision models with no thinking template. Their first reply streams
+# at once instead of being held (see :func:`known_style`).
+NEVER_CLOSES = re.compile(
+    r"^(anthropic|gemini|vertex_ai)/|gpt-4|gpt-3\.5|chatgpt|claude|gemini|gemma|llava|moondream|minicpm-v"
+    r"|qwen2(\.5)?-?vl|llama-?3\.2[^/]*vision|llama-?4|pixtral|mistral-(small|medium|large)|granite[^/]*vision"
+    r"|internvl|idefics|smolvlm|molmo|paligemma|aya-vision|phi-?3\.5-vision|phi-?4-multimodal")
+# what a reasoning model's name holds (DeepSeek-R1 and its distills, Qwen3-*-Thinking, QwQ, QVQ,
+# Phi-4-reasoning, Skywork-R1V ...): such a model is never taken for one of the above
+MAY_THINK = re.compile(r"(?<![a-z0-9])r1|think|reason|qwq|qvq")
+
+
+def known_style(model: str | None) -> bool | None:
+    """False when ``model`` (a litellm model name) is of a family whose replies never close
+    thinking they did not open, so its replies need not be held back (:class:`ThinkFilter`'s
+    ``closes``); None, not known, for any other name, a reasoning model's among them.
+
+    >>> known_style("openai/gpt-4o"), known_style("ollama_chat/llava:13b"), known_style("anthropic/x")
+    (False, False, False)
+    >>> known_style("hosted_vllm/Qwen/Qwen2.5-VL-7B-Instruct"), known_style("ollama/llama3.2-vision")
+    (False, False)
+    >>> known_style("openai/test-vlm"), known_style("hosted_vllm/deepseek-ai/DeepSeek-R1-Distill-Qwen-7B")
+    (None, None)
+    >>> known_style("hosted_vllm/Qwen/Qwen3-VL-8B-Thinking"), known_style("openai/gemma3-r1"), known_style(None)
+    (None, None, None)
+    """
+    name = (model or "").lower()
+    if not name or MAY_THINK.search(name):
+        return None
+    return False if NEVER_CLOSES.search(name) else None
 
 
 def strip_thinking(text: str, closes: bool | None = None) -> str:

@@ -418,6 +418,20 @@ def test_ollama_thinking_alone_is_never_the_answer(llm_app, server):
     assert answer.text.startswith("No answer from the language model") and "The user asks" not in answer.text
 
 
+def test_a_model_known_never_to_close_unopened_thinking_streams_its_first_reply(llm_app, server):
+    """GPT-4o, Claude, LLaVA, Qwen2.5-VL ... never close thinking they did not open, so the first
+    reply of a fresh process streams piece by piece (it used to come whole at its end, held back
+    in case it was DeepSeek-R1's style); a name that does not tell is still held, as a reasoning
+    model's name is."""
+    for model, streams in (("openai/gpt-4o", True), ("openai/test-vlm", False),
+                           ("openai/deepseek-r1-vision", False)):
+        use_model(llm_app, model=model)
+        events = list(llm_app.assistant.stream("What does the parser feed in the diagram?"))
+        tokens = [v for k, v in events if k == "token"]
+        assert "".join(tokens) == events[-1][1].text and events[-1][1].error is None, (model, events[-1])
+        assert (len(tokens) > 3) == streams, (model, tokens)
+
+
 def test_thinking_opened_by_the_template_never_streams(llm_app, server):
     """DeepSeek-R1 / Qwen3-Thinking-2507: the template opens <think>, the reply only closes it.
     What streams (what the user reads while it streams) is the answer only, on the first reply
