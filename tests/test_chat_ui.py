@@ -53,7 +53,9 @@ def served(tmp_path_factory, clip, passages, llm):
     tiny = write_tiny_clip(tmp / "clip")
     cfg["data_dir"] = str(tmp / "data")
     cfg["clip"].update(model=str(tiny[0]), pretrained=str(tiny[1]), device="cpu")
-    cfg["llm"].update(model="openai/test-vlm", api_base=llm.api_base, vision=True, timeout_s=10)
+    # a LLaVA name: its first reply streams (assistant.thinking.known_style), so each test's stream
+    # behaves the same whichever test runs first
+    cfg["llm"].update(model="openai/llava-test", api_base=llm.api_base, vision=True, timeout_s=10)
     cfg["ui"].update(port=free_port(), max_upload_mb=5)
     cfg["describe"]["mode"] = "off"
     app = build(cfg, clip=clip, passages=passages)
