@@ -141,6 +141,7 @@ def test_a_new_chat_stays_new_while_the_last_answer_still_streams(make_cfg, clip
     # the old answer's next update shows the page's conversation again, then leaves the page alone
     later = [u for u in first]
     assert later[0].get(conv_state) == new, later[0]
+    assert later[0][_component(demo, "Radio", "conversations")]["value"] == new  # selected in the list too
     shown = str(later[0][chat])
     assert "a second question" in shown and "a long first question" not in shown, shown
     assert all(chat not in u and conv_state not in u for u in later[1:])

@@ -576,6 +576,7 @@ def build_ui(app) -> gr.Blocks:
         if not worker:
             return
         done = False
+        was_here = [True]  # whether this event's last update was for the page's conversation
         try:
             while True:
                 with runs_lock:
@@ -584,7 +585,7 @@ def build_ui(app) -> gr.Blocks:
                         forget(cid, run)
                         break
                     item = run.pending.popleft()
-                yield from answer(conv, run, owner, item, progress, getattr(request, "session_hash", None))
+                yield from answer(conv, run, owner, item, progress, getattr(request, "session_hash", None), was_here)
         finally:
             if not done:  # closed early (the page went away): the next send answers what is left
                 with runs_lock:
@@ -593,17 +594,22 @@ def build_ui(app) -> gr.Blocks:
                         forget(cid, run)
             save(owner, conv)
 
+    def left(session: str, conv_id: str) -> bool:
+        with runs_lock:
+            return shown.get(session, conv_id) != conv_id
+
     def shown_again(owner: str, conv_id: str) -> dict:
         """The page's update showing ``conv_id`` ("" for a new chat), as opening it would."""
         other = conversation(owner, conv_id)
         with runs_lock:
             other_run = runs.get(conv_id) if other is not None else None
             pending = list(other_run.pending) if other_run else []
-        return {conv_state: other["id"] if other else "", chatbot: render_chat(other, pending)} | panels_reset()
+        conv_id = other["id"] if other else ""
+        return {conv_state: conv_id, chatbot: render_chat(other, pending),
+                conv_list: gr.update(choices=conv_choices(owner), value=conv_id or None)} | panels_reset()
 
-    def answer(conv, run, owner, item, progress, session):
+    def answer(conv, run, owner, item, progress, session, was_here):
         msgs = conv["messages"]
-        was_here = [True]  # whether the last update of this answer was for the page's conversation
         pdfs, image, notes = sort_attachments(item["files"], max_mb)
 
         def view(more: dict | None = None) -> dict:
@@ -689,6 +695,8 @@ def build_ui(app) -> gr.Blocks:
                     reply["stopped"] = True
                     break
                 if kind is None:
+                    if was_here[0] and session and left(session, conv["id"]):
+                        yield view()  # the page left while the model is slow to start: show the page's own
                     continue
                 if kind == "end":
                     break
