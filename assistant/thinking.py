@@ -38,7 +38,7 @@ HOLD_CHARS = 4000  # a reply's start held back while it may be thinking closed b
 # thinking over apart, and vision models with no thinking template. Their first reply streams
 # at once instead of being held (see :func:`known_style`).
 NEVER_CLOSES = re.compile(
-    r"^(anthropic|gemini|vertex_ai)/|gpt-4|gpt-3\.5|chatgpt|claude|gemini|gemma|llava|moondream|minicpm-v"
+    r"^(anthropic|gemini)/|gpt-4|gpt-3\.5|chatgpt|claude|gemini|gemma|llava|moondream|minicpm-v"
     r"|qwen2(\.5)?-?vl|llama-?3\.2[^/]*vision|llama-?4|pixtral|mistral-(small|medium|large)|granite[^/]*vision"
     r"|internvl|idefics|smolvlm|molmo|paligemma|aya-vision|phi-?3\.5-vision|phi-?4-multimodal")
 # what a reasoning model's name holds (DeepSeek-R1 and its distills, Qwen3-*-Thinking, QwQ, QVQ,
