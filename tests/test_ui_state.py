@@ -139,7 +139,7 @@ def test_a_new_chat_stays_new_while_the_last_answer_still_streams(make_cfg, clip
     assert texts[0] == "a second question" and "a long first question" not in texts, texts
     assert msgs[-1]["kind"] == "answer" and msgs[-1]["text"], msgs  # answered in its own conversation
     # the old answer's next update shows the page's conversation again, then leaves the page alone
-    later = [u for u in first]
+    later = list(first)
     assert later[0].get(conv_state) == new, later[0]
     assert later[0][_component(demo, "Radio", "conversations")]["value"] == new  # selected in the list too
     shown = str(later[0][chat])

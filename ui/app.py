@@ -417,14 +417,19 @@ def build_ui(app) -> gr.Blocks:
             with runs_lock:
                 shown[session] = conv_id
 
-    def page_conv(request, conv_id: str) -> str:
-        """The conversation the page shows: the server's record of its last New chat / open /
-        question (``shown``) over the page's own ``conv_state``, which an answer still streaming
-        in another conversation can set back behind a New chat (its update computed before the
-        click, applied after it); ``conv_state`` where the server has no record (no session)."""
-        session = getattr(request, "session_hash", None)
+    def shown_conv(session: str | None, conv_id: str) -> str:
+        """The conversation page ``session`` shows: the server's record of its last New chat /
+        open / question (``shown``) over ``conv_id``, the page's own ``conv_state``, which an
+        answer still streaming in another conversation can set back behind a New chat (its
+        update computed before the click, applied after it); ``conv_id`` where the server has no
+        record (no session)."""
+        if not session:
+            return conv_id
         with runs_lock:
-            return shown.get(session, conv_id) if session else conv_id
+            return shown.get(session, conv_id)
+
+    def page_conv(request, conv_id: str) -> str:
+        return shown_conv(getattr(request, "session_hash", None), conv_id)
 
     def conversation(owner: str, conv_id: str | None) -> dict | None:
         if not owner or not conv_id:
@@ -594,10 +599,6 @@ def build_ui(app) -> gr.Blocks:
                         forget(cid, run)
             save(owner, conv)
 
-    def left(session: str, conv_id: str) -> bool:
-        with runs_lock:
-            return shown.get(session, conv_id) != conv_id
-
     def shown_again(owner: str, conv_id: str) -> dict:
         """The page's update showing ``conv_id`` ("" for a new chat), as opening it would."""
         other = conversation(owner, conv_id)
@@ -620,7 +621,7 @@ def build_ui(app) -> gr.Blocks:
             the page, its id included, so the next question joined it."""
             with runs_lock:
                 pending = list(run.pending)
-                page_shows = shown.get(session, conv["id"]) if session else conv["id"]
+            page_shows = shown_conv(session, conv["id"])
             here = page_shows == conv["id"]
             out = {chatbot: render_chat(conv, pending)} | (more or {})
             if here:  # the page's conversation is this one (whatever a late page load set meanwhile)
@@ -695,7 +696,7 @@ def build_ui(app) -> gr.Blocks:
                     reply["stopped"] = True
                     break
                 if kind is None:
-                    if was_here[0] and session and left(session, conv["id"]):
+                    if was_here[0] and shown_conv(session, conv["id"]) != conv["id"]:
                         yield view()  # the page left while the model is slow to start: show the page's own
                     continue
                 if kind == "end":
