@@ -197,7 +197,8 @@ def extract_pages(doc: pymupdf.Document, sha: str, cfg: dict, render: bool = Tru
     """Yield one PageRecord per page, never holding more than one page in memory.
 
     ``cfg`` is the ``ingest`` section of the config. With ``render=False`` no image is rendered
-    and no raster figure is OCR'd (used by ``mmrag inspect``). An item that cannot be extracted
+    and no raster figure is OCR'd (used by ``mmrag inspect``; text in a font without a Unicode
+    map is still read by OCR, as it is the page's text and its captions). An item that cannot be extracted
     (a figure that does not render, an image OCR cannot read) is left out and named in the
     record's ``warnings``; a page that fails as a whole yields an empty record with a warning.
     (``mmrag ingest`` runs ``extract_page`` in worker processes instead: ``ingest.workers``.)"""
@@ -249,6 +250,10 @@ def _extract_page(doc, page, sha, cfg, skip, running, ocr_mode, render, xref_png
         hidden = set()
     changed = symbols | {words[n][5] for n in hidden}  # blocks with symbols read anew, or that lose words a reader cannot see...
     words = [w for n, w in enumerate(words) if n not in hidden]
+    unreadable = _unreadable_words(page, tp, words)  # ...or words whose font maps no character to Unicode
+    changed |= {words[n][5] for n in unreadable}
+    garbled = [w for n, w in enumerate(words) if n in unreadable]
+    words = [w for n, w in enumerate(words) if n not in unreadable]
     twice = text.overprinted(words)  # ...or sees once though drawn twice (fake bold, a shadow, two OCR layers)
     changed |= {words[n][5] for n in twice}
     words = [w for n, w in enumerate(words) if n not in twice]
@@ -272,6 +277,19 @@ def _extract_page(doc, page, sha, cfg, skip, running, ocr_mode, render, xref_png
         source = "ocr"
     else:
         lines = F.page_lines(words)
+        if garbled and ocr_mode != "never":
+            try:
+                read = _ocr_unreadable(page, garbled)
+            except Exception as exc:
+                warn("OCR of text whose font has no Unicode map failed, that text is missing", exc)
+                read = []
+            blocks, lines = blocks + read, lines + read
+            if sum(len(t) for t, _ in read) > sum(len(t) for t, _ in blocks[: len(blocks) - len(read)]):
+                source = "ocr"
+        elif garbled:
+            line = f"page {pno}: {len(garbled)} words left out: their font maps no character to Unicode (turn OCR on to read them)"
+            log.warning("%s", line)
+            warnings.append(line)
         try:
             if scanned:
                 cands = []
@@ -397,6 +415,65 @@ def _invisible_words(page: pymupdf.Page, tp: pymupdf.TextPage, words: list, bbox
         if not box.size or int((box.max(0) - box.min(0)).max()) < MIN_INK_CONTRAST:
             out.add(n)
     return out
+
+
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffd]")
+UNMAPPED_FLAGS = TEXT_FLAGS & ~pymupdf.TEXT_CID_FOR_UNKNOWN_UNICODE  # unmapped characters read U+FFFD
+
+
+MIN_UNMAPPED_RUN = 3  # characters without Unicode in one word, at least half of it: a run of text, not a lone symbol
+
+
+def _unreadable_words(page: pymupdf.Page, tp: pymupdf.TextPage, words: list) -> set[int]:
+    """The indices of ``words`` (displayed coordinates) whose text is not what the page shows:
+    drawn in a font that maps none of its characters to Unicode (no ToUnicode map and no known
+    encoding: Identity-H fonts written without a map, symbolic TrueType subsets), so MuPDF can
+    only stand in their character codes, which for such fonts are glyph numbers ("7KH\x03SUHVVXUH"
+    for "The pressure").
+
+    A word is unreadable when it lies in a run of unmapped characters (a word read without the
+    stand-in that is at least half U+FFFD, ``MIN_UNMAPPED_RUN`` or more of them) and its codes are
+    glyph numbers: the page has a Type0 font with an Identity encoding and no ToUnicode map, or
+    the word's block holds a control character (the glyph number of a space or a full stop;
+    words split on controls, so the block shows it, not the word). A lone unmapped symbol (a
+    large bracket of a TeX formula, code 18) is no run and keeps its code; so do runs in simple
+    fonts without controls: Type3 and other simple fonts without a map mostly use their letters'
+    codes (TeX's PK fonts), which read right. Other pages cost one look at their blocks and fonts.
+
+    >>> import pymupdf
+    >>> page = pymupdf.open().new_page()
+    >>> _ = page.insert_text((72, 72), "Plain text.")
+    >>> tp = page.get_textpage()
+    >>> _unreadable_words(page, tp, page.get_text("words", textpage=tp))
+    set()
+    """
+    blocks = {b[5] for b in page.get_text("blocks", textpage=tp) if b[6] == 0 and _CONTROL.search(b[4])}
+    glyph_numbers = any(f[2] == "Type0" and f[5].startswith("Identity")
+                        and page.parent.xref_get_key(f[0], "ToUnicode")[0] == "null" for f in page.get_fonts())
+    if not blocks and not glyph_numbers:
+        return set()
+    runs = [F.display_rect(page, w[:4]) + (-1, -1, 1, 1) for w in page.get_text("words", flags=UNMAPPED_FLAGS)
+            if MIN_UNMAPPED_RUN <= w[4].count("\ufffd") >= len(w[4]) / 2]
+    return {n for n, w in enumerate(words) if (glyph_numbers or w[5] in blocks)
+            and any(pymupdf.Rect(w[:4]) in r for r in runs)}
+
+
+UNREADABLE_PAD = 3.0  # points around a line of unreadable words that its OCR line may reach
+
+
+def _ocr_unreadable(page: pymupdf.Page, garbled: list) -> list[tuple[str, tuple]]:
+    """Text lines (clean text, displayed box) read by OCR from the page's pixels where its
+    ``garbled`` words (``_unreadable_words``) are drawn. The whole page is read, at ``OCR_DPI``
+    as a scan is (the text detector misses words and spaces in a tight crop), and a line is kept
+    when its centre lies on a line of those words (padded by ``UNREADABLE_PAD``), so readable
+    text beside them is not read twice. Pieces of one line that OCR returns apart are joined
+    (``text.join_line_pieces``)."""
+    boxes = [pymupdf.Rect(b) + (-UNREADABLE_PAD, -UNREADABLE_PAD, UNREADABLE_PAD, UNREADABLE_PAD)
+             for _, b in F.page_lines(garbled)]
+    pix = _pixmap(page, None, OCR_DPI / 72.0)
+    read = [(t, b) for t, b in ocr_lines(pix.tobytes("png"), scale=page.rect.width / pix.width)
+            if any(pymupdf.Point((b[0] + b[2]) / 2, (b[1] + b[3]) / 2) in r for r in boxes)]
+    return [(text.clean_block_text(t), b) for t, b in text.join_line_pieces(read)]
 
 
 def _text_blocks(page: pymupdf.Page, tp: pymupdf.TextPage, words: list, changed: set[int] = frozenset()

@@ -112,6 +112,30 @@ def rows(blocks: list[Block]) -> list[list[Block]]:
 COLUMN_LINE = 0.2  # of the page width: lines of a column of text are at least this wide (most of them)
 
 
+def join_line_pieces(lines: list[Block], gap: float = 2.0) -> list[Block]:
+    """OCR lines with the pieces of one line joined: pieces in one row (``rows``) whose
+    horizontal gap is at most ``gap`` times the line height, left to right. Pieces farther apart
+    (two columns, a label beside a value) stay apart.
+
+    >>> join_line_pieces([("pressure relief", (96, 90, 309, 104)), ("The", (72, 90, 95, 102)),
+    ...                   ("bar.", (308, 91, 332, 101)), ("side note", (450, 90, 520, 103))])
+    [('The pressure relief bar.', (72, 90, 332, 104)), ('side note', (450, 90, 520, 103))]
+    """
+    out: list[Block] = []
+    for row in rows(lines):
+        row = sorted(row, key=lambda b: b[1][0])
+        text, box = row[0]
+        for t, b in row[1:]:
+            height = max(box[3] - box[1], b[3] - b[1], 1.0)
+            if b[0] - box[2] <= gap * height:
+                text, box = f"{text} {t}", (min(box[0], b[0]), min(box[1], b[1]), max(box[2], b[2]), max(box[3], b[3]))
+            else:
+                out.append((text, box))
+                text, box = t, b
+        out.append((text, box))
+    return out
+
+
 def split_columns(words: list[tuple], page_width: float) -> list[Block] | None:
     r"""The two column parts of one text block whose lines alternate between the columns of a
     two-column page (producers that draw a page row by row across the columns: MuPDF then holds
@@ -316,13 +340,17 @@ def vertical_blocks(lines: list[tuple]) -> list[Block]:
 
 
 _INVISIBLE = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad"), None)  # zero-width, BOM, soft hyphen
+# control characters (a font's stand-in codes for glyphs it maps to nothing, such as a TeX
+# formula's large brace, code 26) and U+FFFD, a character the PDF could not say: no reader sees them
+_INVISIBLE |= dict.fromkeys([*range(0x00, 0x09), 0x0b, 0x0c, *range(0x0e, 0x20), 0x7f, 0xfffd], None)
 _LINE_END_HYPHEN = re.compile(r"(\w)[-\u00ad\u2010]\s*\n\s*(\w)")
 
 
 def normalise_text(text: str) -> str:
     r"""Text as a reader means it, the one form stored and searched: NFKC (ligatures, presentation
     and full-width forms become plain letters), words hyphenated at a line end joined, soft
-    hyphens and zero-width characters removed. Line breaks are kept.
+    hyphens, zero-width and control characters (tab and line breaks apart) and U+FFFD removed.
+    Line breaks are kept.
 
     >>> normalise_text("e\ufb03cient \ufb01lter, \ufb02ow")
     'efficient filter, flow'
@@ -330,6 +358,8 @@ def normalise_text(text: str) -> str:
     'ABC123 result zerowidth'
     >>> normalise_text("hyphen-\nated and soft\u00ad\nhyphen")
     'hyphenated and softhyphen'
+    >>> normalise_text("median = \x1a s(N/2), N odd\ufffd\tend")
+    'median =  s(N/2), N odd\tend'
     """
     text = _LINE_END_HYPHEN.sub(r"\1\2", text)
     return unicodedata.normalize("NFKC", text.translate(_INVISIBLE))

@@ -128,3 +128,18 @@ def nested_forms(path: Path, depth: int = 30, text: int = 0) -> Path:
     doc.xref_set_key(page.xref, "Contents", f"{contents} 0 R")
     doc.save(path, garbage=1, deflate=True)
     return path
+
+
+SANS = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"  # Debian's fonts-dejavu-core (PyMuPDF embeds it)
+
+
+def drop_unicode_maps(path: Path, out: Path) -> Path:
+    """A copy of ``path`` whose fonts lose their ToUnicode maps, as some producers write them:
+    an embedded TrueType font set Identity-H then reads as its glyph numbers ("7KH" for "The")."""
+    doc = pymupdf.open(path)
+    for xref in range(1, doc.xref_length()):
+        if doc.xref_get_key(xref, "ToUnicode")[0] != "null":
+            doc.xref_set_key(xref, "ToUnicode", "null")
+    doc.save(out)
+    return out
+

@@ -15,6 +15,7 @@ import ingest.extract
 from ingest.extract import extract_pages, inspect_pdf, open_pdf
 from mmrag.cli import _pdfs
 from tests import pdfgen
+from tests.conftest import eval_pdf
 
 
 def records(path, cfg, render=True):
@@ -966,6 +967,52 @@ def test_an_invisible_ocr_layer_over_a_faint_scan_is_all_searchable(tmp_path, cf
     for rec in records(tmp_path / "faint.pdf", cfg, render=False):
         text = " ".join(c.text for c in rec.chunks).split()
         assert text == [w for w in words if rec.page % 2 or w != "QX-4471"], (rec.page, text)
+
+
+def test_text_whose_font_maps_no_unicode_is_read_from_the_page_as_shown(tmp_path, cfg):
+    """A font embedded Identity-H without a ToUnicode map (some PDF printers and office exports
+    write them) reads as glyph numbers: "7KH\x03SUHVVXUH" for "The pressure". What the page shows
+    is read by OCR instead, caption included, spaces or no spaces between the words; text in
+    fonts that map, on the same page, is read once from the text layer. With OCR off the glyph
+    numbers are left out, with a warning. A formula's lone unmapped brace (a real TeX manual) is
+    no such text: its line stays as the text layer has it."""
+    doc = pymupdf.open()
+    page = doc.new_page(width=612, height=792)
+    sans = {"fontname": "F0", "fontfile": pdfgen.SANS, "fontsize": 12}
+    page.insert_text((72, 100), "The pressure relief valve opens at nine bar.", **sans)
+    page.insert_text((72, 120), "Check the seal every week.", **sans)
+    page.insert_text((72, 160), "This line is set in plain Helvetica.", fontsize=12)
+    pdfgen.vector_figure(page, pymupdf.Rect(150, 220, 450, 380))
+    page.insert_text((150, 400), "Figure 1: Relief valve cross section", **sans)
+    page = doc.new_page(width=612, height=792)
+    x = 72
+    for word in "Torque the flange bolts crosswise".split():  # placed word by word: no space glyphs
+        page.insert_text((x, 100), word, **sans)
+        x += pymupdf.get_text_length(word, fontname="helv", fontsize=12) * 1.15 + 8
+    doc.save(tmp_path / "mapped.pdf")
+    pdfgen.drop_unicode_maps(tmp_path / "mapped.pdf", tmp_path / "glyphs.pdf")
+    assert "7KH" in pymupdf.open(tmp_path / "glyphs.pdf")[0].get_text()  # the defect is there
+
+    first, second = records(tmp_path / "glyphs.pdf", cfg, render=False)
+    text = " ".join(c.text for c in first.chunks)
+    assert re.search(r"The pressure relief valve opens at nine bar\. ?Check the seal every week\.", text), text
+    assert text.count("This line is set in plain Helvetica.") == 1, text
+    assert "7KH" not in text and not re.search("[\x00-\x08\x0e-\x1f]", text), text
+    assert [f.caption for f in first.figures] == ["Figure 1: Relief valve cross section"]
+    assert "Torque the flange bolts crosswise" in " ".join(c.text for c in second.chunks)
+
+    never = dict(cfg["ingest"], ocr="never")
+    first, second = extract_pages(open_pdf(tmp_path / "glyphs.pdf"), "sha", never, render=False)
+    text = " ".join(c.text for c in first.chunks + second.chunks)
+    assert text == "This line is set in plain Helvetica.", text
+    assert "maps no character to Unicode" in first.warnings[0] and "turn OCR on" in first.warnings[0]
+
+    octave = open_pdf(eval_pdf("octave-p675-860.pdf"))
+    skip, running = ingest.extract.document_context(octave)
+    rec = ingest.extract.extract_page(octave, 99, "sha", cfg["ingest"], skip, running, {}, render=False)
+    text = " ".join(c.text for c in rec.chunks)
+    assert "is defined as s(⌈N/2⌉), N odd; (s(N/2) + s(N/2 + 1))/2, N even." in text, text
+    assert {c.source for c in rec.chunks} == {"text"}
 
 
 def test_a_failing_hidden_text_check_keeps_the_page_text_with_a_warning(tmp_path, cfg, monkeypatch):
