@@ -240,7 +240,7 @@ def _extract_page(doc, page, sha, cfg, skip, running, ocr_mode, render, xref_png
     words = [(*F.display_rect(page, w[:4]), *w[4:]) for w in page.get_text("words", textpage=tp)]
     words, symbols = _dingbat_words(page, tp, words)
     try:
-        bboxlog = page.get_bboxlog() if words else []  # once: hidden text, scan layers, figures
+        bboxlog = page.get_bboxlog()  # once: hidden text, scan layers, figures
     except Exception:
         bboxlog = None  # figure finding reads it again, and reports what fails
     try:
@@ -261,12 +261,12 @@ def _extract_page(doc, page, sha, cfg, skip, running, ocr_mode, render, xref_png
     scanned = _is_scanned(page, words)
     min_side = float(cfg["min_figure_side"])
     source = "text"
+    drawn = False  # the page's text is drawn as outlines or strokes, and read by OCR
     cands: list[F.Candidate] = []
     lines: list[tuple[str, tuple]] = []
     if scanned and ocr_mode != "never":
         try:
-            pix = _pixmap(page, None, OCR_DPI / 72.0)
-            lines = ocr_lines(pix.tobytes("png"), scale=page.rect.width / pix.width)
+            lines = _ocr_page(page)
         except Exception as exc:
             warn("OCR of the scanned page failed, its text is missing", exc)
         try:
@@ -290,6 +290,15 @@ def _extract_page(doc, page, sha, cfg, skip, running, ocr_mode, render, xref_png
             line = f"page {pno}: {len(garbled)} words left out: their font maps no character to Unicode (turn OCR on to read them)"
             log.warning("%s", line)
             warnings.append(line)
+        if not words and not garbled and not scanned and ocr_mode != "never" and _drawn_ink(bboxlog):
+            try:  # no text layer, but drawn ink: text drawn as outlines or strokes reads only as shown
+                read = _ocr_page(page)
+            except Exception as exc:
+                warn("OCR of the page (no text layer) failed, its text is missing", exc)
+                read = []
+            if read:
+                blocks, lines, source, drawn = read, read, "ocr", True
+                bboxlog = _without_glyphs(page, bboxlog, read)
         try:
             if scanned:
                 cands = []
@@ -305,7 +314,7 @@ def _extract_page(doc, page, sha, cfg, skip, running, ocr_mode, render, xref_png
     for n, (cand, caption) in enumerate(zip(cands, captions), 1):
         try:
             near = F.nearby_text(cand.bbox, blocks, caption)
-            labels = cand.labels or (F.labels_inside(cand.bbox, lines) if source == "text" else "")
+            labels = cand.labels or (F.labels_inside(cand.bbox, lines) if source == "text" or drawn else "")
             png = b""
             if render:
                 png = _figure_png(page, cand, cfg, xref_png)
@@ -333,6 +342,37 @@ def _extract_page(doc, page, sha, cfg, skip, running, ocr_mode, render, xref_png
         except Exception as exc:
             warn("page image skipped", exc)
     return PageRecord(sha, pno, size, chunks, figs, png, scanned, tuple(warnings))
+
+
+def _ocr_page(page: pymupdf.Page) -> list[tuple[str, tuple]]:
+    """The text lines OCR reads on the page rendered at ``OCR_DPI`` (text, displayed box in points)."""
+    pix = _pixmap(page, None, OCR_DPI / 72.0)
+    return ocr_lines(pix.tobytes("png"), scale=page.rect.width / pix.width)
+
+
+def _drawn_ink(bboxlog: list | None) -> bool:
+    """Does the page draw paths (a ``get_bboxlog()``): on a page without a text layer, its text
+    may be drawn as glyph outlines (posters, slides and drawings exported with fonts turned to
+    curves) or strokes (CAD text)."""
+    return any(kind.endswith("-path") for kind, _ in bboxlog or ())
+
+
+GLYPH_PAD = 2.0  # points around an OCR line that a glyph's path may reach
+
+
+def _without_glyphs(page: pymupdf.Page, bboxlog: list, lines: list[tuple[str, tuple]]) -> list:
+    """The page's bbox log without the paths that draw the OCR'd text ``lines``: paths whose
+    centre lies on a line (padded by ``GLYPH_PAD``) and no taller than one and a half lines. So
+    text drawn as outlines is no figure, and a figure's outlined caption is not part of its box
+    (its labels come back as lines beside it, as on any page)."""
+    boxes = [pymupdf.Rect(b) + (-GLYPH_PAD, -GLYPH_PAD, GLYPH_PAD, GLYPH_PAD) for _, b in lines]
+
+    def glyph(r: pymupdf.Rect) -> bool:
+        centre = pymupdf.Point((r.x0 + r.x1) / 2, (r.y0 + r.y1) / 2)
+        return any(centre in b and r.height <= 1.5 * (b.height - 2 * GLYPH_PAD) for b in boxes)
+
+    return [(kind, rect) for kind, rect in bboxlog
+            if not (kind.endswith("-path") and glyph(F.display_rect(page, rect)))]
 
 
 MIN_INK_CONTRAST = 24  # grey levels between the lightest and darkest pixel: less is a blank or flat image

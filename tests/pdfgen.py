@@ -143,3 +143,11 @@ def drop_unicode_maps(path: Path, out: Path) -> Path:
     doc.save(out)
     return out
 
+
+
+def outlined(page: pymupdf.Page) -> pymupdf.Document:
+    """A one-page PDF that shows ``page`` with its text drawn as glyph outlines (filled paths) and
+    no text layer, as design tools and some exports write posters and slides ("convert fonts to
+    curves"): through MuPDF's SVG writer and reader."""
+    svg = pymupdf.open("svg", page.get_svg_image(text_as_path=True).encode())
+    return pymupdf.open("pdf", svg.convert_to_pdf())

@@ -1015,6 +1015,48 @@ def test_text_whose_font_maps_no_unicode_is_read_from_the_page_as_shown(tmp_path
     assert {c.source for c in rec.chunks} == {"text"}
 
 
+def test_text_drawn_as_outlines_is_read_by_ocr_and_a_page_of_drawing_only_keeps_its_figure(tmp_path, cfg):
+    """A page whose text is drawn as glyph outlines, with no text layer (a poster or slide
+    exported with fonts turned to curves), is a page without a text layer: read by OCR (what
+    ``ocr: auto`` says), and its diagram is one figure with the box and caption it has when the
+    text is real text; the outlined paragraphs are no figures. A page that is only a drawing,
+    without any text, keeps its figure."""
+    doc = pymupdf.open()
+    page = doc.new_page(width=612, height=792)
+    page.insert_text((72, 100), "Hydraulic pump service", fontsize=18)
+    body = ["The pump delivers forty litres per minute at full speed.", "Replace the filter cartridge every six months."]
+    for n, line in enumerate(body):
+        page.insert_text((72, 140 + 16 * n), line, fontsize=11)
+    pdfgen.vector_figure(page, pymupdf.Rect(150, 260, 450, 420))
+    page.insert_text((150, 440), "Figure 1: Pump circuit overview", fontsize=10)
+    doc.save(tmp_path / "text.pdf")
+    curves = pdfgen.outlined(page)
+    assert not curves[0].get_text().strip() and len(curves[0].get_drawings()) > 100  # no text layer, only paths
+    drawing = curves.new_page(width=612, height=792)
+    pdfgen.vector_figure(drawing, pymupdf.Rect(100, 100, 500, 300), labels=("", ""))
+    curves.save(tmp_path / "curves.pdf")
+
+    real = records(tmp_path / "text.pdf", cfg, render=False)[0]
+    shown, only_drawing = records(tmp_path / "curves.pdf", cfg, render=False)
+    assert not only_drawing.chunks and len(only_drawing.figures) == 1 and only_drawing.figures[0].kind == "vector"
+    assert regions_overlap(only_drawing.figures[0].bbox, (100, 100, 500, 300)) >= 0.9
+    text = " ".join(c.text for c in shown.chunks)
+    assert "Hydraulic pump service" in text and all(line in text for line in body), text
+    assert {c.source for c in shown.chunks} == {"ocr"}
+    assert len(shown.figures) == 1, [(f.bbox, f.caption) for f in shown.figures]
+    fig, ref = shown.figures[0], real.figures[0]
+    assert all(abs(a - b) <= 4 for a, b in zip(fig.bbox, ref.bbox)), (fig.bbox, ref.bbox)
+    assert re.sub(r"\s", "", fig.caption) == re.sub(r"\s", "", ref.caption) == "Figure1:Pumpcircuitoverview"
+    assert fig.ocr_text.split() == ["start", "end"]
+
+
+def regions_overlap(a, b) -> float:
+    """The share of ``b`` that box ``a`` covers."""
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    return w * h / ((b[2] - b[0]) * (b[3] - b[1]))
+
+
 def test_a_failing_hidden_text_check_keeps_the_page_text_with_a_warning(tmp_path, cfg, monkeypatch):
     """The check for hidden text renders the page; when that fails (a page MuPDF cannot draw),
     the page's text is kept as extracted and the record says what was skipped."""
