@@ -17,7 +17,7 @@ from . import figures as F
 from . import regions, text
 from .errors import BadDocument
 from .files import check_pdf_file, file_sha256
-from .ocr import ocr_lines
+from .ocr import ocr_lines, ocr_page, turn_box
 from .records import Chunk, DocInfo, Figure, PageRecord
 
 log = logging.getLogger(__name__)
@@ -262,11 +262,12 @@ def _extract_page(doc, page, sha, cfg, skip, running, ocr_mode, render, xref_png
     min_side = float(cfg["min_figure_side"])
     source = "text"
     drawn = False  # the page's text is drawn as outlines or strokes, and read by OCR
+    turns = 0  # quarter turns counter-clockwise that make an OCR'd page upright (scanned sideways)
     cands: list[F.Candidate] = []
     lines: list[tuple[str, tuple]] = []
     if scanned and ocr_mode != "never":
         try:
-            lines = _ocr_page(page)
+            lines, turns = _ocr_page(page)
         except Exception as exc:
             warn("OCR of the scanned page failed, its text is missing", exc)
         try:
@@ -292,7 +293,7 @@ def _extract_page(doc, page, sha, cfg, skip, running, ocr_mode, render, xref_png
             warnings.append(line)
         if not words and not garbled and not scanned and ocr_mode != "never" and _drawn_ink(bboxlog):
             try:  # no text layer, but drawn ink: text drawn as outlines or strokes reads only as shown
-                read = _ocr_page(page)
+                read, turns = _ocr_page(page)
             except Exception as exc:
                 warn("OCR of the page (no text layer) failed, its text is missing", exc)
                 read = []
@@ -331,8 +332,14 @@ def _extract_page(doc, page, sha, cfg, skip, running, ocr_mode, render, xref_png
     # text that belongs to a figure (labels, ticks) is kept with the figure, not in the passages
     body = [b for b in blocks if not any(regions.intersection(f.bbox, b[1]) >= 0.8 * (regions.area(b[1]) or 1)
                                          for f in figs if f.kind != "table")]
-    ordered = text.reading_order(body, size[0], vertical)
-    pieces = text.chunk_blocks(ordered, int(cfg["chunk_size"]), int(cfg["chunk_overlap"]))
+    if turns:  # read in the upright page's order; boxes stay on the page as it is shown
+        upright = size if turns % 2 == 0 else size[::-1]
+        ordered = text.reading_order([(t, turn_box(b, turns, size)) for t, b in body], upright[0])
+        pieces = [(t, turn_box(b, -turns, upright)) for t, b in
+                  text.chunk_blocks(ordered, int(cfg["chunk_size"]), int(cfg["chunk_overlap"]))]
+    else:
+        ordered = text.reading_order(body, size[0], vertical)
+        pieces = text.chunk_blocks(ordered, int(cfg["chunk_size"]), int(cfg["chunk_overlap"]))
     chunks = [Chunk(sha, pno, i, t, tuple(round(v, 1) for v in b), source)
               for i, (t, b) in enumerate(pieces)]
     png = None
@@ -344,10 +351,12 @@ def _extract_page(doc, page, sha, cfg, skip, running, ocr_mode, render, xref_png
     return PageRecord(sha, pno, size, chunks, figs, png, scanned, tuple(warnings))
 
 
-def _ocr_page(page: pymupdf.Page) -> list[tuple[str, tuple]]:
-    """The text lines OCR reads on the page rendered at ``OCR_DPI`` (text, displayed box in points)."""
+def _ocr_page(page: pymupdf.Page) -> tuple[list[tuple[str, tuple]], int]:
+    """The text lines OCR reads on the page rendered at ``OCR_DPI`` (text, displayed box in
+    points), and the quarter turns counter-clockwise that make the page upright (a scan fed in
+    sideways or upside down; ``ocr.ocr_page``)."""
     pix = _pixmap(page, None, OCR_DPI / 72.0)
-    return ocr_lines(pix.tobytes("png"), scale=page.rect.width / pix.width)
+    return ocr_page(pix.tobytes("png"), scale=page.rect.width / pix.width)
 
 
 def _drawn_ink(bboxlog: list | None) -> bool:

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 import ingest.extract
+import ingest.ocr
 from ingest.extract import extract_pages, inspect_pdf, open_pdf
 from mmrag.cli import _pdfs
 from tests import pdfgen
@@ -1055,6 +1056,34 @@ def regions_overlap(a, b) -> float:
     w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
     h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
     return w * h / ((b[2] - b[0]) * (b[3] - b[1]))
+
+
+def test_a_scan_fed_in_sideways_or_upside_down_is_read_in_order_with_boxes_as_shown(tmp_path, cfg):
+    """Scanners take pages in any way round: a page scanned upright, a quarter turn either way and
+    upside down is read line by line in reading order, and its passage's box is where the text
+    lies on the page as shown (the viewer's page, which citations highlight)."""
+    src = pymupdf.open()
+    page = src.new_page(width=612, height=792)
+    said = ["The quick scanner reads this sentence.", "Second line about polar plots.",
+            "Hydraulic pressure must stay below nine bar."]
+    for n, line in enumerate(said):
+        page.insert_text((72, 100 + 30 * n), line, fontsize=16)
+    upright = Image.open(io.BytesIO(page.get_pixmap(dpi=150).tobytes("png")))
+    text_box = (72, 85, 400, 165)  # points, on the upright page
+    doc = pymupdf.open()
+    for angle in (0, 90, 180, 270):  # counter-clockwise, as the scan lies on the page
+        img = upright.rotate(angle, expand=True)
+        buf = io.BytesIO()
+        img.save(buf, "JPEG")
+        scan = doc.new_page(width=img.width * 72 / 150, height=img.height * 72 / 150)
+        scan.insert_image(scan.rect, stream=buf.getvalue())
+    doc.save(tmp_path / "turned.pdf")
+    for rec, angle in zip(records(tmp_path / "turned.pdf", cfg, render=False), (0, 90, 180, 270)):
+        assert rec.scanned and len(rec.chunks) == 1, (angle, rec.chunks)
+        read = re.sub(r"\s", "", rec.chunks[0].text)
+        assert read == "".join(re.sub(r"\s", "", line) for line in said), (angle, rec.chunks[0].text)
+        want = ingest.ocr.turn_box(text_box, angle // 90, (612, 792))
+        assert all(abs(a - b) <= 12 for a, b in zip(rec.chunks[0].bbox, want)), (angle, rec.chunks[0].bbox, want)
 
 
 def test_a_failing_hidden_text_check_keeps_the_page_text_with_a_warning(tmp_path, cfg, monkeypatch):
