@@ -197,8 +197,9 @@ def extract_pages(doc: pymupdf.Document, sha: str, cfg: dict, render: bool = Tru
     """Yield one PageRecord per page, never holding more than one page in memory.
 
     ``cfg`` is the ``ingest`` section of the config. With ``render=False`` no image is rendered
-    and no raster figure is OCR'd (used by ``mmrag inspect``; text in a font without a Unicode
-    map is still read by OCR, as it is the page's text and its captions). An item that cannot be extracted
+    and no raster figure is OCR'd (used by ``mmrag inspect``; the page's own text is still read
+    by OCR where the text layer cannot give it: scans, text drawn as outlines, fonts without a
+    Unicode map, as it holds the captions). An item that cannot be extracted
     (a figure that does not render, an image OCR cannot read) is left out and named in the
     record's ``warnings``; a page that fails as a whole yields an empty record with a warning.
     (``mmrag ingest`` runs ``extract_page`` in worker processes instead: ``ingest.workers``.)"""
@@ -250,15 +251,40 @@ def _extract_page(doc, page, sha, cfg, skip, running, ocr_mode, render, xref_png
         hidden = set()
     changed = symbols | {words[n][5] for n in hidden}  # blocks with symbols read anew, or that lose words a reader cannot see...
     words = [w for n, w in enumerate(words) if n not in hidden]
-    unreadable = _unreadable_words(page, tp, words)  # ...or words whose font maps no character to Unicode
+    try:
+        unreadable = _unreadable_words(page, tp, words)  # ...or words whose font maps no character to Unicode
+    except Exception as exc:  # the page's text is kept as the text layer has it
+        warn("the check for text without Unicode failed, all its text is kept", exc)
+        unreadable = set()
     changed |= {words[n][5] for n in unreadable}
     garbled = [w for n, w in enumerate(words) if n in unreadable]
     words = [w for n, w in enumerate(words) if n not in unreadable]
     twice = text.overprinted(words)  # ...or sees once though drawn twice (fake bold, a shadow, two OCR layers)
     changed |= {words[n][5] for n in twice}
     words = [w for n, w in enumerate(words) if n not in twice]
-    blocks, vertical = _text_blocks(page, tp, words, changed)
     scanned = _is_scanned(page, words)
+    read: list[tuple[str, tuple]] = []  # OCR lines that stand for garbled words
+    if garbled and not (scanned and ocr_mode != "never"):
+        if ocr_mode == "never":
+            line = f"page {pno}: {len(garbled)} words left out: their font maps no character to Unicode (turn OCR on to read them)"
+            log.warning("%s", line)
+            warnings.append(line)
+        else:
+            try:
+                read, missed = _ocr_unreadable(page, garbled)
+            except Exception as exc:
+                warn("OCR of text whose font has no Unicode map failed, that text is missing", exc)
+                read, missed = [], 0
+            if missed:
+                line = f"page {pno}: {missed} words whose font maps no character to Unicode: OCR found no text there, left out"
+                log.warning("%s", line)
+                warnings.append(line)
+            # the text-layer words on those OCR lines (a readable font in the same line) are read with them
+            covered = {n for n, w in enumerate(words)
+                       if any(b[0] <= (w[0] + w[2]) / 2 <= b[2] and b[1] <= (w[1] + w[3]) / 2 <= b[3] for _, b in read)}
+            changed |= {words[n][5] for n in covered}
+            words = [w for n, w in enumerate(words) if n not in covered]
+    blocks, vertical = _text_blocks(page, tp, words, changed)
     min_side = float(cfg["min_figure_side"])
     source = "text"
     drawn = False  # the page's text is drawn as outlines or strokes, and read by OCR
@@ -278,20 +304,11 @@ def _extract_page(doc, page, sha, cfg, skip, running, ocr_mode, render, xref_png
         source = "ocr"
     else:
         lines = F.page_lines(words)
-        if garbled and ocr_mode != "never":
-            try:
-                read = _ocr_unreadable(page, garbled)
-            except Exception as exc:
-                warn("OCR of text whose font has no Unicode map failed, that text is missing", exc)
-                read = []
-            blocks, lines = blocks + read, lines + read
-            if sum(len(t) for t, _ in read) > sum(len(t) for t, _ in blocks[: len(blocks) - len(read)]):
+        if read:
+            if sum(len(t) for t, _ in read) > sum(len(t) for t, _ in blocks):
                 source = "ocr"
-        elif garbled:
-            line = f"page {pno}: {len(garbled)} words left out: their font maps no character to Unicode (turn OCR on to read them)"
-            log.warning("%s", line)
-            warnings.append(line)
-        if not words and not garbled and not scanned and ocr_mode != "never" and _drawn_ink(bboxlog):
+            blocks, lines = blocks + read, lines + read
+        if not words and not garbled and not scanned and ocr_mode != "never" and _drawn_ink(page, bboxlog):
             try:  # no text layer, but drawn ink: text drawn as outlines or strokes reads only as shown
                 read, turns = _ocr_page(page)
             except Exception as exc:
@@ -309,7 +326,12 @@ def _extract_page(doc, page, sha, cfg, skip, running, ocr_mode, render, xref_png
                 cands = F.find_figures(page, lines, skip, min_side, bboxlog)
         except Exception as exc:
             warn("figure detection failed, no figures from this page", exc)
-    blocks = text.drop_running(blocks, size[1], running)
+    if turns:  # headers, footers and page numbers are where the upright page has them
+        upright = size if turns % 2 == 0 else size[::-1]
+        blocks = [(t, turn_box(b, -turns, upright)) for t, b in
+                  text.drop_running([(t, turn_box(b, turns, size)) for t, b in blocks], upright[1], running)]
+    else:
+        blocks = text.drop_running(blocks, size[1], running)
     figs = []
     captions = F.assign_captions([(c.bbox, c.kind) for c in cands], F.caption_blocks(lines, [c.bbox for c in cands]))
     for n, (cand, caption) in enumerate(zip(cands, captions), 1):
@@ -359,11 +381,29 @@ def _ocr_page(page: pymupdf.Page) -> tuple[list[tuple[str, tuple]], int]:
     return ocr_page(pix.tobytes("png"), scale=page.rect.width / pix.width)
 
 
-def _drawn_ink(bboxlog: list | None) -> bool:
-    """Does the page draw paths (a ``get_bboxlog()``): on a page without a text layer, its text
-    may be drawn as glyph outlines (posters, slides and drawings exported with fonts turned to
-    curves) or strokes (CAD text)."""
-    return any(kind.endswith("-path") for kind, _ in bboxlog or ())
+MIN_DRAWN_PATHS = 8  # paths, none a background, a page without a text layer draws before OCR looks for text in them
+
+
+def _drawn_ink(page: pymupdf.Page, bboxlog: list | None) -> bool:
+    """Does the page draw enough paths (from its ``get_bboxlog()``) to hold text: on a page
+    without a text layer, text may be drawn as glyph outlines (posters, slides and drawings
+    exported with fonts turned to curves) or strokes (CAD text). Paths covering ``F.BACKGROUND``
+    of the page or more (a page-size white fill, as office exports draw) do not count, and a few
+    (a rule, a frame: fewer than ``MIN_DRAWN_PATHS``) are not worth a page OCR.
+
+    >>> import pymupdf
+    >>> page = pymupdf.open().new_page()
+    >>> _ = page.draw_rect(page.rect, color=None, fill=(1, 1, 1)), page.draw_line((72, 72), (500, 72))
+    >>> _drawn_ink(page, page.get_bboxlog())
+    False
+    >>> _ = [page.draw_rect((x, 100, x + 8, 110), color=None, fill=(0, 0, 0)) for x in range(72, 300, 20)]
+    >>> _drawn_ink(page, page.get_bboxlog())
+    True
+    """
+    page_area = abs(page.rect)
+    small = (1 for kind, r in bboxlog or () if kind.endswith("-path")
+             and abs(F.display_rect(page, r) & page.rect) < F.BACKGROUND * page_area)
+    return sum(1 for _, _ in zip(range(MIN_DRAWN_PATHS), small)) >= MIN_DRAWN_PATHS
 
 
 GLYPH_PAD = 2.0  # points around an OCR line that a glyph's path may reach
@@ -466,7 +506,7 @@ def _invisible_words(page: pymupdf.Page, tp: pymupdf.TextPage, words: list, bbox
     return out
 
 
-_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffd]")
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ufffd]")
 UNMAPPED_FLAGS = TEXT_FLAGS & ~pymupdf.TEXT_CID_FOR_UNKNOWN_UNICODE  # unmapped characters read U+FFFD
 
 
@@ -482,7 +522,9 @@ def _unreadable_words(page: pymupdf.Page, tp: pymupdf.TextPage, words: list) -> 
 
     A word is unreadable when it lies in a run of unmapped characters (a word read without the
     stand-in that is at least half U+FFFD, ``MIN_UNMAPPED_RUN`` or more of them) and its codes are
-    glyph numbers: the page has a Type0 font with an Identity encoding and no ToUnicode map, or
+    glyph numbers: the page has a Type0 font with an Identity encoding and no ToUnicode map (then
+    every such run on the page counts: MuPDF's words do not say their font, and a page rarely
+    mixes that font with a simple font whose unmapped codes are letters), or
     the word's block holds a control character (the glyph number of a space or a full stop;
     words split on controls, so the block shows it, not the word). A lone unmapped symbol (a
     large bracket of a TeX formula, code 18) is no run and keeps its code; so do runs in simple
@@ -497,7 +539,7 @@ def _unreadable_words(page: pymupdf.Page, tp: pymupdf.TextPage, words: list) -> 
     set()
     """
     blocks = {b[5] for b in page.get_text("blocks", textpage=tp) if b[6] == 0 and _CONTROL.search(b[4])}
-    glyph_numbers = any(f[2] == "Type0" and f[5].startswith("Identity")
+    glyph_numbers = any(f[0] > 0 and f[2] == "Type0" and f[5].startswith("Identity")  # xref 0: a direct font dict
                         and page.parent.xref_get_key(f[0], "ToUnicode")[0] == "null" for f in page.get_fonts())
     if not blocks and not glyph_numbers:
         return set()
@@ -510,19 +552,26 @@ def _unreadable_words(page: pymupdf.Page, tp: pymupdf.TextPage, words: list) -> 
 UNREADABLE_PAD = 3.0  # points around a line of unreadable words that its OCR line may reach
 
 
-def _ocr_unreadable(page: pymupdf.Page, garbled: list) -> list[tuple[str, tuple]]:
-    """Text lines (clean text, displayed box) read by OCR from the page's pixels where its
-    ``garbled`` words (``_unreadable_words``) are drawn. The whole page is read, at ``OCR_DPI``
-    as a scan is (the text detector misses words and spaces in a tight crop), and a line is kept
-    when its centre lies on a line of those words (padded by ``UNREADABLE_PAD``), so readable
-    text beside them is not read twice. Pieces of one line that OCR returns apart are joined
-    (``text.join_line_pieces``)."""
+def _ocr_unreadable(page: pymupdf.Page, garbled: list) -> tuple[list[tuple[str, tuple]], int]:
+    """Text lines (text, displayed box) read by OCR from the page's pixels where its ``garbled``
+    words (``_unreadable_words``) are drawn, and how many of those words no OCR line covers.
+    The whole page is read, at ``OCR_DPI`` as a scan is (the text detector misses words and
+    spaces in a tight crop); a line is kept when it lies on a line of those words (the same
+    height, padded by ``UNREADABLE_PAD``, and overlapping it across): a whole line, readable
+    words beside the garbled ones included, which the caller then takes out of the text layer.
+    Pieces of one line that OCR returns apart are joined (``text.join_line_pieces``)."""
     boxes = [pymupdf.Rect(b) + (-UNREADABLE_PAD, -UNREADABLE_PAD, UNREADABLE_PAD, UNREADABLE_PAD)
              for _, b in F.page_lines(garbled)]
+
+    def on(b, r: pymupdf.Rect) -> bool:
+        return r.y0 <= (b[1] + b[3]) / 2 <= r.y1 and b[0] < r.x1 and r.x0 < b[2]
+
     pix = _pixmap(page, None, OCR_DPI / 72.0)
-    read = [(t, b) for t, b in ocr_lines(pix.tobytes("png"), scale=page.rect.width / pix.width)
-            if any(pymupdf.Point((b[0] + b[2]) / 2, (b[1] + b[3]) / 2) in r for r in boxes)]
-    return [(text.clean_block_text(t), b) for t, b in text.join_line_pieces(read)]
+    read = text.join_line_pieces([(t, b) for t, b in ocr_lines(pix.tobytes("png"), scale=page.rect.width / pix.width)
+                                  if any(on(b, r) for r in boxes)])
+    missed = sum(1 for w in garbled if not any(b[0] <= (w[0] + w[2]) / 2 <= b[2] and b[1] <= (w[1] + w[3]) / 2 <= b[3]
+                                               for _, b in read))
+    return read, missed
 
 
 def _text_blocks(page: pymupdf.Page, tp: pymupdf.TextPage, words: list, changed: set[int] = frozenset()

@@ -141,6 +141,9 @@ def ocr_page(image: bytes, scale: float = 1.0, min_score: float = 0.5) -> tuple[
     with _lock:
         img = engine.load_img(image)
         result, _ = engine(img)
-        turns, result = _upright_turns(engine, img, result, min_score)
+        try:
+            turns, result = _upright_turns(engine, img, result, min_score)
+        except Exception:  # the classifier failing on an odd crop: the page as read stands
+            turns = 0
     size = (img.shape[1], img.shape[0]) if turns % 2 == 0 else (img.shape[0], img.shape[1])
     return _lines(result, min_score, scale, turned=(turns, size)), turns

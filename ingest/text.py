@@ -342,14 +342,16 @@ def vertical_blocks(lines: list[tuple]) -> list[Block]:
 _INVISIBLE = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad"), None)  # zero-width, BOM, soft hyphen
 # control characters (a font's stand-in codes for glyphs it maps to nothing, such as a TeX
 # formula's large brace, code 26) and U+FFFD, a character the PDF could not say: no reader sees them
-_INVISIBLE |= dict.fromkeys([*range(0x00, 0x09), 0x0b, 0x0c, *range(0x0e, 0x20), 0x7f, 0xfffd], None)
+_INVISIBLE |= dict.fromkeys([*range(0x00, 0x09), *range(0x0e, 0x20), 0x7f, 0xfffd], None)
+_INVISIBLE |= {0x0b: " ", 0x0c: " "}  # vertical tab, form feed: white space between words
 _LINE_END_HYPHEN = re.compile(r"(\w)[-\u00ad\u2010]\s*\n\s*(\w)")
 
 
 def normalise_text(text: str) -> str:
     r"""Text as a reader means it, the one form stored and searched: NFKC (ligatures, presentation
     and full-width forms become plain letters), words hyphenated at a line end joined, soft
-    hyphens, zero-width and control characters (tab and line breaks apart) and U+FFFD removed.
+    hyphens, zero-width and control characters (tab and line breaks apart; vertical tab and form
+    feed become spaces) and U+FFFD removed.
     Line breaks are kept.
 
     >>> normalise_text("e\ufb03cient \ufb01lter, \ufb02ow")

@@ -983,7 +983,13 @@ def test_text_whose_font_maps_no_unicode_is_read_from_the_page_as_shown(tmp_path
     page.insert_text((72, 100), "The pressure relief valve opens at nine bar.", **sans)
     page.insert_text((72, 120), "Check the seal every week.", **sans)
     page.insert_text((72, 160), "This line is set in plain Helvetica.", fontsize=12)
-    pdfgen.vector_figure(page, pymupdf.Rect(150, 220, 450, 380))
+    # one line in two fonts, the unmapped one after and before a readable one
+    page.insert_text((72, 190), "Warning:", fontsize=12)
+    page.insert_text((132, 190), "do not open the valve under load.", **sans)
+    page.insert_text((72, 210), "Maximum pressure at the relief valve:", fontsize=12)
+    page.insert_text((292, 210), "nine", **sans)
+    page.insert_text((330, 210), "bar.", fontsize=12)
+    pdfgen.vector_figure(page, pymupdf.Rect(150, 240, 450, 380))
     page.insert_text((150, 400), "Figure 1: Relief valve cross section", **sans)
     page = doc.new_page(width=612, height=792)
     x = 72
@@ -998,6 +1004,9 @@ def test_text_whose_font_maps_no_unicode_is_read_from_the_page_as_shown(tmp_path
     text = " ".join(c.text for c in first.chunks)
     assert re.search(r"The pressure relief valve opens at nine bar\. ?Check the seal every week\.", text), text
     assert text.count("This line is set in plain Helvetica.") == 1, text
+    for line in ("Warning: do not open the valve under load.", "Maximum pressure at the relief valve: nine bar."):
+        assert re.sub(r"\s", "", text).count(re.sub(r"\s", "", line)) == 1, (line, text)  # OCR may drop a space
+    assert text.count("Warning") == 1 and text.count("Maximum") == 1 and not first.warnings, text
     assert "7KH" not in text and not re.search("[\x00-\x08\x0e-\x1f]", text), text
     assert [f.caption for f in first.figures] == ["Figure 1: Relief valve cross section"]
     assert "Torque the flange bolts crosswise" in " ".join(c.text for c in second.chunks)
@@ -1005,7 +1014,7 @@ def test_text_whose_font_maps_no_unicode_is_read_from_the_page_as_shown(tmp_path
     never = dict(cfg["ingest"], ocr="never")
     first, second = extract_pages(open_pdf(tmp_path / "glyphs.pdf"), "sha", never, render=False)
     text = " ".join(c.text for c in first.chunks + second.chunks)
-    assert text == "This line is set in plain Helvetica.", text
+    assert text == ("This line is set in plain Helvetica. Warning: Maximum pressure at the relief valve: bar."), text
     assert "maps no character to Unicode" in first.warnings[0] and "turn OCR on" in first.warnings[0]
 
     octave = open_pdf(eval_pdf("octave-p675-860.pdf"))
