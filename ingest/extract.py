@@ -43,7 +43,24 @@ def open_pdf(path: str | os.PathLike) -> pymupdf.Document:
     if doc.page_count == 0:
         doc.close()
         raise BadDocument(f"{p.name}: the PDF has no pages")
+    if dynamic_xfa(doc):
+        doc.close()
+        raise BadDocument(f"{p.name}: a dynamic XFA form: its pages hold only a 'Please wait...' notice and its content is "
+                          "drawn by Adobe Reader alone; open it there, print it to PDF and ingest that copy")
     return doc
+
+
+def dynamic_xfa(doc: pymupdf.Document) -> bool:
+    """Is ``doc`` a dynamic XFA form (LiveCycle Designer's, as many government and bank forms
+    are): an XFA form in its AcroForm whose catalog says ``/NeedsRendering true``, so that only
+    Adobe Reader draws its content and the PDF's own pages show a placeholder. Static XFA forms
+    (pages drawn as usual) are not."""
+    try:
+        cat = doc.pdf_catalog()
+        return (doc.xref_get_key(cat, "NeedsRendering") == ("bool", "true")
+                and doc.xref_get_key(cat, "AcroForm/XFA")[0] != "null")
+    except Exception:  # a catalog MuPDF cannot read is for the page-level errors to report
+        return False
 
 
 def decoration_xrefs(doc: pymupdf.Document) -> set[int]:

@@ -150,6 +150,31 @@ def test_bad_files_get_one_clear_reason(tmp_path, make, reason):
     assert str(err.value).startswith("bad.pdf: ") and reason in str(err.value)
 
 
+def test_a_dynamic_xfa_form_is_refused_with_a_hint_and_a_static_one_is_read(tmp_path):
+    """A dynamic XFA form (LiveCycle: government and bank forms) shows only a "Please wait..."
+    page outside Adobe Reader; ingesting it would store that notice as its content. A static XFA
+    form draws its pages as usual and is read."""
+    def xfa_form(path, dynamic):
+        doc = pymupdf.open()
+        page = doc.new_page()
+        page.insert_text((72, 72), "Please wait..." if dynamic else "Application for a water permit", fontsize=14)
+        cat = doc.pdf_catalog()
+        xfa = doc.get_new_xref()
+        doc.update_object(xfa, "<< >>")
+        doc.update_stream(xfa, b'<xdp:xdp xmlns:xdp="http://ns.adobe.com/xdp/"><template/></xdp:xdp>')
+        form = doc.get_new_xref()
+        doc.update_object(form, f"<< /Fields [] /XFA [(template) {xfa} 0 R] >>")
+        doc.xref_set_key(cat, "AcroForm", f"{form} 0 R")
+        if dynamic:
+            doc.xref_set_key(cat, "NeedsRendering", "true")
+        doc.save(path)
+        return path
+
+    with pytest.raises(BadDocument, match="^form.pdf: a dynamic XFA form.*print it to PDF"):
+        open_pdf(xfa_form(tmp_path / "form.pdf", dynamic=True))
+    assert open_pdf(xfa_form(tmp_path / "static.pdf", dynamic=False)).page_count == 1
+
+
 def test_encrypted_pdf_is_refused_with_a_hint(tmp_path):
     doc = pymupdf.open()
     doc.new_page().insert_text((72, 72), "secret")
