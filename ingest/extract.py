@@ -731,8 +731,61 @@ def inspect_pdf(path: str | os.PathLike, cfg: dict, name: str | None = None) -> 
         doc.close()
 
 
+MAX_EMBEDDED = 200  # embedded PDFs a file may bring in (a portfolio of a project's documents)
+
+
+def embedded_pdfs(doc: pymupdf.Document) -> tuple[str, ...]:
+    """The names of the PDF files embedded in ``doc``: a PDF portfolio's documents (its pages are
+    only a cover sheet), or PDFs attached to a PDF. Other attachments (spreadsheets, images) and
+    files that do not start like a PDF are not listed; at most ``MAX_EMBEDDED``. Each name is
+    the key ``save_embedded_pdfs`` takes."""
+    names = []
+    try:
+        listed = doc.embfile_names()
+    except Exception:  # an unreadable names tree: no attachments to offer
+        return ()
+    for name in listed:
+        try:
+            if b"%PDF-" in doc.embfile_get(name)[:1024]:
+                names.append(name)
+        except Exception:  # one broken attachment leaves the others
+            continue
+        if len(names) >= MAX_EMBEDDED:
+            break
+    return tuple(names)
+
+
+def save_embedded_pdfs(path: str | os.PathLike, names: tuple[str, ...], folder: str | os.PathLike,
+                       max_bytes: float) -> tuple[list[tuple[Path, str]], list[tuple[str, str]]]:
+    """Write the embedded PDFs ``names`` of the PDF at ``path`` into ``folder``: (file, the
+    document's own file name) for each, and (own name, why) for each left out (over
+    ``max_bytes``, unreadable). Own names come from the attachment's file name, without folders."""
+    out, left = [], []
+    doc = open_pdf(path)
+    try:
+        for n, name in enumerate(names):
+            own = name
+            try:
+                info = doc.embfile_info(name)
+                given = str(info.get("ufilename") or info.get("filename") or name).replace("\\", "/")
+                own = Path(given).name or f"attachment-{n + 1}.pdf"
+                if float(info.get("size") or 0) > max_bytes:
+                    left.append((own, f"larger than ingest.max_file_mb ({max_bytes / 1e6:g} MB)"))
+                    continue
+                data = doc.embfile_get(name)
+            except Exception as exc:
+                left.append((own, f"cannot be read from the file ({_reason(exc)})"))
+                continue
+            target = Path(folder) / f"{n:04d}.pdf"
+            target.write_bytes(data)
+            out.append((target, own))
+    finally:
+        doc.close()
+    return out, left
+
+
 def doc_info(path: str | os.PathLike, doc: pymupdf.Document, sha: str | None = None) -> DocInfo:
     return DocInfo(Path(path).name, sha or file_sha256(path), doc.page_count)
 
 
-__all__ = ["open_pdf", "extract_pages", "inspect_pdf", "file_sha256", "doc_info"]
+__all__ = ["open_pdf", "extract_pages", "inspect_pdf", "file_sha256", "doc_info", "embedded_pdfs", "save_embedded_pdfs"]

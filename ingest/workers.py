@@ -114,6 +114,7 @@ class DocPlan:
     pages: int
     skip: frozenset
     running: frozenset
+    embedded: tuple = ()  # names of the PDFs embedded in the file (a portfolio's documents, attached PDFs)
 
 
 # ---- the worker process -------------------------------------------------------------------------
@@ -162,11 +163,11 @@ class _Documents:
             pass
 
     def open(self, path: str, sha: str) -> tuple:
-        from .extract import document_context
+        from .extract import document_context, embedded_pdfs
 
         doc = self.use(path, sha)
         skip, running = document_context(doc)
-        return doc.page_count, frozenset(skip), frozenset(running)
+        return doc.page_count, frozenset(skip), frozenset(running), embedded_pdfs(doc)
 
     def page(self, path: str, sha: str, pno: int, cfg: dict, skip, running) -> PageRecord:
         from .extract import extract_page
@@ -335,8 +336,8 @@ class PagePool:
         [res] = list(self._results([("open", (str(path), sha))], [None], limits))
         if isinstance(res, _Died):
             raise BadDocument(f"{limits.name}: {res.reason().replace('on it', 'while opening it')}")
-        pages, skip, running = res
-        return DocPlan(str(path), sha, pages, skip, running)
+        pages, skip, running, embedded = res
+        return DocPlan(str(path), sha, pages, skip, running, embedded)
 
     def pages(self, plan: DocPlan, cfg: dict, limits: Limits) -> Iterator[PageRecord]:
         """Each page's record, in page order. ``cfg`` is the ``ingest`` config section.

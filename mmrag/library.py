@@ -29,8 +29,9 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import tempfile
 from collections.abc import Callable, Iterable
-from contextlib import closing, contextmanager
+from contextlib import ExitStack, closing, contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -49,6 +50,9 @@ from .errors import USER_ERRORS, BadDocument, MMRagError, NotFound
 
 log = logging.getLogger(__name__)
 FLUSH_ITEMS = 64  # embed and write after this many images (bounded memory on long PDFs)
+
+
+MAX_EMBEDDED_DEPTH = 2  # a portfolio's documents, and PDFs attached to those; no deeper
 
 
 @dataclass(frozen=True)
@@ -217,15 +221,22 @@ class Library:
         results = []
         from ingest.workers import borrow
 
-        with self.writing(), borrow(self.cfg["ingest"]["workers"]) as pool:
+        # (path, name, index of the file given, embedded depth); a file's embedded PDFs follow it
+        todo = [(Path(p), names[i] if names else Path(p).name, i, 0) for i, p in enumerate(paths)]
+        with self.writing(), borrow(self.cfg["ingest"]["workers"]) as pool, ExitStack() as temp:
             self.store.check_models()  # a model mismatch stops the whole batch (before any file)
             self._start_describing()
             try:
-                for i, path in enumerate(paths):
-                    name = names[i] if names else Path(path).name
+                while todo:
+                    path, name, i, depth = todo.pop(0)
                     self._file_described = 0
+                    self._embedded = ()
                     try:
-                        results.append(self._ingest_one(Path(path), name, i, len(paths), progress, pool))
+                        results.append(self._ingest_one(path, name, i, len(paths), progress, pool))
+                        if self._embedded and depth < MAX_EMBEDDED_DEPTH:
+                            saved, left = self._save_embedded(path, name, temp)
+                            results += [IngestResult(f"{name}/{own}", "failed", f"{name}/{own}: {why}") for own, why in left]
+                            todo[:0] = [(p, f"{name}/{own}", i, depth + 1) for p, own in saved]
                     except USER_ERRORS as exc:
                         results.append(IngestResult(name, "failed", str(exc)))
                     except Exception as exc:  # an unexpected library error must not stop the batch
@@ -239,6 +250,17 @@ class Library:
             finally:
                 self._finish_describing(progress)
         return results
+
+    def _save_embedded(self, path: Path, name: str, temp: ExitStack) -> tuple[list[tuple[Path, str]], list[tuple[str, str]]]:
+        """The PDFs embedded in the file just ingested (``self._embedded``: a portfolio's
+        documents, attached PDFs), written to a folder that lasts the batch: (file, its own
+        name) each, and (own name, why) for those left out (too large, unreadable)."""
+        from ingest.extract import save_embedded_pdfs
+
+        folder = temp.enter_context(tempfile.TemporaryDirectory(prefix="mmrag-embedded-"))
+        saved, left = save_embedded_pdfs(path, self._embedded, folder, float(self.cfg["ingest"]["max_file_mb"]) * 1e6)
+        log.info("%s: %d embedded PDF(s) to ingest", name, len(saved))
+        return saved, left
 
     # ---- figure descriptions while ingesting (describe.mode: ingest) ------------------------------
     def _start_describing(self) -> None:
@@ -359,6 +381,7 @@ class Library:
             return IngestResult(name, "unchanged", f"{name}: already ingested{same}, nothing to do", sha,
                                 existing.pages, existing.figures, existing.chunks)
         plan = pool.open(path, sha, limits)  # BadDocument: corrupt, encrypted, no pages, a limit
+        self._embedded = plan.embedded
         older = [d for d in self.store.list_docs() if d.doc == name]
         progress.file(name, index, total, plan.pages)
         self.store.set_doc(sha, doc=name, status="pending", started=now(), pages=plan.pages, figures=0, chunks=0)

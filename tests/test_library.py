@@ -52,6 +52,35 @@ def test_ingest_stores_figures_pages_and_chunks(app, tmp_path):
     assert doc["doc"] == "manual.pdf" and doc["figures"] == 4
 
 
+def test_a_portfolio_and_attached_pdfs_are_ingested_as_their_own_documents(app, tmp_path):
+    """A PDF portfolio's pages are a cover sheet; its documents are embedded files (so are PDFs
+    attached to a PDF). Each embedded PDF is ingested as a document of its own, named under the
+    file that holds it, searchable like any; other attachments are not; one that cannot be
+    read is named in the results and the rest still go in."""
+    import pymupdf
+
+    def one_page(text):
+        doc = pymupdf.open()
+        doc.new_page().insert_text((72, 72), text, fontsize=11)
+        return doc.tobytes()
+
+    cover = pymupdf.open()
+    cover.new_page().insert_text((72, 72), "This portfolio holds the project's documents.", fontsize=11)
+    cover.embfile_add("pump", one_page("Pump datasheet: impeller diameter 180 mm."), filename="datasheet.pdf")
+    cover.embfile_add("valve", one_page("Valve manual: torque the gland nut to 25 Nm."), filename="sub/valve manual.pdf")
+    cover.embfile_add("notes", b"plain text notes, not a PDF", filename="notes.txt")
+    cover.save(tmp_path / "project.pdf")
+
+    results = app.library.ingest([tmp_path / "project.pdf"])
+    assert [(r.name, r.status) for r in results] == [("project.pdf", "added"), ("project.pdf/datasheet.pdf", "added"),
+                                                    ("project.pdf/valve manual.pdf", "added")]
+    assert sorted(d["doc"] for d in app.library.list()) == ["project.pdf", "project.pdf/datasheet.pdf",
+                                                           "project.pdf/valve manual.pdf"]
+    snapshot(app)  # each kept as a PDF of its own, keyword index and store agree
+    [hit] = [h for h in keyword_hits(app, "gland nut torque") if h.kind == "text"][:1]
+    assert hit.doc == "project.pdf/valve manual.pdf" and hit.page == 1
+
+
 def test_reingesting_or_a_renamed_copy_does_nothing(app, tmp_path):
     pdf = pdfgen.figure_doc(tmp_path / "manual.pdf", pages=2)
     app.library.ingest([pdf])
