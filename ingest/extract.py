@@ -29,8 +29,10 @@ OCR_DPI = 150
 MIN_OCR_SIDE = 12  # pixels: an image thinner than this holds no readable line of text
 
 
-def open_pdf(path: str | os.PathLike) -> pymupdf.Document:
-    """Open a PDF or raise BadDocument with the reason (and how to fix it where there is a way)."""
+def open_pdf(path: str | os.PathLike, refuse_xfa: bool = True) -> pymupdf.Document:
+    """Open a PDF or raise BadDocument with the reason (and how to fix it where there is a way).
+    ``refuse_xfa``: a dynamic XFA form (``dynamic_xfa``) is refused; page views of one stored
+    before mmrag refused them pass False."""
     p = Path(path)
     check_pdf_file(p)
     try:
@@ -43,7 +45,7 @@ def open_pdf(path: str | os.PathLike) -> pymupdf.Document:
     if doc.page_count == 0:
         doc.close()
         raise BadDocument(f"{p.name}: the PDF has no pages")
-    if dynamic_xfa(doc):
+    if refuse_xfa and dynamic_xfa(doc):
         doc.close()
         raise BadDocument(f"{p.name}: a dynamic XFA form: its pages hold only a 'Please wait...' notice and its content is "
                           "drawn by Adobe Reader alone; open it there, print it to PDF and ingest that copy")
@@ -735,50 +737,80 @@ MAX_EMBEDDED = 200  # embedded PDFs a file may bring in (a portfolio of a projec
 
 
 def embedded_pdfs(doc: pymupdf.Document) -> tuple[str, ...]:
-    """The names of the PDF files embedded in ``doc``: a PDF portfolio's documents (its pages are
-    only a cover sheet), or PDFs attached to a PDF. Other attachments (spreadsheets, images) and
-    files that do not start like a PDF are not listed; at most ``MAX_EMBEDDED``. Each name is
-    the key ``save_embedded_pdfs`` takes."""
+    """The names of the files embedded in ``doc`` whose file name ends in ``.pdf``: a PDF
+    portfolio's documents (its pages are only a cover sheet), or PDFs attached to a PDF; at
+    most ``MAX_EMBEDDED``. Nothing is decompressed here (an attached multi-GB log must not
+    count against the file's limits); ``save_embedded_pdfs`` checks each is a PDF. Each name
+    is the key ``save_embedded_pdfs`` takes."""
     names = []
     try:
-        listed = doc.embfile_names()
-    except Exception:  # an unreadable names tree: no attachments to offer
-        return ()
-    for name in listed:
-        try:
-            if b"%PDF-" in doc.embfile_get(name)[:1024]:
+        for name in doc.embfile_names():
+            info = doc.embfile_info(name)
+            given = str(info.get("ufilename") or info.get("filename") or name)
+            if given.lower().endswith(".pdf"):
                 names.append(name)
-        except Exception:  # one broken attachment leaves the others
-            continue
-        if len(names) >= MAX_EMBEDDED:
-            break
+            if len(names) >= MAX_EMBEDDED:
+                break
+    except Exception:  # an unreadable names tree: no attachments to offer
+        return tuple(names)
     return tuple(names)
+
+
+def embedded_names(given: list[str]) -> list[str]:
+    """Document names for embedded files from their given file names (which may hold folders):
+    the base name, with its folders where two would share one, and a number where they still
+    would; empty, "." and ".." become ``attachment-N.pdf``.
+
+    >>> embedded_names(["2023/report.pdf", "2024/report.pdf", "a.pdf", "..", "x/a.pdf", "r.pdf", "r.pdf"])
+    ['2023/report.pdf', '2024/report.pdf', 'a.pdf', 'attachment-4.pdf', 'x/a.pdf', 'r.pdf', 'r (2).pdf']
+    """
+    parts = [[p for p in g.replace("\\", "/").split("/") if p not in ("", ".", "..")] or [f"attachment-{n + 1}.pdf"]
+             for n, g in enumerate(given)]
+    base = [ps[-1] for ps in parts]
+    names = ["/".join(ps) if base.count(ps[-1]) > 1 else ps[-1] for ps in parts]
+    seen: dict[str, int] = {}
+    out = []
+    for n in names:
+        seen[n] = seen.get(n, 0) + 1
+        out.append(n if seen[n] == 1 else f"{Path(n).stem} ({seen[n]}){Path(n).suffix}")
+    return out
 
 
 def save_embedded_pdfs(path: str | os.PathLike, names: tuple[str, ...], folder: str | os.PathLike,
                        max_bytes: float) -> tuple[list[tuple[Path, str]], list[tuple[str, str]]]:
-    """Write the embedded PDFs ``names`` of the PDF at ``path`` into ``folder``: (file, the
-    document's own file name) for each, and (own name, why) for each left out (over
-    ``max_bytes``, unreadable). Own names come from the attachment's file name, without folders."""
+    """Write the embedded PDFs ``names`` of the PDF at ``path`` into ``folder`` (one sub-folder
+    each, the file under its own name, so errors name it): (file, its document name from
+    ``embedded_names``) for each, and (document name, why) for each left out: over
+    ``max_bytes`` (its declared size, else its bytes), unreadable, or not a PDF after all."""
     out, left = [], []
     doc = open_pdf(path)
     try:
-        for n, name in enumerate(names):
-            own = name
+        infos = []
+        for name in names:
             try:
-                info = doc.embfile_info(name)
-                given = str(info.get("ufilename") or info.get("filename") or name).replace("\\", "/")
-                own = Path(given).name or f"attachment-{n + 1}.pdf"
-                if float(info.get("size") or 0) > max_bytes:
+                infos.append(doc.embfile_info(name))
+            except Exception:
+                infos.append({})
+        owns = embedded_names([str(i.get("ufilename") or i.get("filename") or name) for i, name in zip(infos, names)])
+        for n, (name, info, own) in enumerate(zip(names, infos, owns)):
+            try:
+                if float(info.get("size") or -1) > max_bytes:
                     left.append((own, f"larger than ingest.max_file_mb ({max_bytes / 1e6:g} MB)"))
                     continue
                 data = doc.embfile_get(name)
             except Exception as exc:
                 left.append((own, f"cannot be read from the file ({_reason(exc)})"))
                 continue
-            target = Path(folder) / f"{n:04d}.pdf"
-            target.write_bytes(data)
-            out.append((target, own))
+            if len(data) > max_bytes:
+                left.append((own, f"larger than ingest.max_file_mb ({max_bytes / 1e6:g} MB)"))
+            elif b"%PDF-" not in data[:1024]:
+                left.append((own, "named .pdf but not a PDF (no %PDF- header)"))
+            else:
+                target = Path(folder) / f"{n:04d}" / Path(own).name
+                target.parent.mkdir()
+                target.write_bytes(data)
+                out.append((target, own))
+            del data
     finally:
         doc.close()
     return out, left

@@ -46,7 +46,7 @@ def render_page(pdf_path: str | os.PathLike, page_number: int, boxes: Sequence[S
     boxes = [_box(b) for b in boxes]
     if not math.isfinite(float(dpi)):
         raise ValueError(f"dpi must be a number, not {dpi}")
-    doc = open_pdf(pdf_path)
+    doc = open_pdf(pdf_path, refuse_xfa=False)
     try:
         if not 1 <= int(page_number) <= doc.page_count:
             raise ValueError(f"page {page_number} is out of range: the document has {doc.page_count} page(s)")

@@ -233,10 +233,6 @@ class Library:
                     self._embedded = ()
                     try:
                         results.append(self._ingest_one(path, name, i, len(paths), progress, pool))
-                        if self._embedded and depth < MAX_EMBEDDED_DEPTH:
-                            saved, left = self._save_embedded(path, name, temp)
-                            results += [IngestResult(f"{name}/{own}", "failed", f"{name}/{own}: {why}") for own, why in left]
-                            todo[:0] = [(p, f"{name}/{own}", i, depth + 1) for p, own in saved]
                     except USER_ERRORS as exc:
                         results.append(IngestResult(name, "failed", str(exc)))
                     except Exception as exc:  # an unexpected library error must not stop the batch
@@ -246,6 +242,12 @@ class Library:
                             raise fault from None
                         log.exception("ingesting %s failed", name)
                         results.append(IngestResult(name, "failed", f"{name}: unexpected error: {exc}"))
+                    if self._embedded and depth < MAX_EMBEDDED_DEPTH and results[-1].status != "failed":
+                        saved, left = self._save_embedded(path, name, temp)
+                        results += [IngestResult(f"{name}/{own}", "failed", f"{name}/{own}: {why}") for own, why in left]
+                        todo[:0] = [(p, f"{name}/{own}", i, depth + 1) for p, own in saved]
+                    if depth:  # an embedded PDF's copy: kept by the library now (or failed), its own ones saved
+                        path.unlink(missing_ok=True)
                     self._store_descriptions(wait=False)
             finally:
                 self._finish_describing(progress)
@@ -253,12 +255,18 @@ class Library:
 
     def _save_embedded(self, path: Path, name: str, temp: ExitStack) -> tuple[list[tuple[Path, str]], list[tuple[str, str]]]:
         """The PDFs embedded in the file just ingested (``self._embedded``: a portfolio's
-        documents, attached PDFs), written to a folder that lasts the batch: (file, its own
-        name) each, and (own name, why) for those left out (too large, unreadable)."""
+        documents, attached PDFs), written to a folder that lasts the batch (each file is
+        deleted once ingested): (file, its own name) each, and (own name, why) for those left
+        out (too large, unreadable, not a PDF). A failure to write them (a full temporary disk)
+        is one line of its own; the batch goes on."""
         from ingest.extract import save_embedded_pdfs
 
-        folder = temp.enter_context(tempfile.TemporaryDirectory(prefix="mmrag-embedded-"))
-        saved, left = save_embedded_pdfs(path, self._embedded, folder, float(self.cfg["ingest"]["max_file_mb"]) * 1e6)
+        try:
+            folder = temp.enter_context(tempfile.TemporaryDirectory(prefix="mmrag-embedded-"))
+            saved, left = save_embedded_pdfs(path, self._embedded, folder,
+                                             float(self.cfg["ingest"]["max_file_mb"]) * 1e6)
+        except Exception as exc:  # the file went in; its embedded PDFs fail as one result, the batch goes on
+            return [], [("*", f"its embedded PDFs could not be read or written ({exc})")]
         log.info("%s: %d embedded PDF(s) to ingest", name, len(saved))
         return saved, left
 

@@ -55,8 +55,9 @@ def test_ingest_stores_figures_pages_and_chunks(app, tmp_path):
 def test_a_portfolio_and_attached_pdfs_are_ingested_as_their_own_documents(app, tmp_path):
     """A PDF portfolio's pages are a cover sheet; its documents are embedded files (so are PDFs
     attached to a PDF). Each embedded PDF is ingested as a document of its own, named under the
-    file that holds it, searchable like any; other attachments are not; one that cannot be
-    read is named in the results and the rest still go in."""
+    file that holds it (two with one file name keep their folders: neither replaces the other),
+    searchable like any; other attachments are not read; one named .pdf that is no PDF is a
+    failed result of its own and the rest still go in."""
     import pymupdf
 
     def one_page(text):
@@ -69,13 +70,20 @@ def test_a_portfolio_and_attached_pdfs_are_ingested_as_their_own_documents(app, 
     cover.embfile_add("pump", one_page("Pump datasheet: impeller diameter 180 mm."), filename="datasheet.pdf")
     cover.embfile_add("valve", one_page("Valve manual: torque the gland nut to 25 Nm."), filename="sub/valve manual.pdf")
     cover.embfile_add("notes", b"plain text notes, not a PDF", filename="notes.txt")
+    cover.embfile_add("fake", b"a text file named like a PDF", filename="fake.pdf")
+    cover.embfile_add("r1", one_page("Report 2023: output 40 units."), filename="2023/report.pdf")  # one base name
+    cover.embfile_add("r2", one_page("Report 2024: output 55 units."), filename="2024/report.pdf")
     cover.save(tmp_path / "project.pdf")
 
     results = app.library.ingest([tmp_path / "project.pdf"])
-    assert [(r.name, r.status) for r in results] == [("project.pdf", "added"), ("project.pdf/datasheet.pdf", "added"),
-                                                    ("project.pdf/valve manual.pdf", "added")]
-    assert sorted(d["doc"] for d in app.library.list()) == ["project.pdf", "project.pdf/datasheet.pdf",
-                                                           "project.pdf/valve manual.pdf"]
+    assert [(r.name, r.status) for r in results] == [
+        ("project.pdf", "added"), ("project.pdf/fake.pdf", "failed"), ("project.pdf/datasheet.pdf", "added"),
+        ("project.pdf/valve manual.pdf", "added"), ("project.pdf/2023/report.pdf", "added"),
+        ("project.pdf/2024/report.pdf", "added")]
+    assert "not a PDF" in results[1].message
+    assert sorted(d["doc"] for d in app.library.list()) == [
+        "project.pdf", "project.pdf/2023/report.pdf", "project.pdf/2024/report.pdf", "project.pdf/datasheet.pdf",
+        "project.pdf/valve manual.pdf"]
     snapshot(app)  # each kept as a PDF of its own, keyword index and store agree
     [hit] = [h for h in keyword_hits(app, "gland nut torque") if h.kind == "text"][:1]
     assert hit.doc == "project.pdf/valve manual.pdf" and hit.page == 1
